@@ -1,7 +1,7 @@
 """Model size presets: the paper's iGPT-S/M/L/XL and small models for CPU runs and tests.
 
 Parameter counts at context 1024 and vocabulary 512 (``IGPT(model_config(name)).num_params()``):
-igpt-s 76.7M, igpt-m 455.7M, igpt-l 1362.4M, igpt-xl 6801.4M (paper: 76M / 455M / 1.4B / 6.8B).
+igpt-s 76.71M, igpt-m 455.56M, igpt-l 1363.06M, igpt-xl 6803.47M (paper: 76M / 455M / 1.4B / 6.8B).
 """
 from __future__ import annotations
 

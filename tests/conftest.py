@@ -29,3 +29,33 @@ def cifar_dir() -> Path:
     if not CIFAR_DIR.is_dir():
         pytest.fail(f"CIFAR-10 shards not found at {CIFAR_DIR}")
     return CIFAR_DIR
+
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _cifar_token_dir(root: Path, cifar_dir: Path, resolution: int) -> Path:
+    """First 2,500 CIFAR-10 images as uniform9 token shards of 100 (~23 train, ~3 val), 10% val."""
+    from data_pipeline.palette import save_palette, uniform9_palette
+    from data_pipeline.shard import shard_dataset
+
+    palette = root / "palette" / "palette.npy"
+    if not palette.exists():
+        save_palette(uniform9_palette(), palette)
+    out = root / f"tokens{resolution}"
+    shard_dataset([str(cifar_dir / "cifar10-train-000000.tar")], out, palette, resolution, val_fraction=0.1,
+                  shard_size=100, num_workers=2, limit=2500, class_names=CIFAR_CLASSES, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cifar_tokens(tmp_path_factory, cifar_dir) -> Path:
+    """Token-shard dir (manifest.json, palette.npy) of 2,500 CIFAR-10 images at 16x16, uniform9 palette,
+    splits train (~2,250 samples, ~23 shards) and val (~250, 3 shards), labelled with class names."""
+    return _cifar_token_dir(tmp_path_factory.getbasetemp() / "cifar_tokens", cifar_dir, 16)
+
+
+@pytest.fixture(scope="session")
+def cifar_tokens32(tmp_path_factory, cifar_dir) -> Path:
+    """As ``cifar_tokens`` at 32x32 (1,024 tokens per sample)."""
+    return _cifar_token_dir(tmp_path_factory.getbasetemp() / "cifar_tokens", cifar_dir, 32)

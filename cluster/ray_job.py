@@ -1,0 +1,83 @@
+"""Submit an igpt training or eval as a Ray job (the job submission API), tail it, report its end.
+
+Training (``CONFIG.yaml [key=val …]`` or ``train …``) runs through ``cluster.ray_train`` with one
+rank per Ray worker; an eval (``eval probe …``) runs as the entrypoint itself and spreads its
+Ray Tune trials over the cluster it is attached to.
+"""
+from __future__ import annotations
+
+import asyncio
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from cluster.command import igpt_args, python_igpt
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Never uploaded with the working dir (on top of what .gitignore excludes).
+EXCLUDES = [".git", ".venv", "runs", "mlruns", "slurm-logs", "*.pt", "*.safetensors", "*.tar", "benchmarks/results"]
+
+
+@dataclass
+class RayJob:
+    """A Ray job: what to run (igpt arguments), on how many ranks, in which runtime environment."""
+
+    command: list[str]
+    address: str
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    python: str = "python"  # the interpreter on the cluster's nodes
+    working_dir: str | None = str(REPO_ROOT)  # uploaded; None: use the code installed on the cluster
+    env_vars: dict[str, str] = field(default_factory=dict)
+    submission_id: str | None = None
+
+
+def entrypoint(job: RayJob) -> str:
+    """The shell command the Ray job runs on the head node."""
+    args = igpt_args(job.command)
+    if args[0] == "train":
+        argv = [job.python, "-m", "cluster.ray_train", "--workers", str(job.workers),
+                "--cpus-per-worker", str(job.cpus_per_worker), "--gpus-per-worker", str(job.gpus_per_worker),
+                "--python", job.python, "--", *args]
+    else:
+        argv = python_igpt(job.python, args)
+    return shlex.join(argv)
+
+
+def runtime_env(job: RayJob) -> dict:
+    """The runtime environment: the uploaded working dir (code) and the environment variables."""
+    env: dict = {"env_vars": dict(job.env_vars)}
+    if job.working_dir:
+        if not Path(job.working_dir, "cluster").is_dir():
+            raise ValueError(f"working dir {job.working_dir} has no cluster/ package; point it at the repo root")
+        env["working_dir"] = job.working_dir
+        env["excludes"] = EXCLUDES
+    return env
+
+
+def submit(job: RayJob, client: JobSubmissionClient | None = None) -> str:
+    """Submit ``job``; return its submission id."""
+    client = client or JobSubmissionClient(job.address)
+    return client.submit_job(entrypoint=entrypoint(job), runtime_env=runtime_env(job),
+                             submission_id=job.submission_id,
+                             metadata={"igpt_command": shlex.join(job.command)})
+
+
+async def _tail(client: JobSubmissionClient, job_id: str, out) -> None:
+    async for chunk in client.tail_job_logs(job_id):
+        out(chunk, end="", flush=True)
+
+
+def wait(client: JobSubmissionClient, job_id: str, tail: bool = True, poll: float = 1.0, out=print) -> JobStatus:
+    """Stream the job's logs (when ``tail``) and wait for a terminal status, which is returned."""
+    if tail:
+        asyncio.run(_tail(client, job_id, out))
+    while True:
+        status = client.get_job_status(job_id)
+        if status.is_terminal():
+            return status
+        time.sleep(poll)

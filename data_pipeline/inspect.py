@@ -1,0 +1,75 @@
+"""``igpt data inspect DIR``: the manifest in words and a PNG grid of dequantised samples."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .loader import read_shard
+from .manifest import load_manifest, split_info
+from .palette import load_palette
+from .quantize import dequantize
+
+
+def summary(manifest: dict) -> str:
+    """A few lines describing a token-shard manifest."""
+    r = manifest["resolution"]
+    lines = [
+        f"resolution {r}x{r} ({r * r} tokens/sample), vocab {manifest['vocab_size']}, "
+        f"palette sha256 {manifest['palette_sha256'][:16]}…",
+    ]
+    for name, info in manifest["splits"].items():
+        lines.append(f"split {name}: {info['num_samples']} samples in {len(info['shards'])} shards")
+    names = manifest.get("class_names")
+    if manifest.get("labelled"):
+        lines.append(f"labelled: {manifest.get('num_classes')} classes" + (f" ({', '.join(names)})" if names else ""))
+    else:
+        lines.append("unlabelled")
+    skipped = manifest["skipped"]
+    if skipped:
+        counts = ", ".join(f"{k}: {v}" for k, v in manifest["skipped_counts"].items())
+        lines.append(f"skipped {len(skipped)} of {manifest.get('num_inputs', '?')} inputs ({counts})")
+    else:
+        lines.append(f"skipped none of {manifest.get('num_inputs', '?')} inputs")
+    return "\n".join(lines)
+
+
+def sample_grid(data_dir: str | Path, split: str = "train", count: int = 64, scale: int | None = None) -> Image.Image:
+    """The first ``count`` samples of a split, dequantised with the directory's palette, in a square grid."""
+    data_dir = Path(data_dir)
+    manifest = load_manifest(data_dir)
+    palette, sha = load_palette(data_dir / manifest["palette_file"])
+    if sha != manifest["palette_sha256"]:
+        raise ValueError(f"{data_dir / manifest['palette_file']} does not match the manifest's palette sha256")
+    r = manifest["resolution"]
+    tokens = []
+    for shard in split_info(manifest, split)["shards"]:
+        for t, _ in read_shard(str(data_dir / shard["file"]), r):
+            tokens.append(t)
+            if len(tokens) == count:
+                break
+        if len(tokens) == count:
+            break
+    if not tokens:
+        raise ValueError(f"split {split!r} of {data_dir} has no samples")
+    cols = math.ceil(math.sqrt(len(tokens)))
+    rows = math.ceil(len(tokens) / cols)
+    pad = 1
+    grid = np.full((rows * (r + pad) + pad, cols * (r + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, t in enumerate(tokens):
+        y, x = divmod(i, cols)
+        grid[pad + y * (r + pad) : pad + y * (r + pad) + r, pad + x * (r + pad) : pad + x * (r + pad) + r] = dequantize(
+            t.reshape(r, r), palette
+        )
+    scale = scale or max(1, 256 // r)
+    return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST)
+
+
+def inspect_dir(data_dir: str | Path, out: str | Path | None = None, split: str = "train", count: int = 64) -> tuple[str, Path]:
+    """Summary text and the path of the written PNG grid (default ``DIR/samples-SPLIT.png``)."""
+    text = summary(load_manifest(data_dir))
+    out = Path(out) if out else Path(data_dir) / f"samples-{split}.png"
+    sample_grid(data_dir, split, count).save(out)
+    return text, out

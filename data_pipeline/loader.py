@@ -1,0 +1,297 @@
+"""Streaming token batches from WebDataset token shards: split by node and worker, shuffled, resumable.
+
+Epoch mode, epoch e (seed s): the split's shards are permuted with rng(s, e) and dealt round-robin
+to the R x W slots (rank, DataLoader worker), ranks first, so every slot gets whole shards and
+ranks differ by at most one shard. When there are fewer shards than slots, each shard is cut
+into ceil(slots / shards) interleaved parts (sample j goes to part j mod parts) and the parts are
+dealt instead, so no slot idles. Each slot streams its shards in order through a shuffle buffer
+seeded by (s, e, rank, worker) and cuts batches of ``batch_size`` (its last batch may be short;
+a batch never mixes workers). The rank's batches come from its workers strictly round-robin,
+skipping finished workers. Hence every sample of the split appears exactly once per epoch over
+all ranks, and the whole stream is a pure function of (seed, world size, workers, batch size).
+
+Resume guarantee: ``state_dict()`` holds the epoch, the batches taken in it and the total
+batches taken. ``load_state_dict`` on a stream with the same seed, world size, worker count and
+batch size continues exactly where the saved stream stopped: the rest of that epoch, with no
+sample repeated and none skipped (the workers fast-forward through their consumed batches
+without collating them). A rank that loads another rank's state (data-parallel ranks consume
+batches in lockstep) finds its own position from the total. If the layout changed, exact
+continuation is impossible; the stream starts the next epoch, so nothing repeats within an
+epoch but the rest of the interrupted epoch is not seen. Resampled mode draws shards with
+replacement forever; it has no epochs, and a resumed stream is re-seeded by the total batches
+taken so it does not replay the batches already seen.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import random
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .manifest import load_manifest, split_info
+from .shard import npy_header
+from .tario import iter_members
+
+Unit = tuple[str, int, int, int]  # (shard path, part, parts, samples in that part)
+
+
+_header = functools.lru_cache(npy_header)
+
+
+def _seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "big")
+
+
+def read_shard(path: str, resolution: int, part: int = 0, parts: int = 1) -> Iterator[tuple[np.ndarray, int | None]]:
+    """(tokens uint16 view, label or None) for the samples j of a token shard with j % parts == part."""
+    with open(path, "rb") as f:
+        data = f.read()
+    header = _header(resolution)
+    hlen, ntok = len(header), resolution * resolution
+    key, tokens, label, j = None, None, None, 0
+    for name, offset, size in iter_members(data, path):
+        k, _, ext = name.partition(".")
+        if k != key:
+            if tokens is not None:
+                if j % parts == part:
+                    yield tokens, label
+                j += 1
+            key, tokens, label = k, None, None
+        if ext == "tokens.npy":
+            if size == hlen + 2 * ntok and data[offset : offset + hlen] == header:
+                tokens = np.frombuffer(data, np.uint16, ntok, offset + hlen)
+            else:
+                raise ValueError(f"{path}:{name} is not a uint16 token array of the manifest's resolution")
+        elif ext == "cls":
+            label = int(data[offset : offset + size])
+    if tokens is not None and j % parts == part:
+        yield tokens, label
+
+
+def deal_units(shards: list[dict], data_dir: Path, slots: int, seed: int, epoch: int) -> list[list[Unit]]:
+    """The units (shard parts) each slot reads in an epoch; slot index = worker * world + rank."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+    parts = -(-slots // len(shards)) if shards else 1
+    units = [
+        (str(data_dir / shards[i]["file"]), p, parts, -(-(shards[i]["num_samples"] - p) // parts))
+        for i in order
+        for p in range(parts)
+    ]
+    return [units[s::slots] for s in range(slots)]
+
+
+def _batches(samples: Iterator[tuple[np.ndarray, int | None]], batch_size: int, labels: bool):
+    buf = []
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) == batch_size:
+            yield _collate(buf, labels)
+            buf = []
+    if buf:
+        yield _collate(buf, labels)
+
+
+def _collate(buf: list, labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    tokens = np.stack([t for t, _ in buf])
+    return tokens, (np.array([lab for _, lab in buf], dtype=np.int64) if labels else None)
+
+
+def _shuffled(samples: Iterator, size: int, rng: random.Random) -> Iterator:
+    buf: list = []
+    for sample in samples:
+        if len(buf) < size:
+            buf.append(sample)
+            continue
+        j = rng.randrange(size)
+        yield buf[j]
+        buf[j] = sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+class _SlotStream(IterableDataset):
+    """What one DataLoader worker of one rank produces: tagged numpy batches."""
+
+    def __init__(self, stream: "TokenStream", epoch: int, skips: list[int]):
+        self.s, self.epoch, self.skips = stream, epoch, skips
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        s = self.s
+        workers = max(s.num_workers, 1)
+        slot = worker * s.world_size + s.rank
+        if s.mode == "epoch":
+            units = deal_units(s.shards, s.data_dir, s.world_size * workers, s.seed, self.epoch)[slot]
+        else:
+            units = _resampled_units(s, worker, self.epoch)
+        rng = random.Random(_seed(s.seed, self.epoch, s.rank, worker))
+        samples = (x for path, p, n, _ in units for x in read_shard(path, s.resolution, p, n))
+        if s.shuffle_buffer > 1:
+            samples = _shuffled(samples, s.shuffle_buffer, rng)
+        for i, (tokens, labels) in enumerate(_batches(samples, s.batch_size, s.with_labels)):
+            if i >= self.skips[worker]:
+                yield worker, tokens, labels
+
+
+def _resampled_units(s: "TokenStream", worker: int, resume: int) -> Iterator[Unit]:
+    rng = random.Random(_seed("resampled", s.seed, resume, s.rank, worker))
+    while True:
+        shard = s.shards[rng.randrange(len(s.shards))]
+        yield str(s.data_dir / shard["file"]), 0, 1, shard["num_samples"]
+
+
+def _to_torch(item):
+    worker, tokens, labels = item
+    return worker, torch.from_numpy(tokens), None if labels is None else torch.from_numpy(labels)
+
+
+class TokenStream:
+    """Endless batches ``{"tokens": LongTensor (B, R*R)[, "labels": LongTensor (B,)]}`` of one split."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 2,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        mode: str = "epoch",
+        with_labels: bool = False,
+    ):
+        if mode not in ("epoch", "resampled"):
+            raise ValueError(f"mode must be 'epoch' or 'resampled', got {mode!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.data_dir = Path(data_dir)
+        self.manifest = load_manifest(self.data_dir)
+        info = split_info(self.manifest, split)
+        if not info["shards"]:
+            raise ValueError(f"split {split!r} of {self.data_dir} has no samples")
+        if with_labels and not self.manifest.get("labelled"):
+            raise ValueError(f"{self.data_dir} has no class labels (with_labels=True)")
+        self.split, self.shards, self.num_samples = split, info["shards"], info["num_samples"]
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
+        self.mode, self.with_labels = mode, with_labels
+        self.resolution = self.manifest["resolution"]
+        self.palette_sha256 = self.manifest["palette_sha256"]
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.total_batches = 0
+
+    # -- schedule -------------------------------------------------------------------------
+    def worker_batches(self, epoch: int) -> list[int]:
+        """Batches each of this rank's workers yields in an epoch (epoch mode)."""
+        workers = max(self.num_workers, 1)
+        slots = deal_units(self.shards, self.data_dir, self.world_size * workers, self.seed, epoch)
+        sizes = [sum(u[3] for u in slots[w * self.world_size + self.rank]) for w in range(workers)]
+        return [-(-n // self.batch_size) for n in sizes]
+
+    def batches_per_epoch(self, epoch: int | None = None) -> int:
+        """Batches this rank yields in an epoch (the current one by default)."""
+        return sum(self.worker_batches(self.epoch if epoch is None else epoch))
+
+    def _schedule(self, epoch: int) -> list[int]:
+        counts = self.worker_batches(epoch)
+        return [w for k in range(max(counts, default=0)) for w in range(len(counts)) if k < counts[w]]
+
+    # -- iteration ------------------------------------------------------------------------
+    def _loader(self, epoch: int, skips: list[int]) -> Iterator:
+        ds = _SlotStream(self, epoch, skips)
+        if self.num_workers == 0:
+            return map(_to_torch, iter(ds))
+        return iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_to_torch, prefetch_factor=4))
+
+    def _emit(self, tokens: torch.Tensor, labels: torch.Tensor | None) -> dict:
+        self.batches_in_epoch += 1
+        self.total_batches += 1
+        out = {"tokens": tokens.long()}
+        if labels is not None:
+            out["labels"] = labels
+        return out
+
+    def iter_epoch(self) -> Iterator[dict]:
+        """The rest of the current epoch (all of it when at its start); then the epoch advances."""
+        if self.mode == "resampled":
+            raise ValueError("resampled mode has no epochs; iterate the stream itself")
+        schedule = self._schedule(self.epoch)
+        done = schedule[: self.batches_in_epoch]
+        skips = [done.count(w) for w in range(max(self.num_workers, 1))]
+        pending: dict[int, list] = {}
+        source = self._loader(self.epoch, skips)
+        for want in schedule[self.batches_in_epoch :]:
+            while not pending.get(want):
+                worker, tokens, labels = next(source)
+                pending.setdefault(worker, []).append((tokens, labels))
+            yield self._emit(*pending[want].pop(0))
+        self.epoch += 1
+        self.batches_in_epoch = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.mode == "resampled":
+            for _, tokens, labels in self._loader(self.total_batches, [0] * max(self.num_workers, 1)):
+                yield self._emit(tokens, labels)
+        else:
+            while True:
+                yield from self.iter_epoch()
+
+    # -- resume ---------------------------------------------------------------------------
+    def _layout(self) -> dict:
+        return {
+            "mode": self.mode,
+            "split": self.split,
+            "world_size": self.world_size,
+            "num_workers": max(self.num_workers, 1),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+
+    def state_dict(self) -> dict:
+        """The position: epoch, batches taken in it, total batches, and the layout it is valid for."""
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "total_batches": self.total_batches,
+                "rank": self.rank, **self._layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position (see the module docstring for the guarantee)."""
+        self.total_batches = state["total_batches"]
+        same = all(state.get(k) == v for k, v in self._layout().items())
+        if self.mode == "resampled":
+            self.epoch, self.batches_in_epoch = 0, 0
+        elif not same:
+            warnings.warn(f"data layout changed ({state} -> {self._layout()}): starting epoch {state['epoch'] + 1}")
+            self.epoch, self.batches_in_epoch = state["epoch"] + 1, 0
+        elif state.get("rank") == self.rank:
+            self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
+        else:
+            self.epoch, left = 0, state["total_batches"]
+            while left >= (n := self.batches_per_epoch(self.epoch)):
+                self.epoch, left = self.epoch + 1, left - n
+            self.batches_in_epoch = left
+
+
+def iterate_split(data_dir: str | Path, split: str, batch_size: int, with_labels: bool = False) -> Iterator[dict]:
+    """One ordered, finite pass over a split (shards in manifest order, no shuffling), in this process."""
+    data_dir = Path(data_dir)
+    manifest = load_manifest(data_dir)
+    shards = split_info(manifest, split)["shards"]
+    if with_labels and not manifest.get("labelled"):
+        raise ValueError(f"{data_dir} has no class labels (with_labels=True)")
+    samples = (x for sh in shards for x in read_shard(str(data_dir / sh["file"]), manifest["resolution"]))
+    for tokens, labels in _batches(samples, batch_size, with_labels):
+        out = {"tokens": torch.from_numpy(tokens).long()}
+        if labels is not None:
+            out["labels"] = torch.from_numpy(labels)
+        yield out

@@ -1,0 +1,49 @@
+"""``manifest.json``: what a directory of token shards holds (see docs/CONTRACTS.md)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+REQUIRED_KEYS = (
+    "format_version",
+    "resolution",
+    "palette_sha256",
+    "palette_file",
+    "vocab_size",
+    "splits",
+    "class_names",
+    "skipped",
+    "skipped_counts",
+)
+
+
+def write_json_atomic(obj: object, path: str | os.PathLike) -> None:
+    """Write JSON to a temporary name in the same directory, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def load_manifest(data_dir: str | os.PathLike) -> dict:
+    """Read and check ``DATA_DIR/manifest.json``; shard paths stay relative to ``data_dir``."""
+    path = Path(data_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST_FILE} in {data_dir}: not a token-shard directory (run `igpt data shard`)")
+    manifest = json.loads(path.read_text())
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ValueError(f"{path} lacks keys {missing}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {manifest['format_version']}, this code reads {FORMAT_VERSION}")
+    return manifest
+
+
+def split_info(manifest: dict, split: str) -> dict:
+    """The manifest entry of one split, with a clear error naming the splits that exist."""
+    if split not in manifest["splits"]:
+        raise KeyError(f"split {split!r} not in the manifest (has {sorted(manifest['splits'])})")
+    return manifest["splits"][split]

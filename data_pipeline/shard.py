@@ -1,0 +1,217 @@
+"""Images -> palette-token WebDataset shards plus ``manifest.json``.
+
+Each input gets a split by a hash of its id (``--val-fraction``, deterministic for a seed),
+each split's inputs are shuffled with the seed and cut into shards of ``shard_size`` inputs,
+and every shard is one task for a pool of processes. A shard is written to a temporary name and
+renamed, then its record (sample count, skipped inputs) is written beside it under
+``.records/``; a rerun with the same settings keeps every shard that has a record and redoes
+the rest, so an interrupted run resumes. A sample is ``KEY.tokens.npy`` (uint16, R*R, raster
+order) plus ``KEY.cls`` (ASCII integer) when labelled.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .decode import SkipImage, decode_image
+from .manifest import FORMAT_VERSION, MANIFEST_FILE, write_json_atomic
+from .palette import PALETTE_FILE, load_palette
+from .quantize import Quantizer
+from .sources import Item, find_images, read_item
+from .tario import tar_bytes
+
+RECORDS_DIR = ".records"
+_STATE: dict = {}  # per worker process: quantizer, resolution, out dir, open tar fds
+
+
+def npy_header(resolution: int) -> bytes:
+    """The .npy header every ``KEY.tokens.npy`` of this resolution starts with."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(resolution * resolution, dtype=np.uint16), allow_pickle=False)
+    return buf.getvalue()[: -2 * resolution * resolution]
+
+
+def split_of(uid: str, val_fraction: float, seed: int) -> str:
+    """``val`` for a deterministic ``val_fraction`` of ids (by hash), ``train`` for the rest."""
+    if val_fraction <= 0:
+        return "train"
+    h = int.from_bytes(hashlib.blake2b(f"{seed}:{uid}".encode(), digest_size=8).digest(), "big")
+    return "val" if h < val_fraction * 2.0**64 else "train"
+
+
+def sample_key(uid: str) -> str:
+    """A WebDataset key from an input id: no dots (they separate the key from the extension)."""
+    return uid.strip("/").replace(".", "_") or "_"
+
+
+def _init_worker(quantizer: Quantizer, resolution: int, out_dir: str) -> None:
+    _STATE.update(quantizer=quantizer, resolution=resolution, out_dir=Path(out_dir), fds={}, header=npy_header(resolution))
+
+
+def _write_shard(task: tuple[str, list[Item]]) -> dict:
+    """Decode, quantise and write one shard (temp name, rename), then its record; return the record."""
+    name, items = task
+    st = _STATE
+    r = st["resolution"]
+    pixels = np.empty((len(items), r, r, 3), dtype=np.uint8)
+    kept, skipped = [], []
+    for item in items:
+        where = item.path if item.offset < 0 else f"{item.path}:{item.uid}"
+        try:
+            pixels[len(kept)] = decode_image(read_item(item, st["fds"]), r)
+        except SkipImage as e:
+            skipped.append({"source": where, "reason": e.reason, "detail": e.detail})
+            continue
+        except OSError as e:
+            skipped.append({"source": where, "reason": "unreadable", "detail": str(e)})
+            continue
+        kept.append(item)
+    tokens = st["quantizer"].quantize(pixels[: len(kept)]).reshape(len(kept), r * r)
+    members = []
+    for item, row in zip(kept, tokens):
+        key = sample_key(item.uid)
+        members.append((f"{key}.tokens.npy", st["header"] + row.tobytes()))
+        if item.label is not None:
+            members.append((f"{key}.cls", str(item.label).encode()))
+    out_dir: Path = st["out_dir"]
+    record = {
+        "file": f"{name}.tar" if kept else None,
+        "num_samples": len(kept),
+        "labels": sorted({it.label for it in kept if it.label is not None}),
+        "unlabelled": sum(it.label is None for it in kept),
+        "skipped": skipped,
+    }
+    if kept:
+        tmp = out_dir / f".{name}.tar.tmp{os.getpid()}"
+        tmp.write_bytes(tar_bytes(members))
+        os.replace(tmp, out_dir / f"{name}.tar")
+    write_json_atomic(record, out_dir / RECORDS_DIR / f"{name}.json")
+    return record
+
+
+def _plan(items: list[Item], val_fraction: float, shard_size: int, seed: int) -> dict[str, list[tuple[str, list[Item]]]]:
+    by_split: dict[str, list[Item]] = {"train": []}
+    if val_fraction > 0:
+        by_split["val"] = []
+    for item in items:
+        by_split[split_of(item.uid, val_fraction, seed)].append(item)
+    plan = {}
+    for split, its in by_split.items():
+        order = np.random.default_rng([seed, len(split)]).permutation(len(its))
+        its = [its[i] for i in order]
+        plan[split] = [(f"{split}-{i // shard_size:06d}", its[i : i + shard_size]) for i in range(0, len(its), shard_size)]
+    return plan
+
+
+def shard_dataset(
+    sources: list[str],
+    out_dir: str | os.PathLike,
+    palette_path: str | os.PathLike,
+    resolution: int,
+    val_fraction: float = 0.0,
+    shard_size: int = 2000,
+    num_workers: int | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+    class_names: list[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Shard ``sources`` into ``out_dir`` (resuming a previous run there); return the manifest.
+
+    ``limit`` keeps the first N inputs in listing order; ``class_names`` names integer labels
+    of tar sources (ImageFolder sources name their own). ``num_workers`` processes (default:
+    all CPUs; 0 or 1 runs in this process).
+    """
+    if resolution < 1:
+        raise ValueError(f"resolution must be positive, got {resolution}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    palette, sha = load_palette(palette_path)
+    found = find_images([str(s) for s in sources])
+    items = found.items[:limit] if limit is not None else found.items
+    names = found.class_names or (list(class_names) if class_names else None)
+
+    out = Path(out_dir)
+    (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+    settings = {
+        "sources": [str(s) for s in sources],
+        "num_inputs": len(items),
+        "palette_sha256": sha,
+        "resolution": resolution,
+        "val_fraction": val_fraction,
+        "shard_size": shard_size,
+        "seed": seed,
+        "limit": limit,
+    }
+    settings_file = out / RECORDS_DIR / "settings.json"
+    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
+        raise ValueError(f"{out} holds shards made with other settings ({settings_file}); use a new directory")
+    write_json_atomic(settings, settings_file)
+    if (out / PALETTE_FILE).exists() and load_palette(out / PALETTE_FILE)[1] != sha:
+        raise ValueError(f"{out / PALETTE_FILE} is a different palette; use a new directory")
+    shutil.copyfile(palette_path, out / ".palette.tmp")
+    os.replace(out / ".palette.tmp", out / PALETTE_FILE)
+
+    plan = _plan(items, val_fraction, shard_size, seed)
+    todo = [task for tasks in plan.values() for task in tasks if not (out / RECORDS_DIR / f"{task[0]}.json").exists()]
+    workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+    with tqdm(total=sum(len(its) for _, its in todo), unit="img", desc="shard", disable=not progress) as bar:
+        _run(todo, (Quantizer.from_file(palette_path), resolution, str(out)), workers, bar)
+    manifest = _manifest(plan, out, sha, resolution, palette.shape[0], names, found.skipped, settings)
+    write_json_atomic(manifest, out / MANIFEST_FILE)
+    return manifest
+
+
+def _run(todo: list, init: tuple, workers: int, bar: tqdm) -> None:
+    if workers <= 1 or len(todo) <= 1:
+        _init_worker(*init)
+        for rec in map(_write_shard, todo):
+            bar.update(rec["num_samples"] + len(rec["skipped"]))
+        return
+    with mp.get_context("fork").Pool(min(workers, len(todo)), _init_worker, init) as pool:
+        for rec in pool.imap_unordered(_write_shard, todo):
+            bar.update(rec["num_samples"] + len(rec["skipped"]))
+
+
+def _manifest(plan, out: Path, sha: str, resolution: int, vocab: int, names, listing_skips, settings) -> dict:
+    splits, skipped, labels, unlabelled = {}, [s._asdict() for s in listing_skips], set(), 0
+    for split, tasks in plan.items():
+        shards = []
+        for name, _ in tasks:
+            rec = json.loads((out / RECORDS_DIR / f"{name}.json").read_text())
+            skipped.extend(rec["skipped"])
+            labels.update(rec["labels"])
+            unlabelled += rec["unlabelled"]
+            if rec["num_samples"]:
+                shards.append({"file": rec["file"], "num_samples": rec["num_samples"]})
+        splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards}
+    labelled = bool(labels) and unlabelled == 0
+    if labelled and names is not None and max(labels) >= len(names):
+        raise ValueError(f"label {max(labels)} has no name among {len(names)} class names")
+    return {
+        "format_version": FORMAT_VERSION,
+        "resolution": resolution,
+        "palette_sha256": sha,
+        "palette_file": PALETTE_FILE,
+        "vocab_size": vocab,
+        "tokens_per_sample": resolution * resolution,
+        "labelled": labelled,
+        "num_classes": (len(names) if names else max(labels) + 1) if labelled else None,
+        "class_names": names if labelled else None,
+        "splits": splits,
+        "num_inputs": settings["num_inputs"] + len(listing_skips),
+        "skipped": skipped,
+        "skipped_counts": dict(sorted(Counter(s["reason"] for s in skipped).items())),
+        "settings": settings,
+    }

@@ -1,0 +1,244 @@
+"""The four evals end to end: load and check inputs, compute, log to MLflow, return a JSON-able summary."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_pipeline.palette import load_palette
+from evals.config import EvalSearchConfig
+from evals.features import FeatureCache
+from evals.inputs import EvalData, EvalInputError, check_compatible, load_checked, parse_layers, pick_device
+from evals.nll import evaluate_nll
+from evals.plots import confusion_matrix, plot_confusion, plot_layer_accuracy
+from evals.sample import chunk_rows, complete_bottom_half, completion_rows, image_grid, sample_unconditional, save_png, to_rgb
+from evals.tracking import ParentRun, default_tracking_uri, parent_run
+from evals.tune import tune_finetune, tune_probe
+
+
+@dataclass
+class EvalRun:
+    """What every eval shares: inputs, output directory and MLflow destination."""
+
+    checkpoint: str
+    data: str
+    out: str = "eval_out"
+    device: str = "auto"
+    batch_size: int = 32
+    limit: int | None = None
+    tracking_uri: str | None = None
+    experiment: str = "igpt-eval"
+    run_name: str | None = None
+
+    def open(self) -> tuple[EvalData, Any, str]:
+        data = EvalData.open(self.data)
+        model, _, palette_sha = load_checked(self.checkpoint, data)
+        model.to(pick_device(self.device))
+        Path(self.out).mkdir(parents=True, exist_ok=True)
+        return data, model, palette_sha
+
+    @property
+    def uri(self) -> str:
+        return self.tracking_uri or default_tracking_uri(self.out)
+
+    def params(self) -> dict[str, Any]:
+        return {"checkpoint": str(Path(self.checkpoint).resolve()), "data": str(Path(self.data).resolve()),
+                "limit": self.limit, "batch_size": self.batch_size}
+
+
+def _finish(parent: ParentRun, run: EvalRun, summary: dict[str, Any]) -> dict[str, Any]:
+    summary["mlflow"] = {"tracking_uri": run.uri, "experiment": run.experiment, "parent_run_id": parent.run_id}
+    path = Path(run.out) / "summary.json"
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, path)
+    parent.log_file(path)
+    return summary
+
+
+# ----------------------------------------------------------------------------- nll
+def run_nll(run: EvalRun, split: str = "val") -> dict[str, Any]:
+    """Loss on ``split`` in nats/token and bits/pixel with a 95% interval over images."""
+    data, model, sha = run.open()
+    data.num_samples(split)
+    with parent_run(run.uri, run.experiment, run.run_name or "nll") as parent:
+        parent.log_params({**run.params(), "eval": "nll", "split": split, "palette_sha256": sha})
+        result = evaluate_nll(model, data, split, batch_size=run.batch_size, device=pick_device(run.device),
+                              limit=run.limit)
+        parent.log_metrics(result)
+        return _finish(parent, run, {"eval": "nll", "split": split, **result})
+
+
+# ----------------------------------------------------------------------------- sample
+@dataclass
+class SampleOptions:
+    split: str = "val"
+    num_samples: int = 16
+    num_images: int = 8
+    per_image: int = 3
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int = 0
+    scale: int = 4
+    cols: int = 8
+
+
+def run_sample(run: EvalRun, opt: SampleOptions) -> dict[str, Any]:
+    """Unconditional samples (samples.png) and bottom-half completions of real images (completions.png)."""
+    data, model, sha = run.open()
+    palette, _ = load_palette(Path(data.path) / "palette.npy")
+    device = pick_device(run.device)
+    gen = torch.Generator(device=device).manual_seed(opt.seed)
+    R = data.resolution
+    model.eval()
+    files = {}
+    with parent_run(run.uri, run.experiment, run.run_name or "sample") as parent:
+        parent.log_params({**run.params(), **asdict(opt), "eval": "sample", "palette_sha256": sha})
+        if opt.num_samples > 0:
+            toks = sample_unconditional(model, opt.num_samples, R, temperature=opt.temperature, top_k=opt.top_k,
+                                        generator=gen)
+            grid = image_grid(chunk_rows(to_rgb(toks, palette, R), opt.cols), scale=opt.scale)
+            files["samples"] = save_png(grid, Path(run.out) / "samples.png")
+        if opt.num_images > 0:
+            originals, _ = data.tokens(opt.split, limit=opt.num_images)
+            done = complete_bottom_half(model, originals.to(device), R, opt.per_image, temperature=opt.temperature,
+                                        top_k=opt.top_k, generator=gen)
+            rows = completion_rows(to_rgb(originals, palette, R), to_rgb(done, palette, R))
+            files["completions"] = save_png(image_grid(rows, scale=opt.scale), Path(run.out) / "completions.png")
+        for f in files.values():
+            parent.log_file(f)
+        return _finish(parent, run, {"eval": "sample", "resolution": R, "files": files})
+
+
+# ----------------------------------------------------------------------------- probe / finetune
+@dataclass
+class SplitOptions:
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str | None = None
+    test_data: str | None = None  # shard dir of the test split when it is not --data
+
+
+def _eval_data(run: EvalRun, splits: SplitOptions, data: EvalData, model: Any, sha: str) -> EvalData | None:
+    """The shards holding the test split (checked like --data), or None without a test split."""
+    if splits.test_split is None:
+        if splits.test_data:
+            raise EvalInputError("--test-data given without --test-split")
+        return None
+    test_data = EvalData.open(splits.test_data) if splits.test_data else data
+    if splits.test_data:
+        check_compatible(model, sha, test_data, run.checkpoint)
+        if test_data.class_names != data.class_names:
+            raise EvalInputError(f"class names of {test_data.path} differ from those of {data.path}")
+    test_data.num_samples(splits.test_split, labels=True)
+    return test_data
+
+
+def _accuracy_note(splits: SplitOptions) -> tuple[str, str]:
+    if splits.test_split is None:
+        return "val", (f"no test split given: accuracy is on the validation split {splits.val_split!r}, "
+                       "the split used to choose hyperparameters (optimistic)")
+    return "test", f"accuracy on the test split {splits.test_split!r}; hyperparameters chosen on {splits.val_split!r}"
+
+
+def run_probe(run: EvalRun, splits: SplitOptions, layers_spec: str, search: EvalSearchConfig,
+              cache_dir: str | None = None) -> dict[str, Any]:
+    """Linear probes over layers × L2 on a Ray Tune grid; best by validation accuracy."""
+    data, model, sha = run.open()
+    layers = parse_layers(layers_spec, model.cfg.n_layer)
+    for s in (splits.train_split, splits.val_split):
+        data.num_samples(s, labels=True)
+    test_data = _eval_data(run, splits, data, model, sha)
+    num_classes = data.num_classes
+    cache = FeatureCache(cache_dir or Path(run.out) / "feature_cache", model)
+    device = pick_device(run.device)
+    sources = {"train": (data, splits.train_split), "val": (data, splits.val_split)}
+    if test_data is not None:
+        sources["test"] = (test_data, splits.test_split)
+    feats: dict[int, dict[str, np.ndarray]] = {l: {} for l in layers}
+    labels: dict[str, np.ndarray] = {}
+    for key, (d, split) in sources.items():
+        by_layer, labels[key] = cache.get(d, split, layers, batch_size=run.batch_size, device=device, limit=run.limit)
+        for l in layers:
+            feats[l][key] = by_layer[l]
+    model.cpu()
+    eval_key, note = _accuracy_note(splits)
+    acc_key = f"{eval_key}_acc"
+    with parent_run(run.uri, run.experiment, run.run_name or "probe") as parent:
+        parent.log_params({**run.params(), "eval": "probe", "layers": layers, "l2": search.probe.l2,
+                           "max_iter": search.probe.max_iter, "train_split": splits.train_split,
+                           "val_split": splits.val_split, "test_split": splits.test_split,
+                           "palette_sha256": sha, "checkpoint_id": cache.checkpoint_id})
+        rows = tune_probe(feats, labels, num_classes, layers, search.probe, search.resources, parent=parent,
+                          tracking_uri=run.uri, storage_path=Path(run.out) / "ray_results")
+        per_layer: dict[int, dict[str, float]] = {}
+        for l in layers:
+            best_l = max((r for r in rows if r["config"]["layer"] == l), key=lambda r: r["metrics"]["val_acc"])
+            per_layer[l] = {"l2": best_l["config"]["l2"], "val_acc": best_l["metrics"]["val_acc"],
+                            "eval_acc": best_l["metrics"][acc_key]}
+            parent.client.log_metric(parent.run_id, "probe_val_acc", per_layer[l]["val_acc"], step=l)
+            parent.client.log_metric(parent.run_id, f"probe_{eval_key}_acc", per_layer[l]["eval_acc"], step=l)
+        best = max(rows, key=lambda r: (r["metrics"]["val_acc"], -r["config"]["layer"]))
+        eval_split = splits.test_split if eval_key == "test" else splits.val_split
+        cm = confusion_matrix(labels[eval_key], best["pred"], num_classes)
+        out = Path(run.out)
+        parent.log_file(plot_layer_accuracy(per_layer, out / "probe_accuracy_per_layer.png", eval_split))
+        parent.log_file(plot_confusion(cm, data.class_names, out / "confusion_matrix.png",
+                                       f"probe layer {best['config']['layer']} on {eval_split}"))
+        summary = {
+            "eval": "probe", "accuracy": best["metrics"][acc_key], "accuracy_split": eval_split, "note": note,
+            "best": {"layer": best["config"]["layer"], "l2": best["config"]["l2"],
+                     "val_acc": best["metrics"]["val_acc"]},
+            "per_layer": {str(l): v for l, v in per_layer.items()}, "trials": len(rows),
+            "num_train": int(len(labels["train"])), "num_val": int(len(labels["val"])),
+            "confusion_matrix": cm.tolist(), "class_names": data.class_names,
+        }
+        parent.log_metrics({"accuracy": summary["accuracy"], "best_layer": summary["best"]["layer"],
+                            "best_l2": summary["best"]["l2"], "best_val_acc": summary["best"]["val_acc"]})
+        return _finish(parent, run, summary)
+
+
+def run_finetune(run: EvalRun, splits: SplitOptions, search: EvalSearchConfig) -> dict[str, Any]:
+    """Fine-tuning trials (lr × λ × epochs) under ASHA; best by validation accuracy."""
+    if splits.test_split is not None or splits.test_data is not None:
+        raise EvalInputError("finetune selects and reports on the validation split; --test-split is not supported")
+    data, model, sha = run.open()
+    num_classes = data.num_classes
+    train = data.tokens(splits.train_split, labels=True, limit=run.limit)
+    val = data.tokens(splits.val_split, labels=True, limit=run.limit)
+    model.cpu()
+    with parent_run(run.uri, run.experiment, run.run_name or "finetune") as parent:
+        parent.log_params({**run.params(), **{f"search.{k}": v for k, v in asdict(search.finetune).items()},
+                           "eval": "finetune", "train_split": splits.train_split, "val_split": splits.val_split,
+                           "palette_sha256": sha})
+        rows = tune_finetune(model, train, val, num_classes, search.finetune, search.resources, parent=parent,
+                             tracking_uri=run.uri, storage_path=Path(run.out) / "ray_results")
+        best = max(rows, key=lambda r: r["metrics"]["best_val_acc"])
+        cm = confusion_matrix(val[1].numpy(), best["pred"], num_classes)
+        parent.log_file(plot_confusion(cm, data.class_names, Path(run.out) / "confusion_matrix.png",
+                                       f"fine-tuned, on {splits.val_split}"))
+        _, note = _accuracy_note(splits)
+        summary = {
+            "eval": "finetune", "accuracy": best["metrics"]["best_val_acc"], "accuracy_split": splits.val_split,
+            "note": note, "best": {**best["config"], "epochs_run": len(best["val_acc_per_epoch"])},
+            "best_val_acc_per_epoch": best["val_acc_per_epoch"],
+            "trials": [{"config": r["config"], "best_val_acc": r["metrics"]["best_val_acc"],
+                        "epochs_run": len(r["val_acc_per_epoch"])} for r in rows],
+            "num_train": int(len(train[1])), "num_val": int(len(val[1])),
+            "confusion_matrix": cm.tolist(), "class_names": data.class_names,
+        }
+        parent.log_metrics({"accuracy": summary["accuracy"], "best_lr": best["config"]["lr"],
+                            "best_lam": best["config"]["lam"]})
+        return _finish(parent, run, summary)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as indented JSON, without the bulky confusion matrix."""
+    brief = {k: v for k, v in summary.items() if k != "confusion_matrix"}
+    return json.dumps(brief, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))

@@ -1,0 +1,61 @@
+"""Search spaces and Ray resources for probe and fine-tuning evals (dataclasses are the schema;
+a YAML file given with ``--search`` and ``key=value`` overrides are merged over the defaults)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import OmegaConf
+
+
+@dataclass
+class ProbeSearch:
+    """Grid over layers (from ``--layers``) × L2 penalties, each cell one Tune trial."""
+
+    l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+    max_iter: int = 500
+
+
+@dataclass
+class FinetuneSearch:
+    """Grid over learning rate × λ × epochs; ASHA stops weak trials early (per epoch)."""
+
+    lr: list[float] = field(default_factory=lambda: [1e-4, 3e-4])
+    lam: list[float] = field(default_factory=lambda: [0.0, 0.5])
+    epochs: list[int] = field(default_factory=lambda: [10])
+    patience: int = 3
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    grace_period: int = 1
+    reduction_factor: int = 2
+    seed: int = 0
+
+
+@dataclass
+class Resources:
+    """Per-trial resources and the Ray cluster (local Ray when ``address`` is null)."""
+
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent_trials: int | None = None
+    address: str | None = None
+    num_cpus: int | None = None  # local Ray only
+
+
+@dataclass
+class EvalSearchConfig:
+    probe: ProbeSearch = field(default_factory=ProbeSearch)
+    finetune: FinetuneSearch = field(default_factory=FinetuneSearch)
+    resources: Resources = field(default_factory=Resources)
+
+
+def load_search_config(path: str | None = None, overrides: list[str] | None = None) -> EvalSearchConfig:
+    """Defaults ← YAML file ← ``key=value`` overrides; unknown keys are errors."""
+    cfg = OmegaConf.structured(EvalSearchConfig)
+    if path:
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ValueError(f"overrides must be key=value, got {bad}")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    return OmegaConf.to_object(cfg)

@@ -1,0 +1,147 @@
+"""Opening a checkpoint and a token-shard directory for an eval, refusing mismatched inputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from data_pipeline.loader import iterate_split
+from data_pipeline.manifest import load_manifest
+from pretrain.model import IGPT
+from pretrain.release import load_model
+
+
+class EvalInputError(ValueError):
+    """An eval's inputs are unusable (mismatched palette, missing split or labels, bad layer, ...)."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` → the GPU when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class EvalData:
+    """A token-shard directory and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> "EvalData":
+        return cls(Path(path), load_manifest(path))
+
+    @property
+    def resolution(self) -> int:
+        return int(self.manifest["resolution"])
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.manifest.get("class_names")
+
+    @property
+    def num_classes(self) -> int:
+        if not self.class_names:
+            raise EvalInputError(f"token shards in {self.path} carry no labels (manifest has no class_names)")
+        return len(self.class_names)
+
+    def num_samples(self, split: str, *, labels: bool = False) -> int:
+        """Samples in ``split``; an error naming the problem if it is missing, empty or unlabelled."""
+        splits = self.manifest.get("splits", {})
+        if split not in splits:
+            raise EvalInputError(f"split {split!r} not in {self.path} (available: {sorted(splits)})")
+        n = int(splits[split]["num_samples"])
+        if n == 0:
+            raise EvalInputError(f"split {split!r} in {self.path} is empty (0 samples)")
+        if labels and not self.class_names:
+            raise EvalInputError(
+                f"split {split!r} in {self.path} has no labels (manifest has no class_names); "
+                "probe and finetune need a labelled split"
+            )
+        return n
+
+    def has_split(self, split: str) -> bool:
+        return split in self.manifest.get("splits", {})
+
+    def batches(
+        self, split: str, batch_size: int, *, labels: bool = False, limit: int | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """One ordered pass over ``split`` (the first ``limit`` samples if given)."""
+        self.num_samples(split, labels=labels)
+        seen = 0
+        for batch in iterate_split(self.path, split, batch_size, with_labels=labels):
+            if labels and "labels" not in batch:
+                raise EvalInputError(f"split {split!r} in {self.path} has samples without labels")
+            if limit is not None:
+                batch = {k: v[: limit - seen] for k, v in batch.items()}
+            seen += len(batch["tokens"])
+            if len(batch["tokens"]):
+                yield batch
+            if limit is not None and seen >= limit:
+                return
+
+    def tokens(
+        self, split: str, *, labels: bool = False, limit: int | None = None, batch_size: int = 256
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The whole split in memory: tokens (N, R*R) uint8/int16 → long, labels (N,) or None."""
+        toks, labs = [], []
+        for b in self.batches(split, batch_size, labels=labels, limit=limit):
+            toks.append(b["tokens"])
+            if labels:
+                labs.append(b["labels"])
+        if not toks:
+            raise EvalInputError(f"split {split!r} in {self.path} yielded no samples")
+        return torch.cat(toks), (torch.cat(labs) if labels else None)
+
+
+def load_checked(checkpoint: str | Path, data: EvalData) -> tuple[IGPT, dict[str, Any], str]:
+    """Load a checkpoint and refuse it if its palette or geometry does not match the shards."""
+    model, config, palette_sha = load_model(checkpoint)
+    check_compatible(model, palette_sha, data, checkpoint)
+    return model, config, palette_sha
+
+
+def check_compatible(model: IGPT, palette_sha: str, data: EvalData, checkpoint: str | Path = "checkpoint") -> None:
+    """Palette sha256, vocabulary and context length of the model against the shards' manifest."""
+    shard_sha = data.manifest.get("palette_sha256")
+    if palette_sha != shard_sha:
+        raise EvalInputError(
+            f"palette mismatch: checkpoint {checkpoint} was trained with palette sha256 {palette_sha}, "
+            f"but the shards in {data.path} use {shard_sha}"
+        )
+    cfg = model.cfg
+    vocab = data.manifest.get("vocab_size")
+    if vocab is not None and vocab > cfg.vocab_size:
+        raise EvalInputError(f"shards use {vocab} tokens but the model's vocabulary is {cfg.vocab_size}")
+    if data.resolution ** 2 > cfg.n_ctx:
+        raise EvalInputError(
+            f"shards at resolution {data.resolution} need context {data.resolution ** 2}, "
+            f"the model's is {cfg.n_ctx}"
+        )
+
+
+def check_layers(layers: list[int], n_layer: int) -> list[int]:
+    """Validate probe layer indices: 0..n_layer (n_layer = the final-norm output)."""
+    bad = [l for l in layers if not 0 <= l <= n_layer]
+    if bad:
+        raise EvalInputError(f"layer index {bad} out of range: the model has layers 0..{n_layer}")
+    return sorted(set(layers))
+
+
+def parse_layers(spec: str, n_layer: int) -> list[int]:
+    """``all`` → 0..n_layer-1 (block inputs); ``mid`` → the middle block; else comma-separated ints."""
+    if spec == "all":
+        return list(range(n_layer))
+    if spec == "mid":
+        return [n_layer // 2]
+    try:
+        layers = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError as e:
+        raise EvalInputError(f"bad --layers {spec!r}: expected 'all', 'mid' or comma-separated integers") from e
+    if not layers:
+        raise EvalInputError(f"bad --layers {spec!r}: no layer given")
+    return check_layers(layers, n_layer)

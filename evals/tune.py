@@ -1,0 +1,180 @@
+"""Ray Tune drivers for probes and fine-tuning; every trial is an MLflow run nested under the eval's run.
+
+Trials are logged by ``MLflowLoggerCallback`` on the driver with the tag ``mlflow.parentRunId``
+(the callback ends each run it starts; ``setup_mlflow`` inside a trainable has left runs stuck
+RUNNING). Trial inputs travel through the Ray object store, so ``--ray-address`` clusters work;
+the Tune storage path must then be shared by the nodes. Each trial leaves its predictions on the
+eval split in a Tune checkpoint, from which the driver draws the confusion matrix.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray import tune
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from evals.config import FinetuneSearch, ProbeSearch, Resources
+from evals.finetune import FinetuneHistory, finetune
+from evals.inputs import pick_device
+from evals.probe import fit_probe
+from evals.tracking import ParentRun
+from pretrain.model import IGPT, IGPTConfig
+
+PRED_FILE = "predictions.npy"
+
+
+def ensure_ray(res: Resources) -> None:
+    """Connect to ``res.address`` or start a local Ray; reuse a session that is already up."""
+    if ray.is_initialized():
+        return
+    if res.address:
+        ray.init(address=res.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=res.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _report(metrics: dict[str, Any], pred: np.ndarray | None) -> None:
+    """tune.report, with the predictions saved as the trial's checkpoint when given."""
+    if pred is None:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        np.save(os.path.join(d, PRED_FILE), pred)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _load_pred(result: "tune.Result") -> np.ndarray | None:
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as d:
+        return np.load(os.path.join(d, PRED_FILE))
+
+
+# ----------------------------------------------------------------------------- trainables
+def probe_trial(config: dict[str, Any], features: dict[str, Any]) -> None:
+    """One (layer, l2) cell: fit on train, report validation (and test) accuracy."""
+    layer = config["layer"]
+    split_refs = features["layers"][layer]
+    x = {k: ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref for k, ref in split_refs.items()}
+    labels = features["labels"]
+    device = pick_device("auto")
+    probe = fit_probe(x["train"], labels["train"], config["l2"], features["num_classes"],
+                      max_iter=features["max_iter"], device=device)
+    val = probe.evaluate(torch.as_tensor(np.asarray(x["val"])), torch.as_tensor(labels["val"]))
+    metrics = {"val_acc": val["accuracy"], "val_loss": val["loss"], "train_loss": probe.train_loss,
+               "lbfgs_iterations": probe.iterations}
+    eval_split = "test" if "test" in x else "val"
+    if eval_split == "test":
+        test = probe.evaluate(torch.as_tensor(np.asarray(x["test"])), torch.as_tensor(labels["test"]))
+        metrics.update(test_acc=test["accuracy"], test_loss=test["loss"])
+    pred = probe.predict(torch.as_tensor(np.asarray(x[eval_split]))).cpu().numpy()
+    _report(metrics, pred)
+
+
+def finetune_trial(config: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """One (lr, λ, epochs) cell: fine-tune a fresh copy of the checkpoint, reporting every epoch."""
+    model = IGPT(IGPTConfig(**inputs["model_config"]))
+    model.load_state_dict(inputs["state_dict"])
+    search: dict[str, Any] = inputs["search"]
+
+    def on_epoch(metrics: dict[str, float], history: FinetuneHistory) -> None:
+        improved = history.best_epoch == metrics["epoch"]
+        _report({**metrics, "best_val_acc": history.best_val_acc}, history.best_val_pred if improved else None)
+
+    finetune(
+        model, inputs["train"], inputs["val"], inputs["num_classes"],
+        lr=config["lr"], lam=config["lam"], max_epochs=config["epochs"], patience=search["patience"],
+        batch_size=search["batch_size"], weight_decay=search["weight_decay"], device=pick_device("auto"),
+        seed=search["seed"], on_epoch=on_epoch,
+    )
+
+
+# ----------------------------------------------------------------------------- drivers
+def _run(
+    trainable: Any, param_space: dict[str, Any], *, res: Resources, parent: ParentRun, tracking_uri: str,
+    storage_path: str | Path, name: str, scheduler: Any = None, checkpoint_score: str | None = None,
+) -> tune.ResultGrid:
+    ensure_ray(res)
+    trainable = tune.with_resources(trainable, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+    callback = MLflowLoggerCallback(
+        tracking_uri=tracking_uri, experiment_name=parent.experiment_name, tags=parent.child_tags
+    )
+    checkpoint_config = tune.CheckpointConfig(
+        num_to_keep=1, checkpoint_score_attribute=checkpoint_score, checkpoint_score_order="max"
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric="val_acc", mode="max", scheduler=scheduler, max_concurrent_trials=res.max_concurrent_trials
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(Path(storage_path).resolve()), callbacks=[callback], verbose=0,
+            checkpoint_config=checkpoint_config, failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(grid)} Tune trials failed; first error: {errors[0]}")
+    return grid
+
+
+def tune_probe(
+    features: dict[int, dict[str, np.ndarray]], labels: dict[str, np.ndarray], num_classes: int,
+    layers: list[int], search: ProbeSearch, res: Resources, *, parent: ParentRun, tracking_uri: str,
+    storage_path: str | Path,
+) -> list[dict[str, Any]]:
+    """Run the layers × L2 grid; returns one row per trial (config, metrics, eval predictions)."""
+    ensure_ray(res)
+    payload = {
+        "layers": {l: {s: ray.put(np.ascontiguousarray(x)) for s, x in features[l].items()} for l in layers},
+        "labels": labels, "num_classes": num_classes, "max_iter": search.max_iter,
+    }
+    grid = _run(
+        tune.with_parameters(probe_trial, features=payload),
+        {"layer": tune.grid_search(layers), "l2": tune.grid_search(list(search.l2))},
+        res=res, parent=parent, tracking_uri=tracking_uri, storage_path=storage_path, name="probe",
+    )
+    return [{"config": dict(r.config), "metrics": dict(r.metrics), "pred": _load_pred(r)} for r in grid]
+
+
+def tune_finetune(
+    model: IGPT, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int, search: FinetuneSearch, res: Resources, *, parent: ParentRun, tracking_uri: str,
+    storage_path: str | Path,
+) -> list[dict[str, Any]]:
+    """Run the lr × λ × epochs grid under ASHA; returns one row per trial (config, last metrics, best preds)."""
+    inputs = {
+        "model_config": asdict(model.cfg),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "train": (train[0].to(torch.int16), train[1]), "val": (val[0].to(torch.int16), val[1]),
+        "num_classes": num_classes, "search": asdict(search),
+    }
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration", max_t=max(search.epochs), grace_period=search.grace_period,
+        reduction_factor=search.reduction_factor,
+    )
+    grid = _run(
+        tune.with_parameters(finetune_trial, inputs=inputs),
+        {"lr": tune.grid_search(list(search.lr)), "lam": tune.grid_search(list(search.lam)),
+         "epochs": tune.grid_search(list(search.epochs))},
+        res=res, parent=parent, tracking_uri=tracking_uri, storage_path=storage_path, name="finetune",
+        scheduler=scheduler, checkpoint_score="best_val_acc",
+    )
+    rows = []
+    for r in grid:
+        history = r.metrics_dataframe
+        rows.append({
+            "config": dict(r.config), "metrics": dict(r.metrics), "pred": _load_pred(r),
+            "val_acc_per_epoch": history["val_acc"].tolist() if history is not None else [],
+        })
+    return rows

@@ -1,0 +1,50 @@
+"""Plain-PyTorch attention: the numerical reference for the Triton kernel and the model's `reference` backend."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+    """Raise ValueError unless q, k, v are (B, H, S, D) tensors that attention can take."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"attention expects (batch, heads, seq, head_dim) tensors; {name} has shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head_dim"
+        )
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"causal attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]} "
+            "(for KV-cache decoding of the newest token use causal=False)"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q kᵀ · sm_scale, causal mask) v, computed in float32 (float64 for float64 inputs).
+
+    Same convention as torch SDPA: (B, H, S, D) tensors, sm_scale defaults to 1/sqrt(D), the causal
+    mask lets query i see keys 0..i. Returns a tensor in q's dtype.
+    """
+    check_attention_inputs(q, k, v, causal)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * scale
+    if causal:
+        s = q.shape[2]
+        keep = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, v.to(compute)).to(q.dtype)

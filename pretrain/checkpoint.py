@@ -1,0 +1,211 @@
+"""DeepSpeed checkpoints with a completeness marker, retention, resume selection and preemption.
+
+Layout: ``RUN_DIR/checkpoints/step_00000100/`` (DeepSpeed files from every rank) and
+``RUN_DIR/checkpoints/latest`` (DeepSpeed's pointer). After every rank has written its files,
+rank 0 writes ``COMPLETE.json`` last: the step, world size, palette sha256 and the size and
+sha256 of every file. A tag without a marker, or whose files do not match it, is incomplete or
+corrupt: ``find_resumable`` skips it with a warning and never loads it.
+
+Client state (saved by DeepSpeed beside the model states): step, tokens seen, world size,
+``loader_states`` and ``rng_states`` (lists indexed by rank, gathered from every rank, so each rank
+restores its own), the resolved config and the palette sha256.
+
+Preemption: SIGTERM or SIGUSR1 sets a flag; the loop agrees on it across ranks after the current
+step, saves a checkpoint and exits with ``checkpoint.preempt_exit_code`` (default 124), which a
+launcher or SLURM ``--requeue`` wrapper treats as "requeue me".
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE.json"
+TAG_RE = re.compile(r"^step_(\d{8,})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+# ---------------------------------------------------------------- RNG and per-rank state
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and, if present, CUDA) RNG states of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_per_rank(obj: Any) -> list[Any]:
+    """``obj`` from every rank, indexed by rank (a one-element list without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- completeness marker
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_marker(tag_dir: Path, info: dict[str, Any]) -> None:
+    """Record every file of ``tag_dir`` (size, sha256) in COMPLETE.json, written last and atomically."""
+    files = {}
+    for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MARKER):
+        files[str(path.relative_to(tag_dir))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    tmp = tag_dir / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps({**info, "files": files}, indent=1))
+    os.replace(tmp, tag_dir / MARKER)
+
+
+def verify(tag_dir: Path, check_sha256: bool = True) -> dict[str, Any]:
+    """The marker of a complete checkpoint; raise ValueError saying what is missing or corrupt."""
+    marker = tag_dir / MARKER
+    if not marker.is_file():
+        raise ValueError(f"{tag_dir} is incomplete (no {MARKER})")
+    try:
+        info = json.loads(marker.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{marker} is unreadable: {err}") from err
+    for rel, meta in info["files"].items():
+        path = tag_dir / rel
+        if not path.is_file():
+            raise ValueError(f"{tag_dir} is corrupt: {rel} is missing")
+        if path.stat().st_size != meta["size"]:
+            raise ValueError(f"{tag_dir} is corrupt: {rel} has {path.stat().st_size} bytes, expected {meta['size']}")
+        if check_sha256 and _sha256(path) != meta["sha256"]:
+            raise ValueError(f"{tag_dir} is corrupt: sha256 of {rel} does not match the marker")
+    return info
+
+
+def list_tags(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint tag dirs of a run, newest step first (complete or not)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    tags = [p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
+    return sorted(tags, key=lambda p: int(TAG_RE.match(p.name).group(1)), reverse=True)
+
+
+def find_resumable(run_dir: str | os.PathLike, check_sha256: bool = True) -> list[Path]:
+    """Complete, verified checkpoints newest first; incomplete or corrupt ones are skipped with a warning."""
+    good = []
+    for tag_dir in list_tags(run_dir):
+        try:
+            verify(tag_dir, check_sha256)
+        except (ValueError, KeyError, OSError) as err:
+            warnings.warn(f"skipping checkpoint {tag_dir.name}: {err}", stacklevel=2)
+            continue
+        good.append(tag_dir)
+    return good
+
+
+def prune(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints and any incomplete tag older than them."""
+    tags = list_tags(run_dir)
+    complete = [t for t in tags if (t / MARKER).is_file()]
+    if len(complete) <= keep_last:
+        return []
+    oldest_kept = int(TAG_RE.match(complete[keep_last - 1].name).group(1))
+    doomed = [t for t in tags if int(TAG_RE.match(t.name).group(1)) < oldest_kept]
+    for t in doomed:
+        shutil.rmtree(t, ignore_errors=True)
+    return doomed
+
+
+# ---------------------------------------------------------------- save / load through the engine
+def save(engine, run_dir: str | os.PathLike, step: int, client_state: dict[str, Any], *, loader_state: Any,
+         keep_last: int) -> Path:
+    """Collective: every rank writes its DeepSpeed shards, then rank 0 writes the marker and prunes."""
+    tag = tag_for(step)
+    root = checkpoints_dir(run_dir)
+    state = dict(client_state)
+    state["loader_states"] = gather_per_rank(loader_state)
+    state["rng_states"] = gather_per_rank(rng_state())
+    state["world_size"] = len(state["loader_states"])
+    engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=True)
+    _barrier()
+    if engine.global_rank == 0:
+        write_marker(root / tag, {"step": step, "world_size": state["world_size"],
+                                  "palette_sha256": client_state.get("palette_sha256"),
+                                  "zero_stage": engine.zero_optimization_stage()})
+        prune(run_dir, keep_last)
+    _barrier()
+    return root / tag
+
+
+def load(engine, tag_dir: Path) -> dict[str, Any]:
+    """Load a verified checkpoint into ``engine``; restore this rank's RNG; return the client state."""
+    path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if client_state["world_size"] != world:
+        raise RuntimeError(f"{tag_dir} was written by {client_state['world_size']} ranks; this run has {world} "
+                           "(the data-loader positions are per rank)")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    set_rng_state(client_state["rng_states"][rank])
+    return client_state
+
+
+# ---------------------------------------------------------------- preemption
+class PreemptionFlag:
+    """Records SIGTERM / SIGUSR1; the loop polls ``requested`` and checkpoints before exiting."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+
+    def requested(self) -> bool:
+        """True on every rank if any rank received a signal (collective when distributed)."""
+        flag = torch.tensor([0 if self.signum is None else 1], dtype=torch.int32)
+        if dist.is_available() and dist.is_initialized():
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,79 @@
+"""The DeepSpeed config dict, generated from our training config.
+
+Mapping (our key → DeepSpeed key):
+  train.micro_batch_size → train_micro_batch_size_per_gpu;  train.grad_accum → gradient_accumulation_steps
+  optim.grad_clip → gradient_clipping (global L2 norm, applied by the engine)
+  train.precision → bf16.enabled (``auto``: bf16 on CUDA, fp32 on CPU; fp16 is not offered)
+  deepspeed.zero_stage → zero_optimization.stage (0-3)
+  deepspeed.offload_optimizer / offload_param → zero_optimization.offload_optimizer / offload_param
+  model.activation_checkpointing is not a DeepSpeed key: the model checkpoints its own blocks.
+The optimizer (torch Adam) is built by the training loop, hence ``zero_allow_untested_optimizer``.
+
+Escape hatch: ``deepspeed.extra`` holds raw DeepSpeed keys that are deep-merged over the generated
+dict last, e.g. ``deepspeed.extra.zero_optimization.overlap_comm=true``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+
+def resolve_device(cfg: dict) -> str:
+    """``train.device`` with ``auto`` resolved: cuda when available, else cpu."""
+    import torch
+
+    device = cfg["train"]["device"]
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config train.device=cuda but torch sees no CUDA device")
+    return device
+
+
+def resolve_precision(cfg: dict, device: str) -> str:
+    """``train.precision`` with ``auto`` resolved: bf16 on CUDA, fp32 on CPU."""
+    precision = cfg["train"]["precision"]
+    if precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    return precision
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` merged in recursively (extra wins); neither input is modified."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _offload(kind: str, cfg: dict) -> dict[str, Any]:
+    section: dict[str, Any] = {"device": kind, "pin_memory": True}
+    if kind == "nvme":
+        section["nvme_path"] = cfg["deepspeed"]["nvme_path"]
+    return section
+
+
+def build_deepspeed_config(cfg: dict, device: str) -> dict[str, Any]:
+    """The DeepSpeed config dict for the resolved training config ``cfg`` on ``device`` (cpu|cuda)."""
+    ds = cfg["deepspeed"]
+    precision = resolve_precision(cfg, device)
+    zero: dict[str, Any] = {"stage": ds["zero_stage"]}
+    if ds["offload_optimizer"] != "none":
+        zero["offload_optimizer"] = _offload(ds["offload_optimizer"], cfg)
+    if ds["offload_param"] != "none":
+        zero["offload_param"] = _offload(ds["offload_param"], cfg)
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg["train"]["micro_batch_size"],
+        "gradient_accumulation_steps": cfg["train"]["grad_accum"],
+        "gradient_clipping": cfg["optim"]["grad_clip"],
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
+        "fp16": {"enabled": False},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(out, ds["extra"])

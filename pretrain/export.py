@@ -1,0 +1,79 @@
+"""``igpt export RUN_DIR [--tag T] --out DIR``: a DeepSpeed checkpoint → a release dir.
+
+The release dir holds ``model.safetensors`` (consolidated fp32 weights of the bare ``IGPT``,
+with the palette sha256, step and source checkpoint as safetensors metadata), ``config.yaml``
+(the resolved training config) and ``palette.npy``. It needs neither DeepSpeed nor the world
+size that trained it; ``pretrain.release.load_model`` reads it.
+ZeRO-1/2/3 checkpoints are consolidated with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
+(from the fp32 master partitions of every rank); ZeRO-0 checkpoints hold the full module already.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from pretrain import checkpoint as ckpt
+from pretrain.config import load_config, save_config
+
+MODULE_PREFIX = "model."  # the training engine wraps IGPT in LossModule
+
+
+def resolve_tag(run_dir: str | os.PathLike, tag: str | None = None) -> Path:
+    """The checkpoint dir to read: ``tag`` (verified) or the newest complete one."""
+    if tag is not None:
+        tag_dir = ckpt.checkpoints_dir(run_dir) / tag
+        ckpt.verify(tag_dir)
+        return tag_dir
+    found = ckpt.find_resumable(run_dir)
+    if not found:
+        raise FileNotFoundError(f"no complete checkpoint under {ckpt.checkpoints_dir(run_dir)}")
+    return found[0]
+
+
+def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 ``IGPT`` state dict of a checkpoint of any ZeRO stage (loaded from our own trusted files)."""
+    info = ckpt.verify(tag_dir, check_sha256=False)
+    if info["zero_stage"] == 0:
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        sd = states["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return {k.removeprefix(MODULE_PREFIX): v.detach().float().contiguous().clone() for k, v in sd.items()}
+
+
+def export(run_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None = None) -> Path:
+    """Write the release dir ``out`` (must not exist yet) from a run's checkpoint; return its path."""
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty")
+    tag_dir = resolve_tag(run_dir, tag)
+    info = ckpt.verify(tag_dir, check_sha256=False)
+    cfg = load_config(run_dir / "config.yaml")
+    palette = Path(cfg["data"]["dir"]) / "palette.npy"
+    from data_pipeline.palette import file_sha256
+
+    if not palette.is_file() or file_sha256(palette) != info["palette_sha256"]:
+        raise FileNotFoundError(f"palette {palette} is missing or is not the one the run trained with "
+                                f"(sha256 {info['palette_sha256']})")
+    state = consolidated_state_dict(tag_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        save_file(state, tmp / "model.safetensors", metadata={
+            "palette_sha256": info["palette_sha256"], "step": str(info["step"]), "source": str(tag_dir.resolve())})
+        save_config(cfg, tmp / "config.yaml")
+        shutil.copyfile(palette, tmp / "palette.npy")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

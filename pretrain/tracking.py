@@ -1,0 +1,142 @@
+"""MLflow tracking for a training run (rank 0 only) and the throughput / MFU arithmetic.
+
+With the default store (``sqlite:///RUN_DIR/mlflow.db``) artifacts go to ``RUN_DIR/mlartifacts``.
+
+One MLflow run per training run: its id is kept in ``RUN_DIR/mlflow_run_id`` so a resumed run
+logs into the same MLflow run. The tracking URI defaults to ``sqlite:///RUN_DIR/mlflow.db``; any
+URI (a server, another file) can be given as ``logging.tracking_uri``.
+
+MFU (model FLOPs utilisation) = achieved model FLOP/s per device / peak FLOP/s per device, where
+achieved = tokens/s (all ranks) × ``model.flops_per_token()`` (6·N + 12·L·T·d, forward + backward,
+no activation-recomputation credit) / world size. The peak per device comes from PEAK_TFLOPS
+(dense bf16 tensor-core figures) or ``logging.peak_tflops``.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from pretrain.config import flatten
+
+# Dense bf16 peak per device (no sparsity), matched by substring of torch.cuda.get_device_name().
+# The CPU entry is a nominal placeholder: set logging.peak_tflops for a figure that means something.
+PEAK_TFLOPS: dict[str, float] = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+    "cpu": 1.0,
+}
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def device_label(device: str) -> str:
+    """A name for ``device`` (cpu|cuda): the CUDA device name, or ``cpu``."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return "cpu"
+
+
+def peak_flops(device: str, override_tflops: float | None = None) -> float:
+    """Peak FLOP/s of one device: ``override_tflops`` if given, else the PEAK_TFLOPS entry for it."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    label = device_label(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key.lower() in label.lower():
+            return tflops * 1e12
+    raise ValueError(f"no peak-FLOPs entry for device {label!r}; set logging.peak_tflops")
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, peak: float) -> float:
+    """Model FLOPs utilisation in [0, 1] (see the module docstring)."""
+    return tokens_per_s * flops_per_token / world_size / peak
+
+
+def memory_gb(device: str) -> float:
+    """Peak memory: CUDA allocated on GPU, the process's max resident set on CPU (GB)."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def image_grid(images: np.ndarray, ncol: int, scale: int = 4, pad: int = 2) -> np.ndarray:
+    """Tile uint8 images (N, H, W, 3) into one (rows·(H·scale+pad)+pad, …, 3) grid, upscaled by ``scale``."""
+    n, h, w, _ = images.shape
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    h, w = h * scale, w * scale
+    nrow = -(-n // ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
+    return grid
+
+
+class Tracker:
+    """The MLflow run of one training run; every method is a no-op on ranks other than 0."""
+
+    def __init__(self, cfg: dict, run_dir: str | os.PathLike, rank: int) -> None:
+        self.enabled = rank == 0
+        self.run_id: str | None = None
+        if not self.enabled:
+            return
+        run_dir = Path(run_dir).resolve()
+        uri = cfg["logging"]["tracking_uri"] or f"sqlite:///{run_dir / 'mlflow.db'}"
+        # With the embedded store, artifacts live beside it; a server decides for itself.
+        artifacts = None if cfg["logging"]["tracking_uri"] else (run_dir / "mlartifacts").as_uri()
+        self.client = MlflowClient(tracking_uri=uri)
+        id_file = run_dir / RUN_ID_FILE
+        if id_file.is_file():
+            self.run_id = id_file.read_text().strip()
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        name = cfg["logging"]["experiment"]
+        exp = self.client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name, artifact_location=artifacts)
+        tags = {"run_dir": str(run_dir)}
+        if os.environ.get("SLURM_JOB_ID"):
+            tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+        run = self.client.create_run(exp_id, run_name=cfg["logging"]["run_name"] or run_dir.name, tags=tags)
+        self.run_id = run.info.run_id
+        params = {k: str(v)[:6000] for k, v in flatten(cfg).items()}
+        items = list(params.items())
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+        tmp = id_file.with_name(f".{RUN_ID_FILE}.tmp")
+        tmp.write_text(self.run_id)
+        os.replace(tmp, id_file)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
+        """Log a uint8 (H, W, 3) array as a PNG artifact, e.g. ``samples/step_000100_uncond.png``."""
+        if self.enabled:
+            self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.enabled:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(v))
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Mark the run FINISHED, FAILED or KILLED (preempted runs are KILLED until resumed)."""
+        if self.enabled:
+            self.client.set_terminated(self.run_id, status=status)

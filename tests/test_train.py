@@ -1,0 +1,128 @@
+"""Real DeepSpeed training on CPU (gloo, 2 ranks) on CIFAR-10 token shards with igpt-tiny."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pretrain import checkpoint as ckpt
+from pretrain.train import FAULT_KILL_ENV
+from test_train_support import launch, read_log, run_overrides, step_losses, train_ranks, wait_all
+
+pytestmark = pytest.mark.slow
+N = 4  # steps before the kill; the reference run trains 2N
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_loss_falls_and_exact_resume_after_sigkill(cifar_tokens, tmp_path, stage):
+    """2N uninterrupted steps vs N steps, kill -9 of every rank, resume, N more: identical losses."""
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    common = dict(deepspeed__zero_stage=stage, train__steps=2 * N, train__precision="fp32")
+    assert train_ranks(run_overrides(cifar_tokens, ref, **common), ref) == [0, 0], read_log(ref)
+    expected = step_losses(ref)
+    assert sorted(expected) == list(range(1, 2 * N + 1))
+    first, last = expected[1], sum(expected[s] for s in range(2 * N - 1, 2 * N + 1)) / 2
+    assert first == pytest.approx(math.log(512), abs=1e-3)  # zero-initialised head
+    assert last < first - 0.1, expected
+
+    cut_args = run_overrides(cifar_tokens, cut, checkpoint__every=N, **common)
+    codes = train_ranks(cut_args, cut, env={FAULT_KILL_ENV: str(N)})
+    assert codes == [-signal.SIGKILL, -signal.SIGKILL], read_log(cut)
+    assert [p.name for p in ckpt.find_resumable(cut)] == [ckpt.tag_for(N)]
+    assert max(step_losses(cut)) == N
+
+    assert train_ranks(cut_args, cut, resume="auto") == [0, 0], read_log(cut)
+    assert f"resumed from {cut / 'checkpoints' / ckpt.tag_for(N)} at step {N}" in read_log(cut)
+    assert step_losses(cut) == expected  # bit-identical per-step losses, steps 1..2N
+
+
+def test_zero1_preemption_checkpoint_resume_and_mlflow(cifar_tokens, tmp_path):
+    """SIGUSR1 to the ranks → checkpoint → requeue exit code; the resumed run finishes in the same MLflow run."""
+    run = tmp_path / "run"
+    args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=1, train__steps=400, train__val_every=3,
+                         train__sample_every=3, train__sample_count=2, checkpoint__every=1000)
+    procs = launch(args, log=tmp_path / "run")
+    deadline = time.time() + 300
+    while not (run / "losses.jsonl").is_file() or len(step_losses(run)) < 4:
+        assert time.time() < deadline and all(p.poll() is None for p in procs), read_log(run)
+        time.sleep(0.2)
+    for p in procs:
+        os.kill(p.pid, signal.SIGUSR1)
+    assert wait_all(procs) == [124, 124], read_log(run)
+    stopped = max(step_losses(run))
+    assert 4 <= stopped < 400
+    assert [p.name for p in ckpt.find_resumable(run)] == [ckpt.tag_for(stopped)]
+    assert "preemption (SIGUSR1)" in read_log(run)
+
+    final = stopped + 3
+    resumed_args = [a for a in args if not a.startswith("train.steps=")] + [f"train.steps={final}"]
+    assert train_ranks(resumed_args, run, resume="auto") == [0, 0], read_log(run)
+    assert sorted(step_losses(run)) == list(range(1, final + 1))
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("igpt-pretrain").experiment_id])
+    assert len(runs) == 1, "a resumed run must continue its MLflow run"
+    r = runs[0]
+    assert r.info.status == "FINISHED"
+    assert r.data.params["deepspeed.zero_stage"] == "1" and r.data.params["optim.betas"] == "[0.9, 0.95]"
+    for key in ("loss", "bpp", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb", "val_loss", "val_bpp"):
+        history = client.get_metric_history(r.info.run_id, key)
+        assert history and all(math.isfinite(m.value) for m in history), key
+    assert max(m.step for m in client.get_metric_history(r.info.run_id, "loss")) == final
+    bpp = client.get_metric_history(r.info.run_id, "bpp")[-1].value
+    assert bpp == pytest.approx(client.get_metric_history(r.info.run_id, "loss")[-1].value / math.log(2))
+    names = {a.path for a in client.list_artifacts(r.info.run_id, "samples")}
+    assert "samples/step_00000003_uncond.png" in names and "samples/step_00000003_completions.png" in names
+    png = Path(client.download_artifacts(r.info.run_id, "samples/step_00000003_completions.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(cifar_tokens, tmp_path):
+    run = tmp_path / "run"
+    args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=0, train__steps=4, checkpoint__every=2)
+    assert train_ranks(args, run, nprocs=1) == [0], read_log(run)
+    assert [p.name for p in ckpt.find_resumable(run)] == [ckpt.tag_for(4), ckpt.tag_for(2)]
+    states = run / "checkpoints" / ckpt.tag_for(4) / "mp_rank_00_model_states.pt"
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the sha256 can tell
+    states.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="skipping checkpoint step_00000004: .*sha256"):
+        assert [p.name for p in ckpt.find_resumable(run)] == [ckpt.tag_for(2)]
+
+    longer = [a for a in args if not a.startswith("train.steps=")] + ["train.steps=5"]
+    assert train_ranks(longer, run, nprocs=1, resume="auto") == [0], read_log(run)
+    log = read_log(run)
+    assert "skipping checkpoint step_00000004" in log
+    assert f"resumed from {run / 'checkpoints' / ckpt.tag_for(2)} at step 2" in log
+
+
+def test_incomplete_checkpoint_is_skipped_and_pruned(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        (root / ckpt.tag_for(step)).mkdir(parents=True)
+        (root / ckpt.tag_for(step) / "model.pt").write_bytes(b"x" * step)
+        if step != 3:
+            ckpt.write_marker(root / ckpt.tag_for(step), {"step": step})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [p.name for p in ckpt.find_resumable(tmp_path)] == [ckpt.tag_for(2), ckpt.tag_for(1)]
+    assert any("step_00000003" in str(w.message) and "incomplete" in str(w.message) for w in caught)
+    assert [p.name for p in ckpt.prune(tmp_path, keep_last=1)] == [ckpt.tag_for(1)]
+    assert sorted(p.name for p in root.iterdir()) == [ckpt.tag_for(2), ckpt.tag_for(3)]
+
+
+def test_nonfinite_loss_skips_steps_then_stops(cifar_tokens, tmp_path):
+    run = tmp_path / "run"
+    args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=0, train__steps=20, optim__lr=1e30,
+                         optim__warmup_steps=0, train__max_nonfinite=3)
+    codes = train_ranks(args, run, nprocs=1)
+    log = read_log(run)
+    assert codes[0] != 0 and "NonFiniteLossError: 3 consecutive steps with a non-finite loss" in log, log
+    skipped = [s for s, loss in step_losses(run).items() if not math.isfinite(loss)]
+    assert len(skipped) == 3 and skipped == list(range(skipped[0], skipped[0] + 3))
