@@ -80,3 +80,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     insp.add_argument("--split", default="train")
     insp.add_argument("--count", type=int, default=64)
     insp.set_defaults(func=_inspect)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The data-stage commands on their own: ``python -m data_pipeline.cli data shard …``."""
+    parser = argparse.ArgumentParser(prog="igpt")
+    register(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

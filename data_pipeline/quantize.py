@@ -50,8 +50,11 @@ def build_lut(palette: np.ndarray) -> np.ndarray:
     wins), and scores small blocks exhaustively: exact, and about 1 s for typical palettes.
     """
     palette = _check_palette(palette)
-    c = palette.astype(np.int64)
-    cf = palette.astype(np.float32)
+    # A repeated colour never wins over its first occurrence: score distinct colours only.
+    _, first = np.unique(rgb_codes(palette), return_index=True)
+    index = np.sort(first).astype(np.uint16)
+    c = palette[index].astype(np.int64)
+    cf = c.astype(np.float32)
     c2f = (c * c).sum(1).astype(np.float32)
     lut = np.empty((256, 256, 256), dtype=np.uint16)  # [b, g, r]
     grids: dict[int, np.ndarray] = {}
@@ -70,7 +73,7 @@ def build_lut(palette: np.ndarray) -> np.ndarray:
             ob, og, orr = np.meshgrid(off, off, off, indexing="ij")
             grids[size] = np.stack([orr.ravel(), og.ravel(), ob.ravel()], 1).astype(np.float32)
         x = grids[size] + lo.astype(np.float32)
-        best = cand[(c2f[cand][None, :] - 2.0 * (x @ cf[cand].T)).argmin(1)]
+        best = index[cand[(c2f[cand][None, :] - 2.0 * (x @ cf[cand].T)).argmin(1)]]
         lut[lo[2] : lo[2] + size, lo[1] : lo[1] + size, lo[0] : lo[0] + size] = best.reshape(size, size, size)
     return lut.reshape(-1)
 

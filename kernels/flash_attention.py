@@ -6,8 +6,9 @@ attention runs the blocks left of the diagonal without masks and only the diagon
 Backward: `delta = rowsum(dO·O)`, then one kernel per key block accumulates dK and dV over query
 blocks, and one kernel per query block accumulates dQ over key blocks (no atomics).
 
-Head dims that are not powers of two (iGPT-L's 96) are padded to the next power of two with masked
-loads; any sequence length works (masked edges, specialised away when the length divides the blocks).
+Head dims that are not powers of two (iGPT-L's 96) are split into a power-of-two chunk and a tail
+(64 + 32), so no matrix product runs over padding; any sequence length works (masked edges,
+specialised away when the length divides the blocks).
 Under TRITON_INTERPRET=1 (CPU tests) every tile is computed in float32, because the interpreter's
 bfloat16 arithmetic is wrong; on a GPU the matrix products take the input dtype with float32 accumulators.
 Configs come from a small heuristic; IGPT_FLASH_AUTOTUNE=1 autotunes a short list instead (GPU only).
@@ -427,26 +428,34 @@ class KernelConfig:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
-def select_configs(block_d: int, dtype: torch.dtype, device: torch.device) -> dict[str, KernelConfig]:
+def select_configs(head_dim: int, seq_len: int, dtype: torch.dtype, device: torch.device) -> dict[str, KernelConfig]:
     """Heuristic configs for the forward, dKdV and dQ kernels, keyed 'fwd', 'dkdv', 'dq'.
 
-    block_d is the head dim rounded up to a power of two. For dKdV, block_n is the key block a program
-    owns and block_m the query block it steps by; for forward and dQ it is the other way round.
+    For dKdV, block_n is the key block a program owns and block_m the query block it steps by; for
+    forward and dQ it is the other way round. The Hopper choices are the autotuner's picks on an H200
+    (benchmarks/results/attention_h200.json), except at S=1024, D=128, where this set measured faster.
     """
     if device.type != "cuda":  # interpreter: small tiles so that tiny test shapes still span several blocks
         return {"fwd": KernelConfig(32, 16), "dkdv": KernelConfig(16, 32), "dq": KernelConfig(32, 16)}
     major, _ = torch.cuda.get_device_capability(device)
-    big = block_d > 64
+    big = head_dim > 64
     if dtype == torch.float32 or major < 8:
         return {
             "fwd": KernelConfig(64, 32 if big else 64, 4, 2),
             "dkdv": KernelConfig(16 if big else 32, 64, 4, 2),
             "dq": KernelConfig(64, 16 if big else 32, 4, 2),
         }
-    if major >= 9:  # Hopper: 16-bit tiles, float32 accumulators held by 1 or 2 warpgroups
-        if big:
-            return {"fwd": KernelConfig(128, 64, 8, 3), "dkdv": KernelConfig(64, 128, 8, 2), "dq": KernelConfig(128, 64, 8, 2)}
-        return {"fwd": KernelConfig(128, 64, 4, 3), "dkdv": KernelConfig(32, 128, 4, 4), "dq": KernelConfig(128, 32, 4, 4)}
+    if major >= 9:  # Hopper
+        if head_dim <= 64:
+            return {"fwd": KernelConfig(64, 64, 4, 4), "dkdv": KernelConfig(64, 64, 4, 3), "dq": KernelConfig(64, 64, 4, 3)}
+        if head_dim < 128:  # split head dim (96 = 64 + 32)
+            return {"fwd": KernelConfig(128, 64, 4, 3), "dkdv": KernelConfig(64, 64, 4, 3), "dq": KernelConfig(64, 64, 4, 3)}
+        long = seq_len >= 2048
+        return {
+            "fwd": KernelConfig(128, 128 if long else 64, 8, 3),
+            "dkdv": KernelConfig(64, 128, 8, 3 if long else 2),
+            "dq": KernelConfig(128, 64, 8, 3 if long else 2),
+        }
     return {  # Ampere / Ada: less shared memory
         "fwd": KernelConfig(128, 64, 8 if big else 4, 2),
         "dkdv": KernelConfig(32, 64, 4, 2),
@@ -543,8 +552,7 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         b, h, sq, d = q.shape
         sk = k.shape[2]
-        block_d = max(16, triton.next_power_of_2(d))
-        cfg = select_configs(block_d, q.dtype, q.device)
+        cfg = select_configs(d, max(sq, sk), q.dtype, q.device)
         autotune = _use_autotune(q.device)
         consts = _common_consts(q, causal)
         o = _out_buffer(q)
@@ -567,7 +575,7 @@ class _FlashAttention(torch.autograd.Function):
         b, h, sq, d = q.shape
         sk = k.shape[2]
         block_d = max(16, triton.next_power_of_2(d))
-        cfg = select_configs(block_d, q.dtype, q.device)
+        cfg = select_configs(d, max(sq, sk), q.dtype, q.device)
         autotune = _use_autotune(q.device)
         consts = _common_consts(q, ctx.causal)
         sm_scale = ctx.sm_scale
@@ -617,8 +625,8 @@ def flash_attention(
             f"flash_attention runs on CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 before importing "
             "kernels to run Triton's interpreter on the CPU"
         )
-    if q.shape[-1] > 256:
-        raise ValueError(f"flash_attention supports head_dim up to 256, got {q.shape[-1]}")
+    if q.shape[-1] > 128:
+        raise ValueError(f"flash_attention supports head_dim up to 128, got {q.shape[-1]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     if q.numel() == 0 or k.numel() == 0:
         raise ValueError(f"flash_attention needs non-empty inputs, got q {tuple(q.shape)} and k {tuple(k.shape)}")

@@ -23,6 +23,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
@@ -106,6 +107,7 @@ class Trainer:
         from data_pipeline.palette import load_palette
 
         ds_logger.setLevel(logging.WARNING)  # keep the one-line progress log readable
+        warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)
         self.env = setup_env()
         self.rank, self.world = self.env.rank, self.env.world_size
         self.device = resolve_device(cfg)
@@ -126,6 +128,8 @@ class Trainer:
         _seed_everything(cfg["train"]["seed"])  # identical initial weights on every rank
         self.model = IGPT(igpt_config(cfg))
         self.model_cfg = self.model.cfg
+        self.num_params = self.model.num_params()  # before ZeRO-3 partitions the parameters away
+        self.flops_per_token = self.model.flops_per_token()
         optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg["optim"]["lr"],
                                      betas=tuple(cfg["optim"]["betas"]), eps=cfg["optim"]["eps"],
                                      weight_decay=cfg["optim"]["weight_decay"])
@@ -153,7 +157,6 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         self.tracker = Tracker(cfg, self.run_dir, self.rank)
         self.peak = peak_flops(self.device, cfg["logging"]["peak_tflops"])
-        self.flops_per_token = self.model.flops_per_token()
         self.preempt = ckpt.PreemptionFlag()
 
     # ------------------------------------------------------------ resume
@@ -299,7 +302,7 @@ class Trainer:
     def run(self) -> int:
         t, c = self.cfg["train"], self.cfg["checkpoint"]
         tokens_per_step = t["micro_batch_size"] * t["grad_accum"] * self.world * self.model_cfg.n_ctx
-        _log(self.rank, f"iGPT {self.model.num_params() / 1e6:.2f}M params | {self.world} rank(s) on {self.device} | "
+        _log(self.rank, f"iGPT {self.num_params / 1e6:.2f}M params | {self.world} rank(s) on {self.device} | "
                         f"ZeRO-{self.zero_stage} | {tokens_per_step} tokens/step | steps {self.step}→{t['steps']}")
         batches = iter(self.stream)
         losses_path = self.run_dir / LOSSES_FILE

@@ -103,8 +103,8 @@ def test_rank_envs_group_ranks_by_node_and_gpus():
     assert [e["LOCAL_WORLD_SIZE"] for e in envs] == ["2", "1", "2"]
 
 
-CPU_ENV = ["--env", "DS_ACCELERATOR=cpu", "--env", "OMP_NUM_THREADS=1", "--env", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false",
-           "--env", f"TORCH_EXTENSIONS_DIR={os.environ.get('TORCH_EXTENSIONS_DIR', '')}"]
+CPU_ENV = [arg for key in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING",
+                           "TORCH_EXTENSIONS_DIR") if key in os.environ for arg in ("--env", f"{key}={os.environ[key]}")]
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import register
+from cluster.command import IGPT_ENTRY
 from cluster.slurm import REQUEUE_EXIT_CODE, SlurmJob, follow, render_sbatch, submit
 from slurm_cluster import missing_slurm_binaries, start_slurm_cluster
 
@@ -160,3 +161,48 @@ def _wait_for(pred, timeout: float, what: str, log: Path, cluster) -> None:
             return
         time.sleep(0.5)
     raise TimeoutError(f"timed out waiting for {what}\n{log.read_text() if log.exists() else ''}\n{cluster.logs()}")
+
+
+@pytest.mark.slow
+def test_two_node_training_checkpoints_requeues_on_usr1_and_resumes(slurm, cifar_tokens, tmp_path, monkeypatch):
+    """`igpt launch slurm --follow`: 2 nodes x 1 torchrun task train the tiny CPU config; USR1 makes the
+    training checkpoint, the job requeues itself (hold released) and finishes from that checkpoint."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", IGPT_ENTRY, "launch", "slurm", str(REPO / "configs" / "cifar10-cpu-tiny.yaml"),
+         f"data.dir={cifar_tokens}", f"train.run_dir={run_dir}", "train.steps=30", "train.log_every=2",
+         "train.val_every=1000", "train.sample_every=1000", "checkpoint.every=1000",
+         "--nodes", "2", "--cpus-per-task", "1", "--time", "20:00", "--job-name", "e2e",
+         "--log-dir", str(logs), "--follow"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job_id = launcher.stdout.readline().strip()
+    assert job_id.isdigit(), job_id + launcher.stdout.read()
+    log, losses = logs / f"e2e-{job_id}.out", run_dir / "losses.jsonl"
+    _wait_for(lambda: losses.exists() and len(losses.read_text().splitlines()) >= 3, 300,
+              "the first run to log training steps", log, slurm)
+    slurm.cmd("scancel", "--signal=USR1", job_id)
+    try:
+        follow_out, _ = launcher.communicate(timeout=600)
+    finally:
+        launcher.kill()
+    text = log.read_text()
+    assert launcher.returncode == 0, follow_out + text + slurm.logs()
+    info = slurm.job_info(job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    assert "released its BeginTime hold" in follow_out, follow_out
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    preempted = int(run.data.tags["preempted_at_step"])
+    assert 0 < preempted < 30 and run.data.tags["slurm_job_id"] == job_id
+    assert run.info.status == "FINISHED"
+    assert "2 rank(s)" in text and "preemption (SIGUSR1) – saving a checkpoint" in text
+    assert f"step_{preempted:08d} at step {preempted}" in text, text  # the second run resumed from it
+    assert "requeueing job" in text and f"job {job_id} restart 1" in text
+    loss_steps = [int(m.step) for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert max(loss_steps) == 30 and min(loss_steps) <= preempted
+    complete = json.loads((run_dir / "checkpoints" / "step_00000030" / "COMPLETE.json").read_text())
+    assert complete["world_size"] == 2, complete

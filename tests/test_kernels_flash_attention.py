@@ -151,6 +151,7 @@ def test_reference_matches_sdpa_in_float64():
         (lambda: (torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16).half(), torch.randn(1, 2, 5, 16)), "share a dtype"),
         (lambda: (torch.randn(1, 2, 5, 16).double(),) * 3, "float16, bfloat16 and float32"),
         (lambda: (torch.randn(1, 2, 0, 16),) * 3, "non-empty"),
+        (lambda: (torch.randn(1, 2, 5, 160),) * 3, "head_dim up to 128"),
     ],
 )
 def test_bad_inputs_raise(make, match):
