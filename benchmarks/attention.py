@@ -6,6 +6,11 @@ implementation's relative error against a float32 reference (output and dQ, dK, 
 element), prints a table of ratios and writes JSON.
 
     python benchmarks/attention.py --out benchmarks/results/attention.json [--autotune]
+    python benchmarks/attention.py --sweep --precompile 10 --out out/attention.json   # tune the backward first
+
+--sweep times the dKdV and dQ kernels alone over a small config grid at SWEEP_SHAPES (after compiling the
+candidates in parallel processes), with per-kernel times, end-to-end times and host (launch) time per step
+for the default and the best configs, then runs the benchmark with the best configs in place of the defaults.
 """
 from __future__ import annotations
 
@@ -29,6 +34,11 @@ from kernels.flash_attention import tuned_configs  # noqa: E402
 from kernels.reference import attention_reference  # noqa: E402
 
 SHAPES = [(16, 8, 1024, 64), (16, 8, 1024, 128), (16, 16, 1024, 96), (7, 16, 2304, 96), (4, 24, 4096, 128)]
+SWEEP_SHAPES = [(16, 8, 1024, 64), (16, 8, 1024, 128)]
+# (BLOCK_M, BLOCK_N) tiles per backward kernel: dKdV steps query blocks over its key block (BLOCK_N % BLOCK_M == 0),
+# dQ the other way round; 128x128 only with 8 warps (4 warps cannot hold two 128x128 float32 tiles).
+SWEEP_TILES = {"dkdv": [(64, 64), (64, 128), (32, 128), (128, 128)], "dq": [(64, 64), (128, 64), (128, 32), (128, 128)]}
+MATMULS = {"fwd": 2, "dkdv": 4, "dq": 3}  # matrix products per (query, key) tile, for TFLOP/s of one kernel alone
 
 
 def _sdpa(backend):
@@ -125,6 +135,159 @@ def run_shape(shape, impls) -> dict:
     return out
 
 
+def _fa():
+    return importlib.import_module("kernels.flash_attention")
+
+
+def sweep_space(kind: str) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of one backward kernel."""
+    return [(m, n, w, st) for m, n in SWEEP_TILES[kind] for w in (4, 8) for st in (2, 3) if not (m == n == 128 and w == 4)]
+
+
+_INPUTS: dict = {}
+
+
+def _sweep_inputs(shape):
+    if shape not in _INPUTS:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        _INPUTS[shape] = tuple(torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    return _INPUTS[shape]
+
+
+def _sweep_compile_job(job) -> str | None:
+    """Compile (into Triton's disk cache) one backward kernel config, or forward+backward with the defaults."""
+    shape, kind, cfg = job
+    fa = _fa()
+    try:
+        if kind == "defaults":
+            _fwd_bwd(_ours(False), *_sweep_inputs(shape))
+        else:
+            q, k, v, do = _sweep_inputs(shape)
+            fa.backward_launcher(kind, q, k, v, do, True, fa.KernelConfig(*cfg))()
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:  # a config that does not fit is reported and skipped
+        return f"{shape} {kind} {cfg}: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def precompile_sweep(shapes, bench_shapes, workers: int) -> None:
+    """Compile every sweep candidate, and the default configs of the benchmark shapes, in parallel processes."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(s, kind, cfg) for s in shapes for kind in ("dkdv", "dq") for cfg in sweep_space(kind)]
+    jobs += [((1, 2, s, d), "defaults", None) for _, _, s, d in bench_shapes]  # same specialisation as (B, H, s, d)
+    jobs.sort(key=lambda j: -(j[0][3] if j[2] is None else j[0][3] * j[2][0] * j[2][1] // j[2][2]))  # slow first
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+        for err in pool.map(_sweep_compile_job, jobs):
+            if err:
+                print("precompile:", err, flush=True)
+    print(f"precompiled {len(jobs)} sweep jobs in {time.time() - t0:.0f} s", flush=True)
+
+
+def _bench_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median")
+
+
+def host_ms(fn, n: int = 30) -> dict:
+    """Host time to issue one call (no sync inside the loop) against wall time per call with the GPU drained."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    issued = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    return {"host_issue_ms": (issued - t0) / n * 1e3, "wall_ms": (done - t0) / n * 1e3}
+
+
+def time_kernel(kind: str, shape, cfg) -> dict:
+    """One kernel alone: median ms, TFLOP/s of its own products (causal), registers, spills, shared memory."""
+    fa = _fa()
+    b, h, s, d = shape
+    q, k, v, do = _sweep_inputs(shape)
+    res: dict = {"config": list(cfg) if cfg else None}
+    try:
+        config = fa.KernelConfig(*cfg) if cfg else fa.select_configs(d, s, q.dtype, q.device).get(kind)
+        launch = fa.backward_launcher(kind, q, k, v, do, True, config)
+        ck = launch()
+        res["ms"] = _bench_ms(launch)
+        if kind in MATMULS:
+            res["tflops"] = MATMULS[kind] * b * h * s * s * d / res["ms"] * 1e-9
+        for attr in ("n_regs", "n_spills"):
+            if hasattr(ck, attr):
+                res[attr] = getattr(ck, attr)
+        if hasattr(ck, "metadata"):
+            res["shared"] = getattr(ck.metadata, "shared", None)
+    except Exception as exc:  # out of resources and the like: record and go on
+        res["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return res
+
+
+def _end_to_end(shape) -> dict:
+    q, k, v, do = _sweep_inputs(shape)
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    step = lambda: flash_attention(qg, kg, vg, causal=True).backward(do)  # noqa: E731
+    ms = triton.testing.do_bench(step, warmup=20, rep=100, grad_to_none=[qg, kg, vg], return_mode="median")
+    b, h, s, d = shape
+    return {"fwd_bwd_ms": ms, "fwd_bwd_tflops": 3.5 * 2.0 * b * h * s * s * d / ms * 1e-9, **host_ms(step)}
+
+
+def use_configs(overrides: dict) -> None:
+    """Replace the bfloat16 Hopper defaults for (head_dim, seq_len) with `overrides` in this process."""
+    fa = _fa()
+    base = fa.select_configs
+
+    def patched(head_dim, seq_len, dtype, device):
+        cfg = dict(base(head_dim, seq_len, dtype, device))
+        if dtype == torch.bfloat16 and device.type == "cuda":
+            cfg.update(overrides.get((head_dim, seq_len), {}))
+        return cfg
+
+    fa.select_configs = patched
+
+
+def sweep(shapes) -> tuple[dict, dict]:
+    """Per shape: default per-kernel and end-to-end times, the dKdV / dQ grid, and end-to-end with the best."""
+    fa = _fa()
+    report: dict = {}
+    overrides: dict = {}
+    for shape in shapes:
+        _, _, s, d = shape
+        t0 = time.time()
+        rep = {"defaults": {kind: time_kernel(kind, shape, None) for kind in ("fwd", "delta", "dkdv", "dq")}}
+        rep["defaults"]["end_to_end"] = _end_to_end(shape)
+        best = {}
+        for kind in ("dkdv", "dq"):
+            rows = [time_kernel(kind, shape, cfg) for cfg in sweep_space(kind)]
+            rep[kind] = rows
+            ok = [r for r in rows if "ms" in r]
+            for r in sorted(ok, key=lambda r: r["ms"]):
+                print(f"  {kind:5s} {str(tuple(r['config'])):20s} {r['ms']:.4f} ms {r.get('tflops', 0):6.1f} TFLOP/s "
+                      f"regs {r.get('n_regs')} spills {r.get('n_spills')} smem {r.get('shared')}", flush=True)
+            if ok:
+                best[kind] = fa.KernelConfig(*min(ok, key=lambda r: r["ms"])["config"])
+        overrides[(d, s)] = best
+        use_configs({(d, s): best})
+        rep["best"] = {kind: list(vars(c).values()) for kind, c in best.items()}
+        rep["best_end_to_end"] = _end_to_end(shape)
+        print(f"{shape}: defaults {json.dumps(rep['defaults'])}\n  best {rep['best']} -> {rep['best_end_to_end']} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+        report[str(shape)] = rep
+    return report, overrides
+
+
+def _wait_for(path: str | None, limit_s: float) -> None:
+    """Wait (up to limit_s) until `path` exists: GPU tests running beside the compile phase must end before timing."""
+    t0 = time.time()
+    while path and not os.path.exists(path) and time.time() - t0 < limit_s:
+        time.sleep(0.5)
+    if path:
+        print(f"waited {time.time() - t0:.0f} s for {path} (exists: {os.path.exists(path)})", flush=True)
+
+
 def kernel_resources() -> dict:
     """Registers, spills and shared memory of every compiled variant of our three main kernels (best effort)."""
     fa = importlib.import_module("kernels.flash_attention")
@@ -161,13 +324,23 @@ def ratio_table(results: dict, ours: str) -> list[str]:
     return lines
 
 
+def write_json(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/attention.json"))
     ap.add_argument("--autotune", action="store_true", help="also time our kernel with IGPT_FLASH_AUTOTUNE=1")
     ap.add_argument("--precompile", type=int, default=0, metavar="N",
-                    help="compile the autotuning candidates in N processes first")
+                    help="compile the autotuning (or --sweep) candidates in N processes first")
     ap.add_argument("--shapes", default=None, help="B,H,S,D;B,H,S,D;... (default: the five iGPT shapes)")
+    ap.add_argument("--sweep", action="store_true", help="tune the backward kernels at SWEEP_SHAPES first, then use the best")
+    ap.add_argument("--wait-for", default=None, help="with --sweep: wait for this file before timing anything")
+    ap.add_argument("--deadline", type=float, default=float("inf"), help="skip shapes once this many seconds have passed")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -180,22 +353,40 @@ def main() -> None:
     impls["sdpa_cudnn"] = _sdpa(SDPBackend.CUDNN_ATTENTION)
 
     t0 = time.time()
-    if args.autotune and args.precompile:
-        precompile(sorted({s[3] for s in shapes}), args.precompile)
-    results = {str(shape): run_shape(shape, impls) for shape in shapes}
     report = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "date": time.strftime("%Y-%m-%d"),
         "dtype": "bfloat16",
         "causal": True,
         "flops": "forward 2*B*H*S^2*D (causal), forward+backward 3.5x",
         "error": "relative L2 error vs float32 reference on batch element 0",
-        "results": results,
-        "autotuned_configs": tuned_configs(),
-        "kernel_resources": kernel_resources(),
-        "wall_s": time.time() - t0,
     }
+    if args.sweep:
+        if args.precompile:
+            precompile_sweep(SWEEP_SHAPES, shapes, args.precompile)
+        _wait_for(args.wait_for, 90)
+        report["sweep"], overrides = sweep(SWEEP_SHAPES)
+        report["sweep_best"] = {f"D={d} S={s}": {k: str(c) for k, c in cfg.items()} for (d, s), cfg in overrides.items()}
+        write_json(report, args.out)
+    elif args.autotune and args.precompile:
+        precompile(sorted({s[3] for s in shapes}), args.precompile)
+    fa = _fa()
+    results: dict = {}
+    report["results"] = results
+    for shape in shapes:
+        if time.time() - t0 > args.deadline:
+            print(f"deadline: skipping {shape}", flush=True)
+            continue
+        results[str(shape)] = run_shape(shape, impls)
+        results[str(shape)]["configs"] = {k: str(c) for k, c in fa.select_configs(
+            shape[3], shape[2], torch.bfloat16, torch.device("cuda")).items()}
+        report["wall_s"] = time.time() - t0
+        write_json(report, args.out)
+    report["autotuned_configs"] = tuned_configs()
+    report["kernel_resources"] = kernel_resources()
+    report["wall_s"] = time.time() - t0
     print(f"\n{report['device']}  torch {report['torch']}  triton {report['triton']}  (TFLOP/s; ratios ours / baseline)")
     for ours in [n for n in impls if n.startswith("ours")]:
         print(f"-- {ours}")
@@ -206,10 +397,7 @@ def main() -> None:
         if isinstance(variants, list):
             spills = [(v["warps"], v["stages"], v["regs"], v["spills"]) for v in variants if v["spills"]]
             print(f"{name}: {len(variants)} variants, (warps, stages, regs, spills) with spills: {spills}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(args.out)
+    write_json(report, args.out)
     print(f"wrote {args.out}")
 
 

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import platform
+import resource
 import sys
 import tarfile
 import tempfile
@@ -34,6 +35,12 @@ from data_pipeline.quantize import Quantizer, build_lut, quantize_bruteforce
 from data_pipeline.shard import shard_dataset
 
 CIFAR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-train"
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the shard workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def naive_shard_rate(tar: Path, palette: np.ndarray, n: int) -> float:
@@ -60,13 +67,17 @@ def bench_shard(work: Path, limit: int | None) -> dict:
     Quantizer.from_file(palette_path)  # builds and caches the table (the `igpt palette fit` step)
     lut_build_s = time.perf_counter() - t0
     sources = [str(CIFAR / "cifar10-train-{000000..000009}.tar")]
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     m = shard_dataset(sources, work / "tokens", palette_path, 32, val_fraction=0.1, shard_size=5000,
                       num_workers=os.cpu_count(), limit=limit, progress=False)
     wall = time.perf_counter() - t0
+    cpu = _cpu_seconds() - cpu0
     images = m["num_inputs"]
     naive = naive_shard_rate(CIFAR / "cifar10-train-000000.tar", uniform9_palette(), 300)
     return {"images": images, "seconds": wall, "images_per_s": images / wall, "workers": os.cpu_count(),
+            "cpu_seconds": cpu, "images_per_cpu_s": images / cpu,
+            "load_average_1min": os.getloadavg()[0],
             "naive_images_per_s": naive, "speedup_vs_naive": images / wall / naive, "lut_build_s": lut_build_s,
             "target_images_per_s": 10_000}
 
@@ -135,6 +146,9 @@ def main() -> None:
         print(f"shard    {shard['images_per_s']:>12,.0f} images/s  ({shard['images']} images in {shard['seconds']:.2f} s, "
               f"{shard['workers']} processes; {shard['speedup_vs_naive']:.0f}x the naive pipeline at "
               f"{shard['naive_images_per_s']:,.0f}/s; target 10,000)")
+        print(f"         {shard['images_per_cpu_s']:>12,.0f} images per CPU-second  (x {shard['workers']} cores = "
+              f"{shard['images_per_cpu_s'] * shard['workers']:,.0f}/s on idle cores; load average now "
+              f"{shard['load_average_1min']:.1f})")
         quant = bench_quantise()
         print(f"quantise {quant['lut_pixels_per_s']:>12,.0f} pixels/s  ({quant['speedup_vs_bruteforce']:.0f}x exact brute "
               f"force, {quant['speedup_vs_torch_matmul_argmin']:.0f}x torch f32 matmul-argmin; table built in "

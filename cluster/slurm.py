@@ -129,29 +129,26 @@ def _write_script(script: str, log_dir: str, job_name: str) -> Path:
     return path
 
 
-def sbatch(script_path: Path, *extra: str, env: dict[str, str] | None = None) -> str:
-    """Run ``sbatch --parsable [extra] SCRIPT`` and return its output (the job id)."""
-    proc = subprocess.run(["sbatch", "--parsable", *extra, str(script_path)], capture_output=True,
-                          text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout.strip()
+def _slurm(argv: list[str], env: dict[str, str] | None) -> subprocess.CompletedProcess:
+    """Run a SLURM client command; a missing binary is a clear error, not a traceback."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, env=env)
+    except FileNotFoundError:
+        raise RuntimeError(f"{argv[0]} not found on PATH: run on a SLURM login node (or use --dry-run)") from None
 
 
 def submit(job: SlurmJob, test_only: bool = False, env: dict[str, str] | None = None) -> tuple[str, Path]:
     """Render, save and submit ``job``; return (job id, or sbatch's verdict when ``test_only``; script path)."""
     script = _write_script(render_sbatch(job), job.log_dir, job.job_name)
-    if test_only:
-        proc = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"sbatch --test-only rejected {script}: {proc.stderr.strip()}")
-        return proc.stderr.strip(), script
-    return sbatch(script, env=env).split(";")[0], script
+    proc = _slurm(["sbatch", "--test-only" if test_only else "--parsable", str(script)], env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sbatch rejected {script} ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return (proc.stderr.strip() if test_only else proc.stdout.strip().split(";")[0]), script
 
 
 def job_info(job_id: str, env: dict[str, str] | None = None) -> dict[str, str]:
     """``scontrol show job -o JOB`` as a dict (JobState, Reason, Restarts, ExitCode, ...)."""
-    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, env=env)
+    proc = _slurm(["scontrol", "show", "job", "-o", job_id], env)
     if proc.returncode != 0:
         raise RuntimeError(f"scontrol show job {job_id} failed: {proc.stderr.strip()}")
     return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
@@ -159,9 +156,7 @@ def job_info(job_id: str, env: dict[str, str] | None = None) -> dict[str, str]:
 
 def release_begin_time(job_id: str, env: dict[str, str] | None = None) -> bool:
     """Let a requeued job start now instead of after the credential lifetime (its BeginTime hold)."""
-    proc = subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
-                          capture_output=True, text=True, env=env)
-    return proc.returncode == 0
+    return _slurm(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env).returncode == 0
 
 
 def follow(job_id: str, poll: float = 2.0, release_after: float = 3.0, timeout: float | None = None,

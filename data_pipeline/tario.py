@@ -87,23 +87,33 @@ def index_tar_file(path: str | os.PathLike) -> list[tuple[str, int, int]]:
             return list(_parse(lambda off, n: mm[off : off + n], len(mm), str(path)))
 
 
+def _template() -> bytearray:
+    h = bytearray(BLOCK)
+    h[100:108] = b"0000644\0"  # mode
+    h[108:116] = b"0000000\0"  # uid
+    h[116:124] = b"0000000\0"  # gid
+    h[136:148] = b"00000000000\0"  # mtime 0
+    h[148:156] = b"        "  # checksum counts as spaces
+    h[156:157] = b"0"  # regular file
+    h[257:265] = b"ustar\x0000"
+    return h
+
+
+_TEMPLATE = _template()
+_TEMPLATE_SUM = sum(_TEMPLATE)
+
+
 def _header(name: str, size: int) -> bytes:
     raw = name.encode("utf-8")
     if len(raw) > 100:  # long names: let tarfile write a pax header
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = size, 0, 0o644
         return info.tobuf(format=tarfile.PAX_FORMAT)
-    h = bytearray(BLOCK)
+    size_field = b"%011o\0" % size
+    h = bytearray(_TEMPLATE)
     h[0 : len(raw)] = raw
-    h[100:108] = b"0000644\0"
-    h[108:116] = b"0000000\0"
-    h[116:124] = b"0000000\0"
-    h[124:136] = b"%011o\0" % size
-    h[136:148] = b"00000000000\0"
-    h[148:156] = b"        "
-    h[156:157] = b"0"
-    h[257:265] = b"ustar\x0000"
-    h[148:156] = b"%06o\0 " % sum(h)
+    h[124:136] = size_field
+    h[148:156] = b"%06o\0 " % (_TEMPLATE_SUM + sum(raw) + sum(size_field))
     return bytes(h)
 
 

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +154,6 @@ def run_probe(run: EvalRun, splits: SplitOptions, layers_spec: str, search: Eval
     for s in (splits.train_split, splits.val_split):
         data.num_samples(s, labels=True)
     test_data = _eval_data(run, splits, data, model, sha)
-    num_classes = data.num_classes
     cache = FeatureCache(cache_dir or Path(run.out) / "feature_cache", model)
     device = pick_device(run.device)
     sources = {"train": (data, splits.train_split), "val": (data, splits.val_split)}
@@ -168,6 +166,7 @@ def run_probe(run: EvalRun, splits: SplitOptions, layers_spec: str, search: Eval
         for l in layers:
             feats[l][key] = by_layer[l]
     model.cpu()
+    num_classes = data.num_classes(torch.as_tensor(np.concatenate(list(labels.values()))))
     eval_key, note = _accuracy_note(splits)
     acc_key = f"{eval_key}_acc"
     with parent_run(run.uri, run.experiment, run.run_name or "probe") as parent:
@@ -209,9 +208,9 @@ def run_finetune(run: EvalRun, splits: SplitOptions, search: EvalSearchConfig) -
     if splits.test_split is not None or splits.test_data is not None:
         raise EvalInputError("finetune selects and reports on the validation split; --test-split is not supported")
     data, model, sha = run.open()
-    num_classes = data.num_classes
     train = data.tokens(splits.train_split, labels=True, limit=run.limit)
     val = data.tokens(splits.val_split, labels=True, limit=run.limit)
+    num_classes = data.num_classes(torch.cat([train[1], val[1]]))
     model.cpu()
     with parent_run(run.uri, run.experiment, run.run_name or "finetune") as parent:
         parent.log_params({**run.params(), **{f"search.{k}": v for k, v in asdict(search.finetune).items()},

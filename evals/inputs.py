@@ -44,10 +44,18 @@ class EvalData:
         return self.manifest.get("class_names")
 
     @property
-    def num_classes(self) -> int:
-        if not self.class_names:
-            raise EvalInputError(f"token shards in {self.path} carry no labels (manifest has no class_names)")
-        return len(self.class_names)
+    def labelled(self) -> bool:
+        return bool(self.manifest.get("labelled", self.class_names))
+
+    def num_classes(self, labels: torch.Tensor | None = None) -> int:
+        """len(class_names), else (unnamed classes) one more than the largest label seen."""
+        if not self.labelled:
+            raise EvalInputError(f"token shards in {self.path} carry no labels")
+        if self.class_names:
+            return len(self.class_names)
+        if labels is None:
+            raise EvalInputError(f"{self.path} has labels but no class_names: pass the labels to count classes")
+        return int(labels.max()) + 1
 
     def num_samples(self, split: str, *, labels: bool = False) -> int:
         """Samples in ``split``; an error naming the problem if it is missing, empty or unlabelled."""
@@ -57,10 +65,9 @@ class EvalData:
         n = int(splits[split]["num_samples"])
         if n == 0:
             raise EvalInputError(f"split {split!r} in {self.path} is empty (0 samples)")
-        if labels and not self.class_names:
+        if labels and not self.labelled:
             raise EvalInputError(
-                f"split {split!r} in {self.path} has no labels (manifest has no class_names); "
-                "probe and finetune need a labelled split"
+                f"split {split!r} in {self.path} has no labels; probe and finetune need a labelled split"
             )
         return n
 

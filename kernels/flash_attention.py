@@ -11,7 +11,7 @@ Head dims that are not powers of two (iGPT-L's 96) are split into a power-of-two
 specialised away when the length divides the blocks).
 Under TRITON_INTERPRET=1 (CPU tests) every tile is computed in float32, because the interpreter's
 bfloat16 arithmetic is wrong; on a GPU the matrix products take the input dtype with float32 accumulators.
-Configs come from a small heuristic; IGPT_FLASH_AUTOTUNE=1 autotunes a short list instead (GPU only).
+Configs come from a small table (select_configs); IGPT_FLASH_AUTOTUNE=1 autotunes a short list instead (GPU only).
 """
 from __future__ import annotations
 
@@ -120,12 +120,6 @@ def _fwd_inner(
     return acc0, acc1, l_i, m_i
 
 
-@triton.heuristics(
-    {
-        "CHECK_M": lambda a: a["SQ"] % a["BLOCK_M"] != 0,
-        "CHECK_N": lambda a: a["SK"] % a["BLOCK_N"] != 0,
-    }
-)
 @triton.jit(do_not_specialize=["H"])
 def _fwd_kernel(
     Q, K, V, O, LSE, qk_scale,
@@ -246,12 +240,6 @@ def _bwd_dkdv_inner(
     return dk0, dk1, dv0, dv1
 
 
-@triton.heuristics(
-    {
-        "CHECK_M": lambda a: a["SQ"] % a["BLOCK_M"] != 0,
-        "CHECK_N": lambda a: a["SK"] % a["BLOCK_N"] != 0,
-    }
-)
 @triton.jit(do_not_specialize=["H"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
@@ -349,12 +337,6 @@ def _bwd_dq_inner(
     return dq0, dq1
 
 
-@triton.heuristics(
-    {
-        "CHECK_M": lambda a: a["SQ"] % a["BLOCK_M"] != 0,
-        "CHECK_N": lambda a: a["SK"] % a["BLOCK_N"] != 0,
-    }
-)
 @triton.jit(do_not_specialize=["H"])
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
@@ -432,8 +414,8 @@ def select_configs(head_dim: int, seq_len: int, dtype: torch.dtype, device: torc
     """Heuristic configs for the forward, dKdV and dQ kernels, keyed 'fwd', 'dkdv', 'dq'.
 
     For dKdV, block_n is the key block a program owns and block_m the query block it steps by; for
-    forward and dQ it is the other way round. The Hopper choices are the autotuner's picks on an H200
-    (benchmarks/results/attention_h200.json), except at S=1024, D=128, where this set measured faster.
+    forward and dQ it is the other way round. The Hopper backward choices at S=1024 are the fastest of the
+    per-kernel sweep in benchmarks/results/attention_h200.json (`benchmarks/attention.py --sweep`, H200).
     """
     if device.type != "cuda":  # interpreter: small tiles so that tiny test shapes still span several blocks
         return {"fwd": KernelConfig(32, 16), "dkdv": KernelConfig(16, 32), "dq": KernelConfig(32, 16)}
@@ -450,12 +432,10 @@ def select_configs(head_dim: int, seq_len: int, dtype: torch.dtype, device: torc
             return {"fwd": KernelConfig(64, 64, 4, 4), "dkdv": KernelConfig(64, 64, 4, 3), "dq": KernelConfig(64, 64, 4, 3)}
         if head_dim < 128:  # split head dim (96 = 64 + 32)
             return {"fwd": KernelConfig(128, 64, 4, 3), "dkdv": KernelConfig(64, 64, 4, 3), "dq": KernelConfig(64, 64, 4, 3)}
-        long = seq_len >= 2048
-        return {
-            "fwd": KernelConfig(128, 128 if long else 64, 8, 3),
-            "dkdv": KernelConfig(64, 128, 8, 3 if long else 2),
-            "dq": KernelConfig(128, 64, 8, 3 if long else 2),
-        }
+        if seq_len >= 2048:
+            return {"fwd": KernelConfig(128, 128, 8, 3), "dkdv": KernelConfig(64, 128, 8, 3), "dq": KernelConfig(128, 64, 8, 3)}
+        # S=1024 sweep, each kernel alone: dKdV 0.172 ms vs 0.200 for (64, 128, 8, 2); dQ 0.137 vs 0.172 for (128, 64, 8, 2)
+        return {"fwd": KernelConfig(128, 64, 8, 3), "dkdv": KernelConfig(64, 64, 4, 2), "dq": KernelConfig(128, 32, 8, 3)}
     return {  # Ampere / Ada: less shared memory
         "fwd": KernelConfig(128, 64, 8 if big else 4, 2),
         "dkdv": KernelConfig(32, 64, 4, 2),
@@ -479,12 +459,24 @@ def _autotune_space(kind: str) -> list[triton.Config]:
 _TUNED: dict[str, object] = {}
 
 
+def _kernel(kind: str):
+    return {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}[kind]
+
+
+def _edge_checks(args: dict) -> dict:
+    """CHECK_M / CHECK_N: whether the sequence lengths leave partial blocks (masks compiled in only then)."""
+    return {"CHECK_M": args["SQ"] % args["BLOCK_M"] != 0, "CHECK_N": args["SK"] % args["BLOCK_N"] != 0}
+
+
 def _tuned_kernel(kind: str):
     """The autotuned variant of one kernel (built on first use)."""
     if kind not in _TUNED:
-        base = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}[kind]
+        checks = {
+            "CHECK_M": lambda a: _edge_checks(a)["CHECK_M"],
+            "CHECK_N": lambda a: _edge_checks(a)["CHECK_N"],
+        }
         key = ["SQ", "SK", "CAUSAL", "BLOCK_D0", "BLOCK_D1", "HAS_TAIL"]
-        _TUNED[kind] = triton.autotune(configs=_autotune_space(kind), key=key)(base)
+        _TUNED[kind] = triton.autotune(configs=_autotune_space(kind), key=key)(triton.heuristics(checks)(_kernel(kind)))
     return _TUNED[kind]
 
 
@@ -492,15 +484,20 @@ def _use_autotune(device: torch.device) -> bool:
     return device.type == "cuda" and not _INTERPRET and os.environ.get("IGPT_FLASH_AUTOTUNE", "0") == "1"
 
 
-def _launch(kind: str, kernel, config: KernelConfig, autotune: bool, rows: int, bh: int, args, consts):
-    """Launch `kernel` with the heuristic config, or its autotuned variant; the grid is (row blocks, batch·heads)."""
+def _launch(kind: str, config: KernelConfig, autotune: bool, bh: int, args: tuple, consts: dict, sq: int, sk: int):
+    """Launch one kernel with `config` (or its autotuned variant) on the grid (row blocks, batch·heads).
+
+    Rows are query blocks for forward and dQ, key blocks for dKdV; batch·heads is the slow grid axis, so the
+    blocks of one head run together (their K/V or Q/dO stay in L2) and each head's heaviest blocks start first.
+    """
+    rows = sk if kind == "dkdv" else sq
     if autotune:
         tuned = _tuned_kernel(kind)
-        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M" if kind != "dkdv" else "BLOCK_N"]), bh)  # noqa: E731
-        tuned[grid](*args, **consts)
-        return
-    block = config.block_m if kind != "dkdv" else config.block_n
-    kernel[(triton.cdiv(rows, block), bh)](*args, **consts, **config.meta())
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_N" if kind == "dkdv" else "BLOCK_M"]), bh)  # noqa: E731
+        return tuned[grid](*args, **consts)
+    block = config.block_n if kind == "dkdv" else config.block_m
+    checks = _edge_checks({"SQ": sq, "SK": sk, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n})
+    return _kernel(kind)[(triton.cdiv(rows, block), bh)](*args, **consts, **checks, **config.meta())
 
 
 def tuned_configs() -> dict[str, str]:
@@ -546,24 +543,81 @@ def _common_consts(q: torch.Tensor, causal: bool) -> dict:
     }
 
 
+def _fwd_args(q, k, v, o, lse, sm_scale: float) -> tuple:
+    return (
+        q, k, v, o, lse, sm_scale * _LOG2E,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        q.shape[1], q.shape[2], k.shape[2], q.shape[3],
+    )
+
+
+def _dkdv_args(q, k, v, do, lse, delta, dk, dv, sm_scale: float) -> tuple:
+    return (
+        q, k, v, do, lse, delta, dk, dv, sm_scale * _LOG2E, sm_scale,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        q.shape[1], q.shape[2], k.shape[2], q.shape[3],
+    )
+
+
+def _dq_args(q, k, v, do, lse, delta, dq, sm_scale: float) -> tuple:
+    return (
+        q, k, v, do, lse, delta, dq, sm_scale * _LOG2E, sm_scale,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+        q.shape[1], q.shape[2], k.shape[2], q.shape[3],
+    )
+
+
+def _forward(q, k, v, causal: bool, sm_scale: float, cfg: KernelConfig, autotune: bool):
+    """Output and row log-sum-exp (base 2, float32, shape (B·H, SQ))."""
+    b, h, sq, _ = q.shape
+    o = _out_buffer(q)
+    lse = torch.empty((b * h, sq), device=q.device, dtype=torch.float32)
+    _launch("fwd", cfg, autotune, b * h, _fwd_args(q, k, v, o, lse, sm_scale), _common_consts(q, causal), sq, k.shape[2])
+    return o.to(q.dtype), lse
+
+
+def _delta(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """rowsum(dO · O) per (batch·head, query), float32, laid out like `lse`."""
+    b, h, sq, d = o.shape
+    delta = torch.empty_like(lse)
+    block = 64 if o.device.type == "cuda" else 32
+    _bwd_preprocess_kernel[(triton.cdiv(sq, block), b * h)](
+        o, do, delta, *o.stride()[:3], *do.stride()[:3], h, sq, d, BLOCK_M=block, BLOCK_D=max(16, triton.next_power_of_2(d)),
+    )
+    return delta
+
+
+def backward_launcher(kind: str, q, k, v, do, causal: bool, config: KernelConfig, sm_scale: float | None = None):
+    """A zero-argument callable that launches only kernel `kind` ('fwd', 'delta', 'dkdv' or 'dq') with `config`.
+
+    For benchmarks that time or tune one kernel alone: the forward runs once here (default configs) to give
+    the log-sum-exp and delta the backward kernels read. The callable returns Triton's compiled kernel.
+    """
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    consts = _common_consts(q, causal)
+    o, lse = _forward(q, k, v, causal, sm_scale, select_configs(q.shape[-1], max(sq, sk), q.dtype, q.device)["fwd"], False)
+    delta = _delta(o, do, lse)
+    if kind == "fwd":
+        args = _fwd_args(q, k, v, _out_buffer(q), torch.empty_like(lse), sm_scale)
+    elif kind == "delta":
+        return lambda: _delta(o, do, lse)
+    elif kind == "dkdv":
+        args = _dkdv_args(q, k, v, do, lse, delta, _out_buffer(k), _out_buffer(v), sm_scale)
+    elif kind == "dq":
+        args = _dq_args(q, k, v, do, lse, delta, _out_buffer(q), sm_scale)
+    else:
+        raise ValueError(f"unknown kernel kind {kind!r}; expected 'fwd', 'delta', 'dkdv' or 'dq'")
+    return lambda: _launch(kind, config, False, b * h, args, consts, sq, sk)
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, sm_scale: float):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        b, h, sq, d = q.shape
-        sk = k.shape[2]
-        cfg = select_configs(d, max(sq, sk), q.dtype, q.device)
-        autotune = _use_autotune(q.device)
-        consts = _common_consts(q, causal)
-        o = _out_buffer(q)
-        lse = torch.empty((b * h, sq), device=q.device, dtype=torch.float32)
-        args = (
-            q, k, v, o, lse, sm_scale * _LOG2E,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            h, sq, sk, d,
-        )
-        _launch("fwd", _fwd_kernel, cfg["fwd"], autotune, sq, b * h, args, consts)
-        o = o.to(q.dtype)
+        cfg = select_configs(q.shape[-1], max(q.shape[2], k.shape[2]), q.dtype, q.device)
+        o, lse = _forward(q, k, v, causal, sm_scale, cfg["fwd"], _use_autotune(q.device))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.sm_scale = causal, sm_scale
         return o
@@ -574,31 +628,13 @@ class _FlashAttention(torch.autograd.Function):
         do = _last_dim_contiguous(do)
         b, h, sq, d = q.shape
         sk = k.shape[2]
-        block_d = max(16, triton.next_power_of_2(d))
         cfg = select_configs(d, max(sq, sk), q.dtype, q.device)
         autotune = _use_autotune(q.device)
         consts = _common_consts(q, ctx.causal)
-        sm_scale = ctx.sm_scale
-
-        delta = torch.empty_like(lse)
-        pre_block = 64 if q.device.type == "cuda" else 32
-        _bwd_preprocess_kernel[(triton.cdiv(sq, pre_block), b * h)](
-            o, do, delta, *o.stride()[:3], *do.stride()[:3], h, sq, d, BLOCK_M=pre_block, BLOCK_D=block_d,
-        )
+        delta = _delta(o, do, lse)
         dq, dk, dv = _out_buffer(q), _out_buffer(k), _out_buffer(v)
-        qk_scale = sm_scale * _LOG2E
-        dkdv_args = (
-            q, k, v, do, lse, delta, dk, dv, qk_scale, sm_scale,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-            h, sq, sk, d,
-        )
-        _launch("dkdv", _bwd_dkdv_kernel, cfg["dkdv"], autotune, sk, b * h, dkdv_args, consts)
-        dq_args = (
-            q, k, v, do, lse, delta, dq, qk_scale, sm_scale,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-            h, sq, sk, d,
-        )
-        _launch("dq", _bwd_dq_kernel, cfg["dq"], autotune, sq, b * h, dq_args, consts)
+        _launch("dkdv", cfg["dkdv"], autotune, b * h, _dkdv_args(q, k, v, do, lse, delta, dk, dv, ctx.sm_scale), consts, sq, sk)
+        _launch("dq", cfg["dq"], autotune, b * h, _dq_args(q, k, v, do, lse, delta, dq, ctx.sm_scale), consts, sq, sk)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 

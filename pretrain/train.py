@@ -323,10 +323,6 @@ class Trainer:
                         self.nonfinite_total += 1
                         _log(self.rank, f"step {self.step}: non-finite loss, step skipped "
                                         f"({consecutive_nonfinite} in a row)")
-                        if consecutive_nonfinite >= t["max_nonfinite"]:
-                            raise NonFiniteLossError(f"{consecutive_nonfinite} consecutive steps with a non-finite "
-                                                     f"loss (up to step {self.step}); stopping. Lower optim.lr, "
-                                                     "raise optim.warmup_steps or check the data.")
                     else:
                         consecutive_nonfinite = 0
                         window_loss += loss
@@ -336,6 +332,10 @@ class Trainer:
                         losses_file.write(json.dumps({"step": self.step, "loss": loss, "lr": self.lr,
                                                       "grad_norm": grad_norm, "skipped": skipped}) + "\n")
                         losses_file.flush()
+                    if consecutive_nonfinite >= t["max_nonfinite"]:
+                        raise NonFiniteLossError(f"{consecutive_nonfinite} consecutive steps with a non-finite "
+                                                 f"loss (up to step {self.step}); stopping. Lower optim.lr, "
+                                                 "raise optim.warmup_steps or check the data.")
                     if self.step % t["log_every"] == 0 or self.step == t["steps"]:
                         self._log_window(window_loss, window_steps, window_tokens, window_seconds, grad_norm)
                         window_loss, window_steps, window_seconds, window_tokens = 0.0, 0, 0.0, 0

@@ -4,8 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 
 from cluster.cli import register
 from cluster.command import IGPT_ENTRY
-from cluster.slurm import REQUEUE_EXIT_CODE, SlurmJob, follow, render_sbatch, submit
+from cluster.slurm import REQUEUE_EXIT_CODE, SlurmJob, render_sbatch, submit
 from slurm_cluster import missing_slurm_binaries, start_slurm_cluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,6 +78,15 @@ def test_bad_input_is_named():
         args.func(args)
 
 
+def test_requeue_exit_code_matches_the_training(capsys):
+    from pretrain.config import CheckpointSection
+
+    assert REQUEUE_EXIT_CODE == CheckpointSection().preempt_exit_code
+    args = _parse(["launch", "slurm", "c.yaml", "checkpoint.preempt_exit_code=99", "--dry-run"])
+    assert args.func(args) == 0
+    assert "REQUEUE_EXIT_CODE=99" in capsys.readouterr().out
+
+
 def test_ray_cluster_template_renders(capsys):
     args = _parse(["launch", "slurm", "--ray-cluster", "--nodes", "3", "--gpus-per-node", "4", "--dry-run",
                    "--", "eval", "probe", "--checkpoint", "runs/x"])
@@ -94,66 +106,6 @@ def test_sbatch_test_only_accepts_both_templates(slurm, tmp_path, monkeypatch):
         assert "to start at" in verdict and script.is_file()
 
 
-# A stand-in for `igpt train` that exercises the launcher's plumbing: a real gloo process group
-# over torchrun's rendezvous, a USR1 handler that checkpoints and exits with the requeue code,
-# and resumption from that checkpoint.
-STANDIN = r'''
-import json, os, signal, sys, time
-import torch, torch.distributed as dist
-out, steps, requeue_code = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-ckpt = os.path.join(out, "ckpt.json")
-step = json.load(open(ckpt))["step"] if os.path.exists(ckpt) else 0
-stop = torch.zeros(1)
-signal.signal(signal.SIGUSR1, lambda *_: stop.fill_(1))
-with open(os.path.join(out, f"start-{os.environ['SLURM_RESTART_COUNT'] if 'SLURM_RESTART_COUNT' in os.environ else 0}-{rank}.json"), "w") as f:
-    json.dump({k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-               "SLURM_JOB_ID", "SLURM_NODEID", "SLURMD_NODENAME")} | {"step": step}, f)
-while step < steps:
-    flag = stop.clone(); dist.all_reduce(flag)
-    if flag.item() > 0:
-        if rank == 0:
-            json.dump({"step": step}, open(ckpt + ".tmp", "w")); os.replace(ckpt + ".tmp", ckpt)
-        dist.barrier(); sys.exit(requeue_code)
-    t = torch.tensor([float(rank + 1)]); dist.all_reduce(t)
-    assert t.item() == world * (world + 1) / 2
-    step += 1
-    open(os.path.join(out, "progress"), "w").write(str(step))
-    time.sleep(0.1)
-if rank == 0:
-    json.dump({"step": step, "world": world}, open(os.path.join(out, "done.json"), "w"))
-'''
-
-
-@pytest.mark.slow
-def test_two_node_standin_rendezvous_usr1_requeue_resume(slurm, tmp_path, monkeypatch):
-    """2 nodes x 1 task: torchrun rendezvous across slurmd's, USR1 -> checkpoint -> requeue -> finish."""
-    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
-    (tmp_path / "standin.py").write_text(STANDIN)
-    job = SlurmJob(command=[sys.executable, str(tmp_path / "standin.py"), str(tmp_path), "150",
-                            str(REQUEUE_EXIT_CODE)],
-                   nodes=2, cpus_per_task=1, time="10:00", log_dir=str(tmp_path / "logs"), job_name="standin",
-                   setup=f"export OMP_NUM_THREADS=1 PYTHONPATH={REPO}")
-    job_id, _ = submit(job)
-    log = tmp_path / "logs" / f"standin-{job_id}.out"
-    _wait_for(lambda: (tmp_path / "progress").exists() and int((tmp_path / "progress").read_text() or 0) >= 5,
-              180, "the first run to make progress", log, slurm)
-    slurm.cmd("scancel", "--signal=USR1", job_id)
-    info = follow(job_id, poll=1.0, timeout=300, env=slurm.env, log=lambda m: None)
-    text = log.read_text()
-    assert info["JobState"] == "COMPLETED", text + slurm.logs()
-    assert info["Restarts"] == "1", text
-    ckpt_step = json.loads((tmp_path / "ckpt.json").read_text())["step"]
-    first = [json.loads((tmp_path / f"start-0-{r}.json").read_text()) for r in range(2)]
-    second = [json.loads((tmp_path / f"start-1-{r}.json").read_text()) for r in range(2)]
-    assert {e["SLURMD_NODENAME"] for e in first} == {"node1", "node2"}
-    assert all(e["WORLD_SIZE"] == "2" and e["step"] == 0 and e["SLURM_JOB_ID"] == job_id for e in first)
-    assert all(e["step"] == ckpt_step > 0 for e in second), (ckpt_step, second)
-    assert json.loads((tmp_path / "done.json").read_text()) == {"step": 150, "world": 2}
-    assert "requeueing job" in text and "training stopped by USR1" in text
-
-
 def _wait_for(pred, timeout: float, what: str, log: Path, cluster) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -163,36 +115,44 @@ def _wait_for(pred, timeout: float, what: str, log: Path, cluster) -> None:
     raise TimeoutError(f"timed out waiting for {what}\n{log.read_text() if log.exists() else ''}\n{cluster.logs()}")
 
 
-@pytest.mark.slow
-def test_two_node_training_checkpoints_requeues_on_usr1_and_resumes(slurm, cifar_tokens, tmp_path, monkeypatch):
-    """`igpt launch slurm --follow`: 2 nodes x 1 torchrun task train the tiny CPU config; USR1 makes the
-    training checkpoint, the job requeues itself (hold released) and finishes from that checkpoint."""
-    from mlflow.tracking import MlflowClient
-
-    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
-    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+@pytest.fixture(scope="module")
+def preempted_training(slurm, cifar_tokens, tmp_path_factory) -> dict:
+    """`igpt launch slurm --follow`: 2 nodes x 1 torchrun task train the tiny CPU config; once it logs
+    steps, `scancel --signal=USR1`. Returns what the tests below check."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    run_dir, logs = tmp / "run", tmp / "logs"
     launcher = subprocess.Popen(
         [sys.executable, "-c", IGPT_ENTRY, "launch", "slurm", str(REPO / "configs" / "cifar10-cpu-tiny.yaml"),
          f"data.dir={cifar_tokens}", f"train.run_dir={run_dir}", "train.steps=30", "train.log_every=2",
          "train.val_every=1000", "train.sample_every=1000", "checkpoint.every=1000",
          "--nodes", "2", "--cpus-per-task", "1", "--time", "20:00", "--job-name", "e2e",
          "--log-dir", str(logs), "--follow"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    job_id = launcher.stdout.readline().strip()
-    assert job_id.isdigit(), job_id + launcher.stdout.read()
-    log, losses = logs / f"e2e-{job_id}.out", run_dir / "losses.jsonl"
-    _wait_for(lambda: losses.exists() and len(losses.read_text().splitlines()) >= 3, 300,
-              "the first run to log training steps", log, slurm)
-    slurm.cmd("scancel", "--signal=USR1", job_id)
+        cwd=REPO, env=slurm.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        job_id = launcher.stdout.readline().strip()
+        assert job_id.isdigit(), job_id + launcher.stdout.read()
+        log, losses = logs / f"e2e-{job_id}.out", run_dir / "losses.jsonl"
+        _wait_for(lambda: losses.exists() and len(losses.read_text().splitlines()) >= 3, 300,
+                  "the first run to log training steps", log, slurm)
+        slurm.cmd("scancel", "--signal=USR1", job_id)
         follow_out, _ = launcher.communicate(timeout=600)
     finally:
         launcher.kill()
-    text = log.read_text()
-    assert launcher.returncode == 0, follow_out + text + slurm.logs()
-    info = slurm.job_info(job_id)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
-    assert "released its BeginTime hold" in follow_out, follow_out
+    return {"job_id": job_id, "run_dir": run_dir, "log": log.read_text(), "follow_out": follow_out,
+            "returncode": launcher.returncode, "info": slurm.job_info(job_id), "tmp": tmp}
+
+
+@pytest.mark.slow
+def test_two_node_training_checkpoints_requeues_on_usr1_and_resumes(preempted_training, slurm):
+    """USR1 makes the training checkpoint, the job requeues itself (its BeginTime hold released by
+    --follow) and finishes from that checkpoint; job id, run dir and MLflow run are linked."""
+    from mlflow.tracking import MlflowClient
+
+    r = preempted_training
+    job_id, run_dir, text = r["job_id"], r["run_dir"], r["log"]
+    assert r["returncode"] == 0, r["follow_out"] + text + slurm.logs()
+    assert r["info"]["JobState"] == "COMPLETED" and r["info"]["Restarts"] == "1", r["info"]
+    assert "released its BeginTime hold" in r["follow_out"], r["follow_out"]
 
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
@@ -206,3 +166,50 @@ def test_two_node_training_checkpoints_requeues_on_usr1_and_resumes(slurm, cifar
     assert max(loss_steps) == 30 and min(loss_steps) <= preempted
     complete = json.loads((run_dir / "checkpoints" / "step_00000030" / "COMPLETE.json").read_text())
     assert complete["world_size"] == 2, complete
+
+
+@pytest.mark.slow
+def test_ray_cluster_inside_slurm_runs_a_probe_eval(preempted_training, slurm, cifar_tokens):
+    """The Ray-in-SLURM template on one node: Ray head in a job step, `igpt eval probe` as the driver."""
+    from mlflow.tracking import MlflowClient
+
+    run_dir, tmp = preempted_training["run_dir"], preempted_training["tmp"]
+    ray_tmp = tempfile.mkdtemp(prefix="igs", dir="/tmp")  # keeps other tests' ray.init() away from it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dashboard_port = s.getsockname()[1]
+    store = f"sqlite:///{run_dir / 'mlflow.db'}"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", IGPT_ENTRY, "launch", "slurm", "--ray-cluster", "--nodes", "1",
+             "--cpus-per-task", "2", "--time", "15:00", "--job-name", "ray", "--log-dir", str(tmp / "logs"),
+             "--dashboard-port", str(dashboard_port), "--follow", "--",
+             "eval", "probe", "--checkpoint", str(run_dir), "--data", str(cifar_tokens), "--out", str(tmp / "probe"),
+             "--device", "cpu", "--limit", "200", "--layers", "mid", "--tracking-uri", store,
+             "--set", "probe.l2=[0.01]", "--set", "probe.max_iter=50"],
+            cwd=REPO, env=dict(slurm.env, RAY_TMPDIR=ray_tmp), capture_output=True, text=True, timeout=600)
+    finally:
+        _kill_processes_mentioning(ray_tmp)
+    job_id = proc.stdout.split()[0]
+    text = (tmp / "logs" / f"ray-{job_id}.out").read_text()
+    assert proc.returncode == 0, proc.stdout + proc.stderr + text
+    assert "[igpt-ray] driver exited with 0" in text and "Connected to Ray cluster" in text, text
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("igpt-eval").experiment_id])
+    assert any(r.info.status == "FINISHED" and r.data.metrics for r in runs), runs
+
+
+def _kill_processes_mentioning(marker: str) -> None:
+    """Kill, by PID, any process whose command line names ``marker`` (a temp dir only our job used)."""
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cmdline = (pid_dir / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            try:
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -119,7 +119,7 @@ def test_incomplete_checkpoint_is_skipped_and_pruned(tmp_path):
 
 def test_nonfinite_loss_skips_steps_then_stops(cifar_tokens, tmp_path):
     run = tmp_path / "run"
-    args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=0, train__steps=20, optim__lr=1e30,
+    args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=0, train__steps=20, optim__lr="inf",
                          optim__warmup_steps=0, train__max_nonfinite=3)
     codes = train_ranks(args, run, nprocs=1)
     log = read_log(run)

@@ -1,0 +1,96 @@
+"""Config schema and merge, the generated DeepSpeed dict, and the tracking arithmetic (no processes started)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pretrain.config import ConfigError, igpt_config, load_config, save_config
+from pretrain.deepspeed_config import build_deepspeed_config
+from pretrain.tracking import PEAK_TFLOPS, image_grid, mfu, peak_flops
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+TINY = next(p for p in CONFIGS if p.name == "cifar10-cpu-tiny.yaml")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_preset_loads_and_builds_a_deepspeed_config(path):
+    cfg = load_config(path, ["data.dir=/data/tokens"])
+    device = "cuda" if cfg["train"]["device"] == "cuda" else "cpu"
+    ds = build_deepspeed_config(cfg, device)
+    assert ds["bf16"]["enabled"] == (device == "cuda")
+    assert ds["zero_optimization"]["stage"] == cfg["deepspeed"]["zero_stage"]
+    assert cfg["optim"]["betas"] == [0.9, 0.95] and cfg["optim"]["weight_decay"] == 0.0
+    assert igpt_config({**cfg, "model": {**cfg["model"], "n_ctx": 1024}}).n_layer >= 2
+
+
+def test_overrides_win_over_the_yaml_and_types_are_converted():
+    cfg = load_config(TINY, ["data.dir=/x", "optim.lr=0.01", "train.steps=7", "deepspeed.zero_stage=3",
+                             "optim.betas=[0.8,0.9]"])
+    assert cfg["optim"]["lr"] == 0.01 and cfg["train"]["steps"] == 7 and cfg["deepspeed"]["zero_stage"] == 3
+    assert cfg["optim"]["betas"] == [0.8, 0.9]
+    assert cfg["train"]["micro_batch_size"] == 16  # from the YAML, not the schema default
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lrr=1", "optim.lrr"),
+    ("trian.steps=3", "trian"),
+    ("train.steps=many", "train.steps"),
+    ("train.device=tpu", "train.device"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+    ("deepspeed.offload_param=cpu", "deepspeed.offload_param"),
+])
+def test_bad_keys_and_values_are_errors_that_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(TINY, ["data.dir=/x", override])
+
+
+def test_unknown_key_in_a_yaml_file_and_missing_data_dir(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  dir: /x\noptim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"data\.dir"):
+        load_config(None, [])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(TINY, ["data.dir"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(TINY, ["data.dir=/x", "deepspeed.extra.zero_optimization.overlap_comm=true"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+
+
+def test_deepspeed_dict_from_our_config_and_the_escape_hatch():
+    cfg = load_config(TINY, ["data.dir=/x", "train.micro_batch_size=3", "train.grad_accum=5", "optim.grad_clip=0.5",
+                             "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu", "deepspeed.offload_param=cpu",
+                             "deepspeed.extra.zero_optimization.reduce_bucket_size=1000",
+                             "deepspeed.extra.wall_clock_breakdown=true"])
+    ds = build_deepspeed_config(cfg, "cpu")
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_allow_untested_optimizer"] is True
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert zero["reduce_bucket_size"] == 1000 and ds["wall_clock_breakdown"] is True
+    assert build_deepspeed_config(load_config(TINY, ["data.dir=/x", "train.precision=auto"]), "cuda")["bf16"]["enabled"]
+
+
+def test_peak_flops_table_override_and_mfu():
+    assert PEAK_TFLOPS["H100"] == PEAK_TFLOPS["H200"] == 989.0 and PEAK_TFLOPS["A100"] == 312.0
+    assert peak_flops("cpu") == PEAK_TFLOPS["cpu"] * 1e12
+    assert peak_flops("cpu", override_tflops=2.5) == 2.5e12
+    # 1e5 tokens/s over 2 devices at 1e9 FLOPs/token on 1e14 FLOP/s devices: 50% each
+    assert mfu(1e5, 1e9, 2, 1e14) == pytest.approx(0.5)
+
+
+def test_image_grid_tiles_and_upscales():
+    images = np.stack([np.full((2, 3, 3), i, np.uint8) for i in range(5)])
+    grid = image_grid(images, ncol=3, scale=2, pad=1)
+    assert grid.shape == (2 * (4 + 1) + 1, 3 * (6 + 1) + 1, 3)
+    assert (grid[1:5, 1:7] == 0).all() and (grid[6:10, 8:14] == 4).all() and (grid[6:10, 15:21] == 255).all()

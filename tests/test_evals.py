@@ -1,0 +1,317 @@
+"""Evals: likelihood, sampling, feature cache, linear probe, fine-tuning, Ray Tune + MLflow, bad input.
+
+A tiny iGPT is trained a few hundred steps in plain torch on the shared CIFAR-10 token shards and
+written as a release dir (the format ``pretrain.release.load_model`` reads).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipeline.palette import file_sha256, save_palette, uniform9_palette
+from evals.commands import EvalRun, SampleOptions, SplitOptions, run_finetune, run_nll, run_probe, run_sample
+from evals.config import load_search_config
+from evals.features import FeatureCache
+from evals.finetune import finetune
+from evals.inputs import EvalData, EvalInputError, parse_layers
+from evals.nll import evaluate_nll
+from evals.probe import fit_probe
+from evals.sample import complete_bottom_half, image_grid
+from pretrain.model import IGPT
+from pretrain.presets import model_config
+
+RES = 16
+
+
+def write_release(model: IGPT, out: Path, data_dir: Path, palette: Path | None = None) -> Path:
+    """A release dir (model.safetensors with the palette sha256, config.yaml, palette.npy)."""
+    from safetensors.torch import save_file
+
+    from pretrain.config import load_config, save_config
+
+    palette = palette or data_dir / "palette.npy"
+    out.mkdir(parents=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, out / "model.safetensors", metadata={"palette_sha256": file_sha256(palette)})
+    cfg = load_config(None, [f"data.dir={data_dir}", "model.preset=igpt-tiny", f"model.n_ctx={model.cfg.n_ctx}",
+                             f"model.vocab_size={model.cfg.vocab_size}"])
+    save_config(cfg, out / "config.yaml")
+    shutil.copyfile(palette, out / "palette.npy")
+    return out
+
+
+def train_tiny(data_dir: Path, steps: int, seed: int = 0) -> IGPT:
+    """igpt-tiny trained ``steps`` AdamW steps on the train split (batch 32)."""
+    torch.manual_seed(seed)
+    model = IGPT(model_config("igpt-tiny", n_ctx=RES * RES))
+    tokens, _ = EvalData.open(data_dir).tokens("train")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        loss = model.loss(tokens[torch.randint(len(tokens), (32,), generator=gen)])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory, cifar_tokens) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("releases")
+    torch.manual_seed(1)
+    return {
+        "trained": write_release(train_tiny(cifar_tokens, steps=300), root / "trained", cifar_tokens),
+        "untrained": write_release(IGPT(model_config("igpt-tiny", n_ctx=RES * RES)), root / "untrained", cifar_tokens),
+    }
+
+
+def edited_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of a token-shard dir with its manifest changed by ``edit(manifest)``."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    edit(manifest)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+# ----------------------------------------------------------------------------- nll
+def test_nll_trained_below_untrained_and_exact_at_init(releases, cifar_tokens, tmp_path):
+    untrained = run_nll(EvalRun(str(releases["untrained"]), str(cifar_tokens), out=str(tmp_path / "u")))
+    trained = run_nll(EvalRun(str(releases["trained"]), str(cifar_tokens), out=str(tmp_path / "t")))
+    # the zero-initialised head gives a uniform distribution: exactly ln 512 nats per token
+    assert untrained["nats_per_token"] == pytest.approx(math.log(512), abs=1e-5)
+    assert trained["nats_per_token"] < untrained["nats_per_token"] - 1.0
+    assert trained["nats_ci_low"] < trained["nats_per_token"] < trained["nats_ci_high"]
+    assert trained["bits_per_pixel"] == pytest.approx(trained["nats_per_token"] / math.log(2))
+    assert trained["images"] == EvalData.open(cifar_tokens).num_samples("val")
+    assert (tmp_path / "t" / "summary.json").is_file()
+
+
+def test_nll_matches_float64_reference(releases, cifar_tokens):
+    from pretrain.release import load_model
+
+    model = load_model(releases["trained"])[0]
+    data = EvalData.open(cifar_tokens)
+    result = evaluate_nll(model, data, "val", batch_size=50, limit=100)
+    tokens, _ = data.tokens("val", limit=100)
+    with torch.no_grad():
+        ref = model.double()(tokens).logits.log_softmax(-1).gather(-1, tokens[..., None]).neg().mean().item()
+    assert result["images"] == 100
+    assert result["nats_per_token"] == pytest.approx(ref, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- sample
+def test_sample_writes_grids_of_the_right_size(releases, cifar_tokens, tmp_path):
+    opt = SampleOptions(num_samples=4, num_images=2, per_image=2, cols=2, scale=2, top_k=50, temperature=0.9)
+    summary = run_sample(EvalRun(str(releases["trained"]), str(cifar_tokens), out=str(tmp_path)), opt)
+    cell, pad = RES * 2, 2
+    with Image.open(summary["files"]["samples"]) as im:  # 2 rows x 2 cols
+        assert im.size == (2 * cell + 3 * pad, 2 * cell + 3 * pad) and im.mode == "RGB"
+    with Image.open(summary["files"]["completions"]) as im:  # 2 rows x (occluded + 2 completions + original)
+        assert im.size == (4 * cell + 5 * pad, 2 * cell + 3 * pad)
+
+
+def test_completion_keeps_the_top_half(releases, cifar_tokens):
+    from pretrain.release import load_model
+
+    model = load_model(releases["trained"])[0]
+    tokens, _ = EvalData.open(cifar_tokens).tokens("val", limit=3)
+    out = complete_bottom_half(model, tokens, RES, per_image=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (3, 2, RES * RES)
+    half = RES * RES // 2
+    assert torch.equal(out[:, :, :half], tokens[:, None, :half].expand(3, 2, half))
+    assert not torch.equal(out[:, 0, half:], out[:, 1, half:])  # two different samples
+
+
+def test_image_grid_layout():
+    imgs = [np.full((4, 4, 3), i, np.uint8) for i in range(3)]
+    grid = image_grid([imgs, imgs[:1]], scale=3, pad=1)
+    assert grid.shape == (2 * 12 + 3, 3 * 12 + 4, 3)
+    assert (grid[1:13, 1 + 13 : 13 + 13] == 1).all() and (grid[14:26, 14:26] == 255).all()
+
+
+# ----------------------------------------------------------------------------- features
+def test_feature_cache_extracts_once_and_matches_model(releases, cifar_tokens, tmp_path):
+    from pretrain.release import load_model
+
+    model = load_model(releases["trained"])[0]
+    data = EvalData.open(cifar_tokens)
+    cache = FeatureCache(tmp_path, model)
+    feats, labels = cache.get(data, "val", [0, 2], batch_size=64, limit=80)
+    path = cache.paths(data, "val", 2, limit=80)[0]
+    stamp = path.stat().st_mtime_ns
+    again, labels2 = cache.get(data, "val", [2, 0], limit=80)
+    assert path.stat().st_mtime_ns == stamp  # read back, not recomputed
+    assert feats[0].shape == (80, model.cfg.n_embd) and np.array_equal(labels, labels2)
+    tokens, ref_labels = data.tokens("val", labels=True, limit=80)
+    with torch.no_grad():
+        hidden = model(tokens, return_hidden=True).hidden_states
+    np.testing.assert_allclose(again[2], hidden[2].mean(1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(again[0], hidden[0].mean(1).numpy(), atol=1e-5)
+    np.testing.assert_array_equal(labels, ref_labels.numpy())
+    other = FeatureCache(tmp_path, load_model(releases["untrained"])[0])
+    assert other.paths(data, "val", 2, limit=80)[0] != path
+
+
+# ----------------------------------------------------------------------------- probe
+def test_probe_objective_matches_sklearn_float64():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    n, d, c, l2 = 400, 12, 4, 0.05
+    y = rng.integers(0, c, n)
+    x = rng.normal(size=(n, d)) * rng.uniform(0.5, 3, d) + rng.normal(size=(c, d))[y] + 5.0
+    probe = fit_probe(x, y, l2, c, max_iter=1000, tol=1e-10, dtype=torch.float64)
+    z = (x - x.mean(0)) / x.std(0)
+    sk = LogisticRegression(C=1 / (l2 * n), tol=1e-12, max_iter=5000).fit(z, y)
+    np.testing.assert_allclose(probe.weight.numpy(), sk.coef_, atol=1e-4)
+    # sklearn's multinomial intercepts are defined up to a shared constant
+    np.testing.assert_allclose(probe.bias.numpy() - probe.bias.numpy().mean(), sk.intercept_ - sk.intercept_.mean(),
+                               atol=1e-4)
+
+
+def _cifar_pixels(cifar_dir: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+    import webdataset as wds
+
+    xs, ys = [], []
+    ds = wds.WebDataset([str(cifar_dir / "cifar10-train-000001.tar")], shardshuffle=False).to_tuple("jpg", "cls")
+    for jpg, cls in ds:
+        xs.append(np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"), dtype=np.float32).reshape(-1) / 255)
+        ys.append(int(cls))
+        if len(xs) == n:
+            break
+    return np.stack(xs), np.asarray(ys)
+
+
+def test_probe_on_raw_pixels_recovers_cifar_accuracy(cifar_dir):
+    """Raw 32x32 pixels are a known feature: logistic regression gives ~35-40% on CIFAR-10."""
+    x, y = _cifar_pixels(cifar_dir, 4000)
+    xtr, ytr, xva, yva = x[:3000], y[:3000], x[3000:], y[3000:]
+    accs = {l2: fit_probe(xtr, ytr, l2, 10, max_iter=200).evaluate(torch.from_numpy(xva), torch.from_numpy(yva))
+            ["accuracy"] for l2 in (1.0, 3.0)}
+    assert 0.33 <= max(accs.values()) <= 0.45, accs
+
+
+# ----------------------------------------------------------------------------- finetune
+def test_finetune_improves_over_first_epoch(releases, cifar_tokens):
+    from pretrain.release import load_model
+
+    data = EvalData.open(cifar_tokens)
+    train, val = data.tokens("train", labels=True, limit=1200), data.tokens("val", labels=True)
+    history = finetune(load_model(releases["trained"])[0], train, val, 10, lr=1e-3, lam=0.5, max_epochs=5,
+                       patience=5, batch_size=32)
+    first = history.epochs[0]["val_acc"]
+    assert history.best_val_acc > first + 0.02, [e["val_acc"] for e in history.epochs]
+    assert history.best_val_pred.shape == (len(val[1]),)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_inputs_are_named(releases, cifar_tokens, tmp_path):
+    other = tmp_path / "other_palette.npy"
+    pal = uniform9_palette().copy()
+    pal[0] = [1, 2, 3]
+    save_palette(pal, other)
+    from pretrain.release import load_model
+
+    foreign = write_release(load_model(releases["trained"])[0], tmp_path / "foreign", cifar_tokens, palette=other)
+    with pytest.raises(EvalInputError, match="palette mismatch.*sha256"):
+        run_nll(EvalRun(str(foreign), str(cifar_tokens), out=str(tmp_path / "o")))
+
+    def unlabel(m):
+        m["labelled"], m["class_names"] = False, None
+
+    unlabelled = edited_copy(cifar_tokens, tmp_path / "unlabelled", unlabel)
+    search = load_search_config()
+    with pytest.raises(EvalInputError, match="'train'.*no labels"):
+        run_probe(EvalRun(str(releases["trained"]), str(unlabelled), out=str(tmp_path / "o")), SplitOptions(), "1",
+                  search)
+    with pytest.raises(EvalInputError, match="no labels"):
+        run_finetune(EvalRun(str(releases["trained"]), str(unlabelled), out=str(tmp_path / "o")), SplitOptions(),
+                     search)
+    with pytest.raises(EvalInputError, match=r"layer index \[7\] out of range.*0\.\.2"):
+        run_probe(EvalRun(str(releases["trained"]), str(cifar_tokens), out=str(tmp_path / "o")), SplitOptions(), "1,7",
+                  search)
+    with pytest.raises(EvalInputError, match="bad --layers"):
+        parse_layers("one", 2)
+
+    def add_empty(m):
+        m["splits"]["empty"] = {"num_samples": 0, "shards": []}
+
+    with_empty = edited_copy(cifar_tokens, tmp_path / "with_empty", add_empty)
+    with pytest.raises(EvalInputError, match="split 'empty' .* is empty"):
+        run_nll(EvalRun(str(releases["trained"]), str(with_empty), out=str(tmp_path / "o")), split="empty")
+    with pytest.raises(EvalInputError, match="split 'test' not in"):
+        run_nll(EvalRun(str(releases["trained"]), str(cifar_tokens), out=str(tmp_path / "o")), split="test")
+
+
+def test_cli_reports_input_errors(releases, cifar_tokens, tmp_path, capsys):
+    from igpt_cli import main
+
+    rc = main(["eval", "probe", "--checkpoint", str(releases["trained"]), "--data", str(cifar_tokens),
+               "--out", str(tmp_path), "--layers", "9"])
+    assert rc == 2
+    assert "layer index [9] out of range" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- Ray Tune + MLflow
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _mlflow_runs(uri: str, parent_id: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    return parent, children, artifacts
+
+
+@pytest.mark.slow
+def test_probe_cli_runs_tune_trials_logged_to_mlflow(ray_session, releases, cifar_tokens, tmp_path, capsys):
+    from igpt_cli import main
+
+    rc = main(["eval", "probe", "--checkpoint", str(releases["trained"]), "--data", str(cifar_tokens),
+               "--out", str(tmp_path), "--layers", "1,2", "--set", "probe.l2=[0.01]", "--set", "probe.max_iter=100"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["trials"] == 2 and summary["accuracy_split"] == "val" and "no test split" in summary["note"]
+    assert set(summary["per_layer"]) == {"1", "2"}
+    assert summary["accuracy"] > 0.15  # 10 classes: well above chance for a trained model
+    parent, children, artifacts = _mlflow_runs(summary["mlflow"]["tracking_uri"], summary["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["accuracy"] == pytest.approx(summary["accuracy"])
+    assert {"summary.json", "probe_accuracy_per_layer.png", "confusion_matrix.png"} <= artifacts
+    assert len(children) == 2
+    assert {c.data.params["layer"] for c in children} == {"1", "2"}
+    assert all(c.info.status == "FINISHED" and "val_acc" in c.data.metrics for c in children)
+    assert max(c.data.metrics["val_acc"] for c in children) == pytest.approx(summary["best"]["val_acc"])
+
+
+@pytest.mark.slow
+def test_finetune_tune_trials_with_asha(ray_session, releases, cifar_tokens, tmp_path):
+    search = load_search_config(None, ["finetune.lr=[0.001]", "finetune.lam=[0.0,0.5]", "finetune.epochs=[3]",
+                                       "finetune.patience=3"])
+    run = EvalRun(str(releases["trained"]), str(cifar_tokens), out=str(tmp_path), limit=600)
+    summary = run_finetune(run, SplitOptions(), search)
+    assert len(summary["trials"]) == 2
+    assert summary["accuracy"] == max(t["best_val_acc"] for t in summary["trials"])
+    assert summary["accuracy"] > 0.15
+    parent, children, artifacts = _mlflow_runs(summary["mlflow"]["tracking_uri"], summary["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED" and {"summary.json", "confusion_matrix.png"} <= artifacts
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.params["lam"] for c in children} == {"0.0", "0.5"}
