@@ -3,12 +3,14 @@
 For each (B, H, S, D) it times forward and forward+backward (median of triton.testing.do_bench), reports
 TFLOP/s with causal FLOPs = 2·B·H·S²·D forward and 3.5× that for forward+backward, measures each
 implementation's relative error against a float32 reference (output and dQ, dK, dV, on the first batch
-element), prints a table of ratios and writes JSON.
+element) and the host time to issue one forward+backward step (no sync: the Python and launch cost that
+the GPU hides only when its kernels take longer), prints a table of ratios and writes JSON (after every shape).
 
     python benchmarks/attention.py --out benchmarks/results/attention.json [--autotune]
+    python benchmarks/attention.py --precompile 5 --wait-for FILE   # compile in parallel, time once FILE exists
     python benchmarks/attention.py --sweep --precompile 10 --out out/attention.json   # tune the backward first
 
---sweep times the dKdV and dQ kernels alone over a small config grid at SWEEP_SHAPES (after compiling the
+--sweep times the fused backward kernel alone over a small config grid at SWEEP_SHAPES (after compiling the
 candidates in parallel processes), with per-kernel times, end-to-end times and host (launch) time per step
 for the default and the best configs, then runs the benchmark with the best configs in place of the defaults.
 """
@@ -35,10 +37,10 @@ from kernels.reference import attention_reference  # noqa: E402
 
 SHAPES = [(16, 8, 1024, 64), (16, 8, 1024, 128), (16, 16, 1024, 96), (7, 16, 2304, 96), (4, 24, 4096, 128)]
 SWEEP_SHAPES = [(16, 8, 1024, 64), (16, 8, 1024, 128)]
-# (BLOCK_M, BLOCK_N) tiles per backward kernel: dKdV steps query blocks over its key block (BLOCK_N % BLOCK_M == 0),
-# dQ the other way round; 128x128 only with 8 warps (4 warps cannot hold two 128x128 float32 tiles).
-SWEEP_TILES = {"dkdv": [(64, 64), (64, 128), (32, 128), (128, 128)], "dq": [(64, 64), (128, 64), (128, 32), (128, 128)]}
-MATMULS = {"fwd": 2, "dkdv": 4, "dq": 3}  # matrix products per (query, key) tile, for TFLOP/s of one kernel alone
+# (BLOCK_M, BLOCK_N) tiles of the fused backward: a program owns BLOCK_N keys (dK, dV) and BLOCK_N queries (dQ),
+# stepping by BLOCK_M (BLOCK_N % BLOCK_M == 0).
+SWEEP_TILES = {"bwd": [(64, 64), (32, 64), (32, 128), (64, 128)]}
+MATMULS = {"fwd": 2, "bwd": 7}  # matrix products per (query, key) tile, for TFLOP/s of one kernel alone
 
 
 def _sdpa(backend):
@@ -82,13 +84,20 @@ def measure(name, fn, q, k, v, do, ref, flops_fwd) -> dict:
             fwd_ms=ms_f, fwd_bwd_ms=ms_fb,
             fwd_tflops=flops_fwd / ms_f * 1e-9, fwd_bwd_tflops=3.5 * flops_fwd / ms_fb * 1e-9,
         )
+
+        def step():
+            fn(qg, kg, vg).backward(do)
+            qg.grad = kg.grad = vg.grad = None
+
+        res.update(host_ms(step))
         got = _fwd_bwd(fn, q[:1], k[:1], v[:1], do[:1])
         res["rel_err"] = {n: _rel(x, r) for n, x, r in zip(("out", "dq", "dk", "dv"), got, ref)}
     except Exception as exc:  # one failing backend must not lose the others' numbers
         res["error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
     print(f"  {name:14s} " + (f"fwd {res['fwd_tflops']:6.1f}  fwd+bwd {res['fwd_bwd_tflops']:6.1f} TFLOP/s  "
-          f"err {max(res['rel_err'].values()):.1e}" if "fwd_tflops" in res else res.get("error", "")), flush=True)
+          f"host {res['host_issue_ms']:.3f} ms/step  err {max(res['rel_err'].values()):.1e}"
+          if "rel_err" in res else res.get("error", "")), flush=True)
     return res
 
 
@@ -140,8 +149,8 @@ def _fa():
 
 
 def sweep_space(kind: str) -> list[tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of one backward kernel."""
-    return [(m, n, w, st) for m, n in SWEEP_TILES[kind] for w in (4, 8) for st in (2, 3) if not (m == n == 128 and w == 4)]
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of the backward kernel."""
+    return [(m, n, w, st) for m, n in SWEEP_TILES[kind] for w in (4, 8) for st in (2, 3)]
 
 
 _INPUTS: dict = {}
@@ -155,7 +164,7 @@ def _sweep_inputs(shape):
 
 
 def _sweep_compile_job(job) -> str | None:
-    """Compile (into Triton's disk cache) one backward kernel config, or forward+backward with the defaults."""
+    """Compile (into Triton's disk cache) one backward config, or forward+backward with the defaults."""
     shape, kind, cfg = job
     fa = _fa()
     try:
@@ -175,7 +184,7 @@ def precompile_sweep(shapes, bench_shapes, workers: int) -> None:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = [(s, kind, cfg) for s in shapes for kind in ("dkdv", "dq") for cfg in sweep_space(kind)]
+    jobs = [(s, "bwd", cfg) for s in shapes for cfg in sweep_space("bwd")]
     jobs += [((1, 2, s, d), "defaults", None) for _, _, s, d in bench_shapes]  # same specialisation as (B, H, s, d)
     jobs.sort(key=lambda j: -(j[0][3] if j[2] is None else j[0][3] * j[2][0] * j[2][1] // j[2][2]))  # slow first
     t0 = time.time()
@@ -191,7 +200,9 @@ def _bench_ms(fn) -> float:
 
 
 def host_ms(fn, n: int = 30) -> dict:
-    """Host time to issue one call (no sync inside the loop) against wall time per call with the GPU drained."""
+    """Host time to issue one call (no sync inside the loop) against wall time per call with the GPU drained.
+
+    n stays small so that the launch queue never fills (a full queue would make the host wait for the GPU)."""
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -204,23 +215,16 @@ def host_ms(fn, n: int = 30) -> dict:
 
 
 def time_kernel(kind: str, shape, cfg) -> dict:
-    """One kernel alone: median ms, TFLOP/s of its own products (causal), registers, spills, shared memory."""
+    """One kernel alone: median ms and TFLOP/s of its own products (causal)."""
     fa = _fa()
     b, h, s, d = shape
     q, k, v, do = _sweep_inputs(shape)
     res: dict = {"config": list(cfg) if cfg else None}
     try:
-        config = fa.KernelConfig(*cfg) if cfg else fa.select_configs(d, s, q.dtype, q.device).get(kind)
-        launch = fa.backward_launcher(kind, q, k, v, do, True, config)
-        ck = launch()
+        launch = fa.backward_launcher(kind, q, k, v, do, True, fa.KernelConfig(*cfg) if cfg else None)
         res["ms"] = _bench_ms(launch)
         if kind in MATMULS:
             res["tflops"] = MATMULS[kind] * b * h * s * s * d / res["ms"] * 1e-9
-        for attr in ("n_regs", "n_spills"):
-            if hasattr(ck, attr):
-                res[attr] = getattr(ck, attr)
-        if hasattr(ck, "metadata"):
-            res["shared"] = getattr(ck.metadata, "shared", None)
     except Exception as exc:  # out of resources and the like: record and go on
         res["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return res
@@ -229,7 +233,11 @@ def time_kernel(kind: str, shape, cfg) -> dict:
 def _end_to_end(shape) -> dict:
     q, k, v, do = _sweep_inputs(shape)
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    step = lambda: flash_attention(qg, kg, vg, causal=True).backward(do)  # noqa: E731
+
+    def step():
+        flash_attention(qg, kg, vg, causal=True).backward(do)
+        qg.grad = kg.grad = vg.grad = None
+
     ms = triton.testing.do_bench(step, warmup=20, rep=100, grad_to_none=[qg, kg, vg], return_mode="median")
     b, h, s, d = shape
     return {"fwd_bwd_ms": ms, "fwd_bwd_tflops": 3.5 * 2.0 * b * h * s * s * d / ms * 1e-9, **host_ms(step)}
@@ -247,26 +255,27 @@ def use_configs(overrides: dict) -> None:
         return cfg
 
     fa.select_configs = patched
+    fa._plan.cache_clear()  # launch plans cache the configs they were built with
 
 
 def sweep(shapes) -> tuple[dict, dict]:
-    """Per shape: default per-kernel and end-to-end times, the dKdV / dQ grid, and end-to-end with the best."""
+    """Per shape: default per-kernel and end-to-end times, the backward config grid, and end-to-end with the best."""
     fa = _fa()
     report: dict = {}
     overrides: dict = {}
     for shape in shapes:
         _, _, s, d = shape
         t0 = time.time()
-        rep = {"defaults": {kind: time_kernel(kind, shape, None) for kind in ("fwd", "delta", "dkdv", "dq")}}
+        rep = {"defaults": {kind: time_kernel(kind, shape, None) for kind in ("fwd", "delta", "bwd")}}
         rep["defaults"]["end_to_end"] = _end_to_end(shape)
         best = {}
-        for kind in ("dkdv", "dq"):
+        for kind in ("bwd",):
             rows = [time_kernel(kind, shape, cfg) for cfg in sweep_space(kind)]
             rep[kind] = rows
             ok = [r for r in rows if "ms" in r]
             for r in sorted(ok, key=lambda r: r["ms"]):
-                print(f"  {kind:5s} {str(tuple(r['config'])):20s} {r['ms']:.4f} ms {r.get('tflops', 0):6.1f} TFLOP/s "
-                      f"regs {r.get('n_regs')} spills {r.get('n_spills')} smem {r.get('shared')}", flush=True)
+                print(f"  {kind:5s} {str(tuple(r['config'])):20s} {r['ms']:.4f} ms {r.get('tflops', 0):6.1f} TFLOP/s",
+                      flush=True)
             if ok:
                 best[kind] = fa.KernelConfig(*min(ok, key=lambda r: r["ms"])["config"])
         overrides[(d, s)] = best
@@ -289,12 +298,12 @@ def _wait_for(path: str | None, limit_s: float) -> None:
 
 
 def kernel_resources() -> dict:
-    """Registers, spills and shared memory of every compiled variant of our three main kernels (best effort)."""
+    """Registers, spills and shared memory of every compiled variant of our kernels (best effort)."""
     fa = importlib.import_module("kernels.flash_attention")
     out: dict = {}
-    for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+    for name in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_kernel"):
         try:
-            for cache, *_ in getattr(fa, name).fn.device_caches.values():
+            for cache, *_ in getattr(fa, name).device_caches.values():
                 for key, ck in cache.items():
                     meta = ck.metadata
                     out.setdefault(name, []).append({
@@ -308,7 +317,7 @@ def kernel_resources() -> dict:
 
 def ratio_table(results: dict, ours: str) -> list[str]:
     lines = [f"{'shape':22s} {'ours fwd':>9s} {'ours f+b':>9s} {'FA2 f+b':>8s} {'cuDNN f+b':>9s} "
-             f"{'fwd/FA2':>8s} {'fwd/cuDNN':>9s} {'f+b/FA2':>8s} {'f+b/cuDNN':>9s}"]
+             f"{'fwd/FA2':>8s} {'fwd/cuDNN':>9s} {'f+b/FA2':>8s} {'f+b/cuDNN':>9s} {'host ms':>8s} {'cuDNN host':>10s}"]
     for shape, r in results.items():
         o, fa, cu = r.get(ours, {}), r.get("sdpa_flash", {}), r.get("sdpa_cudnn", {})
 
@@ -319,7 +328,8 @@ def ratio_table(results: dict, ours: str) -> list[str]:
             f"{shape:22s} {val(o, 'fwd_tflops'):9.1f} {val(o, 'fwd_bwd_tflops'):9.1f} {val(fa, 'fwd_bwd_tflops'):8.1f} "
             f"{val(cu, 'fwd_bwd_tflops'):9.1f} {val(o, 'fwd_tflops') / val(fa, 'fwd_tflops'):8.2f} "
             f"{val(o, 'fwd_tflops') / val(cu, 'fwd_tflops'):9.2f} {val(o, 'fwd_bwd_tflops') / val(fa, 'fwd_bwd_tflops'):8.2f} "
-            f"{val(o, 'fwd_bwd_tflops') / val(cu, 'fwd_bwd_tflops'):9.2f}"
+            f"{val(o, 'fwd_bwd_tflops') / val(cu, 'fwd_bwd_tflops'):9.2f} {val(o, 'host_issue_ms'):8.3f} "
+            f"{val(cu, 'host_issue_ms'):10.3f}"
         )
     return lines
 
@@ -339,7 +349,7 @@ def main() -> None:
                     help="compile the autotuning (or --sweep) candidates in N processes first")
     ap.add_argument("--shapes", default=None, help="B,H,S,D;B,H,S,D;... (default: the five iGPT shapes)")
     ap.add_argument("--sweep", action="store_true", help="tune the backward kernels at SWEEP_SHAPES first, then use the best")
-    ap.add_argument("--wait-for", default=None, help="with --sweep: wait for this file before timing anything")
+    ap.add_argument("--wait-for", default=None, help="wait (up to 90 s) for this file before timing anything")
     ap.add_argument("--deadline", type=float, default=float("inf"), help="skip shapes once this many seconds have passed")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -372,6 +382,11 @@ def main() -> None:
         write_json(report, args.out)
     elif args.autotune and args.precompile:
         precompile(sorted({s[3] for s in shapes}), args.precompile)
+        _wait_for(args.wait_for, 90)
+    else:
+        if args.precompile:  # the default configs of every shape, in parallel processes
+            precompile_sweep([], shapes, args.precompile)
+        _wait_for(args.wait_for, 90)
     fa = _fa()
     results: dict = {}
     report["results"] = results
@@ -384,6 +399,7 @@ def main() -> None:
             shape[3], shape[2], torch.bfloat16, torch.device("cuda")).items()}
         report["wall_s"] = time.time() - t0
         write_json(report, args.out)
+        print(ratio_table({str(shape): results[str(shape)]}, "ours")[-1], flush=True)  # the table, row by row
     report["autotuned_configs"] = tuned_configs()
     report["kernel_resources"] = kernel_resources()
     report["wall_s"] = time.time() - t0

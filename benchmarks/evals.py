@@ -9,7 +9,8 @@
 Images are the first N CIFAR-10 training images from the shared raw-image shards, quantised with
 the uniform 9-bit palette. Writes JSON (default benchmarks/results/evals.json).
 
-    python -m benchmarks.evals [--preset igpt-mini] [--images 3000] [--device auto] [--out PATH]
+    python -m benchmarks.evals [--preset igpt-mini] [--resolution 32] [--images 3000] [--device auto] [--out PATH]
+    (on a busy CPU: --preset igpt-tiny --resolution 16 --images 2000 --val-images 500)
 """
 from __future__ import annotations
 
@@ -41,12 +42,15 @@ from pretrain.presets import model_config
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train"
 
 
-def load_cifar(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """First n images (n, 32, 32, 3) uint8 and labels (n,) of the shared CIFAR-10 shards."""
+def load_cifar(n: int, resolution: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """First n images (n, R, R, 3) uint8 (box-downsampled from 32x32) and labels (n,) of the shared CIFAR-10 shards."""
     urls = [str(p) for p in sorted(CIFAR.glob("cifar10-train-*.tar"))]
     imgs, labels = [], []
     for jpg, cls in wds.WebDataset(urls, shardshuffle=False).to_tuple("jpg", "cls"):
-        imgs.append(np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB")))
+        img = Image.open(io.BytesIO(jpg)).convert("RGB")
+        if img.size != (resolution, resolution):
+            img = img.resize((resolution, resolution), Image.BOX)
+        imgs.append(np.asarray(img))
         labels.append(int(cls))
         if len(imgs) == n:
             break
@@ -106,8 +110,10 @@ def bench_probe(xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarr
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="igpt-mini")
-    ap.add_argument("--images", type=int, default=3000)
+    ap.add_argument("--resolution", type=int, default=32, help="images are box-downsampled to this size")
+    ap.add_argument("--images", type=int, default=3000, help="probe training images")
     ap.add_argument("--val-images", type=int, default=1000)
+    ap.add_argument("--throughput-images", type=int, default=512, help="images per timed extraction pass")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--layer", type=int, default=None, help="probed layer (default: the middle block)")
     ap.add_argument("--l2", type=float, default=1.0)
@@ -120,14 +126,15 @@ def main() -> None:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     torch.manual_seed(0)
     n = args.images + args.val_images
-    rgb, labels = load_cifar(n)
+    rgb, labels = load_cifar(n, args.resolution)
     tokens = torch.from_numpy(Quantizer(uniform9_palette()).quantize(rgb).reshape(n, -1).astype(np.int64))
     model = IGPT(model_config(args.preset, n_ctx=tokens.shape[1])).to(device).eval()
     layer = model.cfg.n_layer // 2 if args.layer is None else args.layer
 
-    feats_ips = throughput(lambda t: model.features(t, [layer]), tokens, args.batch_size, device, args.repeats)
+    timed = tokens[: args.throughput_images]
+    feats_ips = throughput(lambda t: model.features(t, [layer]), timed, args.batch_size, device, args.repeats)
     full_ips = throughput(lambda t: [h.mean(1) for h in model(t, return_hidden=True).hidden_states],
-                          tokens, args.batch_size, device, args.repeats)
+                          timed, args.batch_size, device, args.repeats)
     with torch.no_grad():
         feats = torch.cat([model.features(tokens[i : i + 256].to(device), [layer])[layer].float().cpu()
                            for i in range(0, n, 256)]).numpy()
@@ -138,7 +145,7 @@ def main() -> None:
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(), "preset": args.preset, "layer": layer,
         "feature_extraction": {
-            "images": n, "batch_size": args.batch_size, "features_images_per_s": feats_ips,
+            "images": len(timed), "resolution": args.resolution, "batch_size": args.batch_size, "features_images_per_s": feats_ips,
             "baseline_full_forward_images_per_s": full_ips, "ratio_vs_full_forward": feats_ips / full_ips,
         },
         "probe_raw_pixels": bench_probe(pixels[tr], labels[tr], pixels[va], labels[va], args.l2, args.max_iter, device),

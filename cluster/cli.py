@@ -40,8 +40,6 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--setup-file", type=Path, default=None, help="a file whose lines are the set-up hook")
     p.add_argument("--python", default=sys.executable, help="interpreter on the nodes (default: this one)")
     p.add_argument("--signal-seconds", type=int, default=90, help="send USR1 this long before the time limit")
-    p.add_argument("--requeue-exit-code", type=int, default=None,
-                   help="the training's checkpoint.preempt_exit_code (default: taken from the overrides, else 124)")
     p.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH option (repeatable)")
     p.add_argument("--srun-arg", action="append", default=[], help="extra srun option, e.g. --container-image=…")
     p.add_argument("--ray-cluster", action="store_true",
@@ -83,8 +81,7 @@ def _run_slurm(args: argparse.Namespace) -> int:
         command = python_igpt(args.python, igpt_args(args.command, resume=None)) if args.command else []
     else:
         command = python_igpt(args.python, igpt_args(args.command))
-    requeue_code = args.requeue_exit_code or _preempt_exit_code(args.command)
-    job = SlurmJob(command=command, requeue_exit_code=requeue_code, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+    job = SlurmJob(command=command, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                    procs_per_node=args.procs_per_node, cpus_per_task=args.cpus_per_task, mem=args.mem,
                    time=args.time, partition=args.partition, account=args.account, job_name=args.job_name,
                    log_dir=args.log_dir, setup=setup, python=args.python, signal_seconds=args.signal_seconds,
@@ -104,17 +101,6 @@ def _run_slurm(args: argparse.Namespace) -> int:
         return 0
     info = follow(job_id, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     return 0 if info.get("JobState") == "COMPLETED" else 1
-
-
-def _preempt_exit_code(command: list[str]) -> int:
-    """``checkpoint.preempt_exit_code=N`` among the overrides, else the training's default."""
-    from cluster.slurm import REQUEUE_EXIT_CODE
-
-    for arg in command:
-        key, sep, value = arg.partition("=")
-        if sep and key == "checkpoint.preempt_exit_code":
-            return int(value)
-    return REQUEUE_EXIT_CODE
 
 
 def _run_ray(args: argparse.Namespace) -> int:

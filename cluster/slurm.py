@@ -19,8 +19,9 @@ from pathlib import Path
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # The exit code that means "checkpointed after a signal, requeue me": the default of the training's
-# `checkpoint.preempt_exit_code` (tests/test_cluster_slurm.py checks that they agree). Under torchrun
-# a node's task reports it when its training stopped non-zero after USR1 (torchrun itself exits 1).
+# `checkpoint.preempt_exit_code` (tests/test_cluster_slurm.py checks that they agree). torchrun
+# reports any failed rank as 1, so each node's task turns "stopped non-zero after USR1" into this
+# code, which srun passes on to the batch script.
 REQUEUE_EXIT_CODE = 124
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$|^UNLIMITED$|^INFINITE$")
@@ -142,7 +143,8 @@ def submit(job: SlurmJob, test_only: bool = False, env: dict[str, str] | None = 
     script = _write_script(render_sbatch(job), job.log_dir, job.job_name)
     proc = _slurm(["sbatch", "--test-only" if test_only else "--parsable", str(script)], env)
     if proc.returncode != 0:
-        raise RuntimeError(f"sbatch rejected {script} ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        reason = proc.stderr.strip() or proc.stdout.strip()
+        raise RuntimeError(f"sbatch rejected {script} ({proc.returncode}): {reason}")
     return (proc.stderr.strip() if test_only else proc.stdout.strip().split(";")[0]), script
 
 

@@ -234,7 +234,10 @@ class TokenStream:
         source = self._loader(self.epoch, skips)
         for want in schedule[self.batches_in_epoch :]:
             while not pending.get(want):
-                worker, tokens, labels = next(source)
+                got = next(source, None)
+                if got is None:
+                    raise RuntimeError(f"{self.data_dir}: shards hold fewer samples than the manifest says")
+                worker, tokens, labels = got
                 pending.setdefault(worker, []).append((tokens, labels))
             yield self._emit(*pending[want].pop(0))
         self.epoch += 1

@@ -16,6 +16,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def _plan(items: list[Item], val_fraction: float, shard_size: int, seed: int) ->
         by_split[split_of(item.uid, val_fraction, seed)].append(item)
     plan = {}
     for split, its in by_split.items():
-        order = np.random.default_rng([seed, len(split)]).permutation(len(its))
+        order = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(len(its))
         its = [its[i] for i in order]
         plan[split] = [(f"{split}-{i // shard_size:06d}", its[i : i + shard_size]) for i in range(0, len(its), shard_size)]
     return plan

@@ -3,8 +3,9 @@
 Forward: one program per (query block, batch·head) streams key/value blocks with an online softmax
 (exp2, scale folded with log2 e) and stores the output and the row log-sum-exp (base 2). Causal
 attention runs the blocks left of the diagonal without masks and only the diagonal block masked.
-Backward: `delta = rowsum(dO·O)`, then one kernel per key block accumulates dK and dV over query
-blocks, and one kernel per query block accumulates dQ over key blocks (no atomics).
+Backward: `delta = rowsum(dO·O)`, then ONE fused kernel: program i accumulates dK and dV of key block i
+over the query blocks, then dQ of query block i over the key blocks (no atomics). Under the causal mask
+the first part shrinks as i grows and the second grows, so the programs are balanced.
 
 Head dims that are not powers of two (iGPT-L's 96) are split into a power-of-two chunk and a tail
 (64 + 32), so no matrix product runs over padding; any sequence length works (masked edges,
@@ -12,9 +13,15 @@ specialised away when the length divides the blocks).
 Under TRITON_INTERPRET=1 (CPU tests) every tile is computed in float32, because the interpreter's
 bfloat16 arithmetic is wrong; on a GPU the matrix products take the input dtype with float32 accumulators.
 Configs come from a small table (select_configs); IGPT_FLASH_AUTOTUNE=1 autotunes a short list instead (GPU only).
+
+Host cost per call is kept low (the kernels of one S=1024 layer take well under a millisecond): input
+validation and the launch plan (grids, constexprs, configs) are cached per shape, dtype, device and
+causality; constexprs are passed positionally; q, k=v and dO each pass one stride set, the buffers we
+allocate (O, dQ, dK, dV) are contiguous and pass none; three launches per forward+backward.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -122,26 +129,25 @@ def _fwd_inner(
 
 @triton.jit(do_not_specialize=["H"])
 def _fwd_kernel(
-    Q, K, V, O, LSE, qk_scale,
-    s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
-    H, SQ, SK, D,
+    Q, K, V, O, LSE, qk_scale, s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, H, SQ, SK, D,
     CAUSAL: tl.constexpr, BLOCK_D0: tl.constexpr, CHECK_D0: tl.constexpr, HAS_TAIL: tl.constexpr,
     BLOCK_D1: tl.constexpr, CHECK_D1: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
 ):
+    """O and LSE of one query block. Q has strides s_q*, K and V share s_k*; O is contiguous."""
     # Heaviest (causal) query blocks of each head first.
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
     k_base = K + off_b * s_kb + off_h * s_kh
-    v_base = V + off_b * s_vb + off_h * s_vh
+    v_base = V + off_b * s_kb + off_h * s_kh
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, BLOCK_D0)
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     q_ptrs = Q + off_b * s_qb + off_h * s_qh + offs_m[:, None] * s_qs
-    o_ptrs = O + off_b * s_ob + off_h * s_oh + offs_m[:, None] * s_os
+    o_ptrs = O + bh.to(tl.int64) * SQ * D + offs_m[:, None] * D
     q0 = _load_tile(q_ptrs + offs_d0[None, :], offs_m, offs_d0, SQ, D, CHECK_M, CHECK_D0, DOT_DTYPE)
     if HAS_TAIL:
         q1 = _load_tile(q_ptrs + offs_d1[None, :], offs_m, offs_d1, SQ, D, CHECK_M, CHECK_D1, DOT_DTYPE)
@@ -155,17 +161,17 @@ def _fwd_kernel(
     if CAUSAL:
         lo = start_m * BLOCK_M
         acc0, acc1, l_i, m_i = _fwd_inner(
-            acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, s_ks, s_vs, offs_m, offs_d0, offs_d1, 0, lo, SK, D, qk_scale,
+            acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, s_ks, s_ks, offs_m, offs_d0, offs_d1, 0, lo, SK, D, qk_scale,
             BLOCK_N, False, False, CHECK_D0, HAS_TAIL, CHECK_D1, DOT_DTYPE, PRECISION,
         )
         hi = tl.minimum(lo + BLOCK_M, SK)
         acc0, acc1, l_i, m_i = _fwd_inner(
-            acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, s_ks, s_vs, offs_m, offs_d0, offs_d1, lo, hi, SK, D, qk_scale,
+            acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, s_ks, s_ks, offs_m, offs_d0, offs_d1, lo, hi, SK, D, qk_scale,
             BLOCK_N, True, CHECK_N, CHECK_D0, HAS_TAIL, CHECK_D1, DOT_DTYPE, PRECISION,
         )
     else:
         acc0, acc1, l_i, m_i = _fwd_inner(
-            acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, s_ks, s_vs, offs_m, offs_d0, offs_d1, 0, SK, SK, D, qk_scale,
+            acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, s_ks, s_ks, offs_m, offs_d0, offs_d1, 0, SK, SK, D, qk_scale,
             BLOCK_N, False, CHECK_N, CHECK_D0, HAS_TAIL, CHECK_D1, DOT_DTYPE, PRECISION,
         )
     inv_l = 1.0 / l_i
@@ -186,11 +192,8 @@ def _fwd_kernel(
 
 
 @triton.jit(do_not_specialize=["H"])
-def _bwd_preprocess_kernel(
-    O, DO, DELTA, s_ob, s_oh, s_os, s_db, s_dh, s_ds, H, SQ, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """delta[bh, i] = sum_d O[i, d] · dO[i, d], in float32."""
+def _bwd_preprocess_kernel(O, DO, DELTA, s_db, s_dh, s_ds, H, SQ, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[bh, i] = sum_d O[i, d] · dO[i, d], in float32 (O contiguous, dO with strides s_d*)."""
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
@@ -198,7 +201,7 @@ def _bwd_preprocess_kernel(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < SQ) & (offs_d[None, :] < D)
-    o = tl.load(O + off_b * s_ob + off_h * s_oh + offs_m[:, None] * s_os + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(O + bh.to(tl.int64) * SQ * D + offs_m[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + off_b * s_db + off_h * s_dh + offs_m[:, None] * s_ds + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + bh.to(tl.int64) * SQ + offs_m, delta, mask=offs_m < SQ)
@@ -240,70 +243,6 @@ def _bwd_dkdv_inner(
     return dk0, dk1, dv0, dv1
 
 
-@triton.jit(do_not_specialize=["H"])
-def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
-    s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos,
-    s_dkb, s_dkh, s_dks, s_dvb, s_dvh, s_dvs,
-    H, SQ, SK, D,
-    CAUSAL: tl.constexpr, BLOCK_D0: tl.constexpr, CHECK_D0: tl.constexpr, HAS_TAIL: tl.constexpr,
-    BLOCK_D1: tl.constexpr, CHECK_D1: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
-):
-    start_n = tl.program_id(0)  # block 0 sees every query under the causal mask: the heaviest go first
-    bh = tl.program_id(1)
-    off_b = (bh // H).to(tl.int64)
-    off_h = (bh % H).to(tl.int64)
-    q_base = Q + off_b * s_qb + off_h * s_qh
-    do_base = DO + off_b * s_dob + off_h * s_doh
-    lse_base = LSE + bh.to(tl.int64) * SQ
-    delta_base = DELTA + bh.to(tl.int64) * SQ
-
-    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d0 = tl.arange(0, BLOCK_D0)
-    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-    k_ptrs = K + off_b * s_kb + off_h * s_kh + offs_n[:, None] * s_ks
-    v_ptrs = V + off_b * s_vb + off_h * s_vh + offs_n[:, None] * s_vs
-    k0 = _load_tile(k_ptrs + offs_d0[None, :], offs_n, offs_d0, SK, D, CHECK_N, CHECK_D0, DOT_DTYPE)
-    v0 = _load_tile(v_ptrs + offs_d0[None, :], offs_n, offs_d0, SK, D, CHECK_N, CHECK_D0, DOT_DTYPE)
-    if HAS_TAIL:
-        k1 = _load_tile(k_ptrs + offs_d1[None, :], offs_n, offs_d1, SK, D, CHECK_N, CHECK_D1, DOT_DTYPE)
-        v1 = _load_tile(v_ptrs + offs_d1[None, :], offs_n, offs_d1, SK, D, CHECK_N, CHECK_D1, DOT_DTYPE)
-    else:
-        k1 = k0
-        v1 = v0
-    dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
-    dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
-    dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
-    dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
-    if CAUSAL:
-        lo = start_n * BLOCK_N
-        hi = tl.minimum(lo + BLOCK_N, SQ)
-        dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(
-            dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, s_qs, s_dos,
-            offs_n, offs_d0, offs_d1, lo, hi, SQ, D, qk_scale,
-            BLOCK_M, True, CHECK_M, CHECK_D0, HAS_TAIL, CHECK_D1, DOT_DTYPE, PRECISION,
-        )
-        dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(
-            dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, s_qs, s_dos,
-            offs_n, offs_d0, offs_d1, lo + BLOCK_N, SQ, SQ, D, qk_scale,
-            BLOCK_M, False, CHECK_M, CHECK_D0, HAS_TAIL, CHECK_D1, DOT_DTYPE, PRECISION,
-        )
-    else:
-        dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(
-            dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, s_qs, s_dos,
-            offs_n, offs_d0, offs_d1, 0, SQ, SQ, D, qk_scale,
-            BLOCK_M, False, CHECK_M, CHECK_D0, HAS_TAIL, CHECK_D1, DOT_DTYPE, PRECISION,
-        )
-    dk_ptrs = DK + off_b * s_dkb + off_h * s_dkh + offs_n[:, None] * s_dks
-    dv_ptrs = DV + off_b * s_dvb + off_h * s_dvh + offs_n[:, None] * s_dvs
-    _store_tile(dk_ptrs + offs_d0[None, :], dk0 * sm_scale, offs_n, offs_d0, SK, D, CHECK_N, CHECK_D0)
-    _store_tile(dv_ptrs + offs_d0[None, :], dv0, offs_n, offs_d0, SK, D, CHECK_N, CHECK_D0)
-    if HAS_TAIL:
-        _store_tile(dk_ptrs + offs_d1[None, :], dk1 * sm_scale, offs_n, offs_d1, SK, D, CHECK_N, CHECK_D1)
-        _store_tile(dv_ptrs + offs_d1[None, :], dv1, offs_n, offs_d1, SK, D, CHECK_N, CHECK_D1)
-
-
 @triton.jit
 def _bwd_dq_inner(
     dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, s_ks, s_vs, offs_m, offs_d0, offs_d1, lo, hi, SK, D,
@@ -338,58 +277,110 @@ def _bwd_dq_inner(
 
 
 @triton.jit(do_not_specialize=["H"])
-def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
-    s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos, s_dqb, s_dqh, s_dqs,
-    H, SQ, SK, D,
+def _bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, qk_scale, sm_scale,
+    s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_db, s_dh, s_ds, H, SQ, SK, D,
     CAUSAL: tl.constexpr, BLOCK_D0: tl.constexpr, CHECK_D0: tl.constexpr, HAS_TAIL: tl.constexpr,
     BLOCK_D1: tl.constexpr, CHECK_D1: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
 ):
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    """dK, dV of key block `pid` (over query steps of BLOCK_M), then dQ of query block `pid` (over key steps).
+
+    Both blocks hold BLOCK_N rows. Under the causal mask the early key blocks see the most queries and the
+    early query blocks the fewest keys, so every program does the same work. Q has strides s_q*, K and V
+    share s_k*, dO has s_d*; DQ, DK, DV are contiguous. CHECK_M / CHECK_N: SQ / SK leave partial blocks.
+    """
+    pid = tl.program_id(0)
     bh = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
+    q_base = Q + off_b * s_qb + off_h * s_qh
     k_base = K + off_b * s_kb + off_h * s_kh
-    v_base = V + off_b * s_vb + off_h * s_vh
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    v_base = V + off_b * s_kb + off_h * s_kh
+    do_base = DO + off_b * s_db + off_h * s_dh
+    lse_base = LSE + bh.to(tl.int64) * SQ
+    delta_base = DELTA + bh.to(tl.int64) * SQ
     offs_d0 = tl.arange(0, BLOCK_D0)
     offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-    q_ptrs = Q + off_b * s_qb + off_h * s_qh + offs_m[:, None] * s_qs
-    do_ptrs = DO + off_b * s_dob + off_h * s_doh + offs_m[:, None] * s_dos
-    q0 = _load_tile(q_ptrs + offs_d0[None, :], offs_m, offs_d0, SQ, D, CHECK_M, CHECK_D0, DOT_DTYPE)
-    do0 = _load_tile(do_ptrs + offs_d0[None, :], offs_m, offs_d0, SQ, D, CHECK_M, CHECK_D0, DOT_DTYPE)
-    if HAS_TAIL:
-        q1 = _load_tile(q_ptrs + offs_d1[None, :], offs_m, offs_d1, SQ, D, CHECK_M, CHECK_D1, DOT_DTYPE)
-        do1 = _load_tile(do_ptrs + offs_d1[None, :], offs_m, offs_d1, SQ, D, CHECK_M, CHECK_D1, DOT_DTYPE)
-    else:
-        q1 = q0
-        do1 = do0
-    lse = _load_row(LSE + bh.to(tl.int64) * SQ + offs_m, offs_m, SQ, float("inf"), CHECK_M)
-    delta = _load_row(DELTA + bh.to(tl.int64) * SQ + offs_m, offs_m, SQ, 0.0, CHECK_M)
-    dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
-    dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
-    if CAUSAL:
-        lo = start_m * BLOCK_M
-        dq0, dq1 = _bwd_dq_inner(
-            dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, s_ks, s_vs, offs_m, offs_d0, offs_d1, 0, lo, SK, D,
-            qk_scale, BLOCK_N, False, False, CHECK_D0, HAS_TAIL, CHECK_D1, DOT_DTYPE, PRECISION,
-        )
-        hi = tl.minimum(lo + BLOCK_M, SK)
-        dq0, dq1 = _bwd_dq_inner(
-            dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, s_ks, s_vs, offs_m, offs_d0, offs_d1, lo, hi, SK, D,
-            qk_scale, BLOCK_N, True, CHECK_N, CHECK_D0, HAS_TAIL, CHECK_D1, DOT_DTYPE, PRECISION,
-        )
-    else:
-        dq0, dq1 = _bwd_dq_inner(
-            dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, s_ks, s_vs, offs_m, offs_d0, offs_d1, 0, SK, SK, D,
-            qk_scale, BLOCK_N, False, CHECK_N, CHECK_D0, HAS_TAIL, CHECK_D1, DOT_DTYPE, PRECISION,
-        )
-    dq_ptrs = DQ + off_b * s_dqb + off_h * s_dqh + offs_m[:, None] * s_dqs
-    _store_tile(dq_ptrs + offs_d0[None, :], dq0 * sm_scale, offs_m, offs_d0, SQ, D, CHECK_M, CHECK_D0)
-    if HAS_TAIL:
-        _store_tile(dq_ptrs + offs_d1[None, :], dq1 * sm_scale, offs_m, offs_d1, SQ, D, CHECK_M, CHECK_D1)
+
+    start_n = pid * BLOCK_N
+    if start_n < SK:  # dK, dV
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * s_ks
+        v_ptrs = v_base + offs_n[:, None] * s_ks
+        k0 = _load_tile(k_ptrs + offs_d0[None, :], offs_n, offs_d0, SK, D, CHECK_N, CHECK_D0, DOT_DTYPE)
+        v0 = _load_tile(v_ptrs + offs_d0[None, :], offs_n, offs_d0, SK, D, CHECK_N, CHECK_D0, DOT_DTYPE)
+        if HAS_TAIL:
+            k1 = _load_tile(k_ptrs + offs_d1[None, :], offs_n, offs_d1, SK, D, CHECK_N, CHECK_D1, DOT_DTYPE)
+            v1 = _load_tile(v_ptrs + offs_d1[None, :], offs_n, offs_d1, SK, D, CHECK_N, CHECK_D1, DOT_DTYPE)
+        else:
+            k1 = k0
+            v1 = v0
+        dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+        dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+        dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+        if CAUSAL:
+            hi = tl.minimum(start_n + BLOCK_N, SQ)
+            dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(
+                dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, s_qs, s_ds,
+                offs_n, offs_d0, offs_d1, start_n, hi, SQ, D, qk_scale,
+                BLOCK_M, True, CHECK_M, CHECK_D0, HAS_TAIL, CHECK_D1, DOT_DTYPE, PRECISION,
+            )
+            dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(
+                dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, s_qs, s_ds,
+                offs_n, offs_d0, offs_d1, start_n + BLOCK_N, SQ, SQ, D, qk_scale,
+                BLOCK_M, False, CHECK_M, CHECK_D0, HAS_TAIL, CHECK_D1, DOT_DTYPE, PRECISION,
+            )
+        else:
+            dk0, dk1, dv0, dv1 = _bwd_dkdv_inner(
+                dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, delta_base, s_qs, s_ds,
+                offs_n, offs_d0, offs_d1, 0, SQ, SQ, D, qk_scale,
+                BLOCK_M, False, CHECK_M, CHECK_D0, HAS_TAIL, CHECK_D1, DOT_DTYPE, PRECISION,
+            )
+        kv_off = bh.to(tl.int64) * SK * D + offs_n[:, None] * D
+        _store_tile(DK + kv_off + offs_d0[None, :], dk0 * sm_scale, offs_n, offs_d0, SK, D, CHECK_N, CHECK_D0)
+        _store_tile(DV + kv_off + offs_d0[None, :], dv0, offs_n, offs_d0, SK, D, CHECK_N, CHECK_D0)
+        if HAS_TAIL:
+            _store_tile(DK + kv_off + offs_d1[None, :], dk1 * sm_scale, offs_n, offs_d1, SK, D, CHECK_N, CHECK_D1)
+            _store_tile(DV + kv_off + offs_d1[None, :], dv1, offs_n, offs_d1, SK, D, CHECK_N, CHECK_D1)
+
+    start_m = pid * BLOCK_N
+    if start_m < SQ:  # dQ: the query block is BLOCK_N rows, stepping over keys by BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_N)
+        q_ptrs = q_base + offs_m[:, None] * s_qs
+        do_ptrs = do_base + offs_m[:, None] * s_ds
+        q0 = _load_tile(q_ptrs + offs_d0[None, :], offs_m, offs_d0, SQ, D, CHECK_M, CHECK_D0, DOT_DTYPE)
+        do0 = _load_tile(do_ptrs + offs_d0[None, :], offs_m, offs_d0, SQ, D, CHECK_M, CHECK_D0, DOT_DTYPE)
+        if HAS_TAIL:
+            q1 = _load_tile(q_ptrs + offs_d1[None, :], offs_m, offs_d1, SQ, D, CHECK_M, CHECK_D1, DOT_DTYPE)
+            do1 = _load_tile(do_ptrs + offs_d1[None, :], offs_m, offs_d1, SQ, D, CHECK_M, CHECK_D1, DOT_DTYPE)
+        else:
+            q1 = q0
+            do1 = do0
+        lse = _load_row(lse_base + offs_m, offs_m, SQ, float("inf"), CHECK_M)
+        delta = _load_row(delta_base + offs_m, offs_m, SQ, 0.0, CHECK_M)
+        dq0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+        dq1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+        if CAUSAL:
+            dq0, dq1 = _bwd_dq_inner(
+                dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, s_ks, s_ks, offs_m, offs_d0, offs_d1,
+                0, start_m, SK, D, qk_scale, BLOCK_M, False, False, CHECK_D0, HAS_TAIL, CHECK_D1, DOT_DTYPE, PRECISION,
+            )
+            hi = tl.minimum(start_m + BLOCK_N, SK)
+            dq0, dq1 = _bwd_dq_inner(
+                dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, s_ks, s_ks, offs_m, offs_d0, offs_d1,
+                start_m, hi, SK, D, qk_scale, BLOCK_M, True, CHECK_N, CHECK_D0, HAS_TAIL, CHECK_D1, DOT_DTYPE, PRECISION,
+            )
+        else:
+            dq0, dq1 = _bwd_dq_inner(
+                dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, s_ks, s_ks, offs_m, offs_d0, offs_d1,
+                0, SK, SK, D, qk_scale, BLOCK_M, False, CHECK_N, CHECK_D0, HAS_TAIL, CHECK_D1, DOT_DTYPE, PRECISION,
+            )
+        dq_ptrs = DQ + bh.to(tl.int64) * SQ * D + offs_m[:, None] * D
+        _store_tile(dq_ptrs + offs_d0[None, :], dq0 * sm_scale, offs_m, offs_d0, SQ, D, CHECK_M, CHECK_D0)
+        if HAS_TAIL:
+            _store_tile(dq_ptrs + offs_d1[None, :], dq1 * sm_scale, offs_m, offs_d1, SQ, D, CHECK_M, CHECK_D1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,125 +390,73 @@ def _bwd_dq_kernel(
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes and launch shape of one kernel. Forward and dQ need block_m % block_n == 0, dKdV the reverse."""
+    """Tile sizes and launch shape of one kernel.
+
+    Forward: a program owns block_m queries and steps over keys by block_n (block_m % block_n == 0).
+    Backward: a program owns block_n keys (dK, dV, stepping over queries by block_m), then block_n queries
+    (dQ, stepping over keys by block_m), so block_n % block_m == 0.
+    """
 
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
 
-    def meta(self) -> dict:
-        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def select_configs(head_dim: int, seq_len: int, dtype: torch.dtype, device: torch.device) -> dict[str, KernelConfig]:
-    """Heuristic configs for the forward, dKdV and dQ kernels, keyed 'fwd', 'dkdv', 'dq'.
+    """Heuristic configs for the forward and the fused backward kernel, keyed 'fwd' and 'bwd'.
 
-    For dKdV, block_n is the key block a program owns and block_m the query block it steps by; for
-    forward and dQ it is the other way round. The Hopper backward choices at S=1024 are the fastest of the
-    per-kernel sweep in benchmarks/results/attention_h200.json (`benchmarks/attention.py --sweep`, H200).
+    The Hopper backward tiles are those on which the separate dKdV and dQ kernels agreed in the per-kernel
+    sweep of benchmarks/results/attention_h200.json (H200); `benchmarks/attention.py --sweep` re-tunes them.
     """
     if device.type != "cuda":  # interpreter: small tiles so that tiny test shapes still span several blocks
-        return {"fwd": KernelConfig(32, 16), "dkdv": KernelConfig(16, 32), "dq": KernelConfig(32, 16)}
-    major, _ = torch.cuda.get_device_capability(device)
+        return {"fwd": KernelConfig(32, 16), "bwd": KernelConfig(16, 32)}
+    major, _ = _capability(device)
     big = head_dim > 64
     if dtype == torch.float32 or major < 8:
-        return {
-            "fwd": KernelConfig(64, 32 if big else 64, 4, 2),
-            "dkdv": KernelConfig(16 if big else 32, 64, 4, 2),
-            "dq": KernelConfig(64, 16 if big else 32, 4, 2),
-        }
+        return {"fwd": KernelConfig(64, 32 if big else 64, 4, 2), "bwd": KernelConfig(16 if big else 32, 64, 4, 2)}
     if major >= 9:  # Hopper
-        if head_dim <= 64:
-            return {"fwd": KernelConfig(64, 64, 4, 4), "dkdv": KernelConfig(64, 64, 4, 3), "dq": KernelConfig(64, 64, 4, 3)}
-        if head_dim < 128:  # split head dim (96 = 64 + 32)
-            return {"fwd": KernelConfig(128, 64, 4, 3), "dkdv": KernelConfig(64, 64, 4, 3), "dq": KernelConfig(64, 64, 4, 3)}
+        if head_dim < 128:  # 64, and 96 split as 64 + 32
+            return {"fwd": KernelConfig(128 if big else 64, 64, 4, 4 if head_dim <= 64 else 3),
+                    "bwd": KernelConfig(64, 64, 4, 3)}
         if seq_len >= 2048:
-            return {"fwd": KernelConfig(128, 128, 8, 3), "dkdv": KernelConfig(64, 128, 8, 3), "dq": KernelConfig(128, 64, 8, 3)}
-        # S=1024 sweep, each kernel alone: dKdV 0.172 ms vs 0.200 for (64, 128, 8, 2); dQ 0.137 vs 0.172 for (128, 64, 8, 2)
-        return {"fwd": KernelConfig(128, 64, 8, 3), "dkdv": KernelConfig(64, 64, 4, 2), "dq": KernelConfig(128, 32, 8, 3)}
-    return {  # Ampere / Ada: less shared memory
-        "fwd": KernelConfig(128, 64, 8 if big else 4, 2),
-        "dkdv": KernelConfig(32, 64, 4, 2),
-        "dq": KernelConfig(64, 32, 4, 2),
-    }
+            return {"fwd": KernelConfig(128, 128, 8, 3), "bwd": KernelConfig(64, 128, 8, 3)}
+        return {"fwd": KernelConfig(128, 64, 8, 3), "bwd": KernelConfig(64, 64, 4, 2)}
+    return {"fwd": KernelConfig(128, 64, 8 if big else 4, 2), "bwd": KernelConfig(32, 64, 4, 2)}  # Ampere / Ada
 
 
 AUTOTUNE_SPACE = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel, for IGPT_FLASH_AUTOTUNE=1
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 128, 8, 2)],
-    "dkdv": [(32, 128, 4, 4), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)],
-    "dq": [(128, 32, 4, 4), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+    "bwd": [(64, 64, 4, 3), (64, 64, 4, 2), (32, 128, 4, 3), (64, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 4)],
 }
-
-
-def _autotune_space(kind: str) -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in AUTOTUNE_SPACE[kind]
-    ]
-
 
 _TUNED: dict[str, object] = {}
 
 
 def _kernel(kind: str):
-    return {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}[kind]
-
-
-def _edge_checks(args: dict) -> dict:
-    """CHECK_M / CHECK_N: whether the sequence lengths leave partial blocks (masks compiled in only then)."""
-    return {"CHECK_M": args["SQ"] % args["BLOCK_M"] != 0, "CHECK_N": args["SK"] % args["BLOCK_N"] != 0}
+    return _fwd_kernel if kind == "fwd" else _bwd_kernel
 
 
 def _tuned_kernel(kind: str):
-    """The autotuned variant of one kernel (built on first use)."""
+    """The autotuned variant of the forward or backward kernel (built on first use)."""
     if kind not in _TUNED:
-        checks = {
-            "CHECK_M": lambda a: _edge_checks(a)["CHECK_M"],
-            "CHECK_N": lambda a: _edge_checks(a)["CHECK_N"],
-        }
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                   for m, n, w, st in AUTOTUNE_SPACE[kind]]
+        checks = {"CHECK_M": lambda a: a["SQ"] % a["BLOCK_N" if kind == "bwd" else "BLOCK_M"] != 0,
+                  "CHECK_N": lambda a: a["SK"] % a["BLOCK_N"] != 0}
         key = ["SQ", "SK", "CAUSAL", "BLOCK_D0", "BLOCK_D1", "HAS_TAIL"]
-        _TUNED[kind] = triton.autotune(configs=_autotune_space(kind), key=key)(triton.heuristics(checks)(_kernel(kind)))
+        _TUNED[kind] = triton.autotune(configs=configs, key=key)(triton.heuristics(checks)(_kernel(kind)))
     return _TUNED[kind]
-
-
-def _use_autotune(device: torch.device) -> bool:
-    return device.type == "cuda" and not _INTERPRET and os.environ.get("IGPT_FLASH_AUTOTUNE", "0") == "1"
-
-
-def _launch(kind: str, config: KernelConfig, autotune: bool, bh: int, args: tuple, consts: dict, sq: int, sk: int):
-    """Launch one kernel with `config` (or its autotuned variant) on the grid (row blocks, batch·heads).
-
-    Rows are query blocks for forward and dQ, key blocks for dKdV; batch·heads is the slow grid axis, so the
-    blocks of one head run together (their K/V or Q/dO stay in L2) and each head's heaviest blocks start first.
-    """
-    rows = sk if kind == "dkdv" else sq
-    if autotune:
-        tuned = _tuned_kernel(kind)
-        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_N" if kind == "dkdv" else "BLOCK_M"]), bh)  # noqa: E731
-        return tuned[grid](*args, **consts)
-    block = config.block_n if kind == "dkdv" else config.block_m
-    checks = _edge_checks({"SQ": sq, "SK": sk, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n})
-    return _kernel(kind)[(triton.cdiv(rows, block), bh)](*args, **consts, **checks, **config.meta())
 
 
 def tuned_configs() -> dict[str, str]:
     """The configs the autotuner picked so far, per kernel and tuning key, for benchmark reports."""
     return {f"{kind} {key}": str(cfg) for kind, k in _TUNED.items() for key, cfg in getattr(k, "cache", {}).items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# autograd
-# ----------------------------------------------------------------------------------------------
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _out_buffer(like: torch.Tensor) -> torch.Tensor:
-    """A contiguous output buffer; float32 under the interpreter, whose float32→bfloat16 casts truncate."""
-    dtype = torch.float32 if like.device.type != "cuda" else like.dtype
-    return torch.empty(like.shape, device=like.device, dtype=dtype)
 
 
 def head_dim_split(d: int) -> tuple[int, int]:
@@ -527,115 +466,182 @@ def head_dim_split(d: int) -> tuple[int, int]:
     return block_d0, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
-def _common_consts(q: torch.Tensor, causal: bool) -> dict:
-    interpret = q.device.type != "cuda"
-    d = q.shape[-1]
+class _Launch:
+    """One kernel's grid, trailing constexpr arguments and launch options, prepared once per problem shape.
+
+    Constexprs go positionally after the runtime arguments (no keyword binding per call); with autotuning
+    the tile sizes and edge checks are left to triton.autotune / triton.heuristics.
+    """
+
+    def __init__(self, kind: str, config: KernelConfig, autotune: bool, rows: int, bh: int, consts: tuple,
+                 sq: int, sk: int):
+        if autotune:
+            block = "BLOCK_N" if kind == "bwd" else "BLOCK_M"
+            self.fn = _tuned_kernel(kind)[lambda meta: (triton.cdiv(rows, meta[block]), bh)]
+            self.consts, self.options = consts, {}
+        else:
+            block = config.block_n if kind == "bwd" else config.block_m
+            self.fn = _kernel(kind)[(triton.cdiv(rows, block), bh)]
+            check_m = sq % block != 0
+            check_n = sk % config.block_n != 0
+            self.consts = (*consts, config.block_m, config.block_n, check_m, check_n)
+            self.options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+
+    def __call__(self, *args):
+        return self.fn(*args, *self.consts, **self.options)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about a call that depends only on shapes, dtype, device and causality."""
+
+    fwd: _Launch
+    bwd: _Launch
+    delta_grid: tuple[int, int]
+    delta_block: tuple[int, int]
+    buffer_dtype: torch.dtype  # float32 under the interpreter, whose float32→bfloat16 casts truncate
+    h: int
+    sq: int
+    sk: int
+    d: int
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(q_shape: torch.Size, sk: int, dtype: torch.dtype, device: torch.device, causal: bool,
+          autotune: bool, configs: tuple[KernelConfig, KernelConfig] | None = None) -> _Plan:
+    """Launch plan for q of `q_shape` against `sk` keys; `configs` (fwd, bwd) overrides select_configs."""
+    b, h, sq, d = q_shape
+    interpret = device.type != "cuda"
     block_d0, block_d1 = head_dim_split(d)
-    return {
-        "CAUSAL": causal,
-        "BLOCK_D0": block_d0,
-        "CHECK_D0": block_d0 > d,
-        "HAS_TAIL": block_d1 > 0,
-        "BLOCK_D1": max(block_d1, 16),
-        "CHECK_D1": block_d0 + block_d1 > d,
-        "DOT_DTYPE": tl.float32 if interpret else _TL_DTYPES[q.dtype],
-        "PRECISION": "ieee" if interpret or q.dtype == torch.float32 else "tf32",
-    }
-
-
-def _fwd_args(q, k, v, o, lse, sm_scale: float) -> tuple:
-    return (
-        q, k, v, o, lse, sm_scale * _LOG2E,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        q.shape[1], q.shape[2], k.shape[2], q.shape[3],
+    consts = (
+        causal, block_d0, block_d0 > d, block_d1 > 0, max(block_d1, 16), block_d0 + block_d1 > d,
+        tl.float32 if interpret else _TL_DTYPES[dtype], "ieee" if interpret or dtype == torch.float32 else "tf32",
+    )
+    if configs is None:
+        cfg = select_configs(d, max(sq, sk), dtype, device)
+        configs = (cfg["fwd"], cfg["bwd"])
+    delta_block = 64 if not interpret else 32
+    return _Plan(
+        fwd=_Launch("fwd", configs[0], autotune, sq, b * h, consts, sq, sk),
+        bwd=_Launch("bwd", configs[1], autotune, max(sq, sk), b * h, consts, sq, sk),
+        delta_grid=(triton.cdiv(sq, delta_block), b * h),
+        delta_block=(delta_block, max(16, triton.next_power_of_2(d))),
+        buffer_dtype=torch.float32 if interpret else dtype,
+        h=h, sq=sq, sk=sk, d=d,
     )
 
 
-def _dkdv_args(q, k, v, do, lse, delta, dk, dv, sm_scale: float) -> tuple:
-    return (
-        q, k, v, do, lse, delta, dk, dv, sm_scale * _LOG2E, sm_scale,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        q.shape[1], q.shape[2], k.shape[2], q.shape[3],
-    )
+def _use_autotune(device: torch.device) -> bool:
+    return device.type == "cuda" and not _INTERPRET and os.environ.get("IGPT_FLASH_AUTOTUNE", "0") == "1"
 
 
-def _dq_args(q, k, v, do, lse, delta, dq, sm_scale: float) -> tuple:
-    return (
-        q, k, v, do, lse, delta, dq, sm_scale * _LOG2E, sm_scale,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        q.shape[1], q.shape[2], k.shape[2], q.shape[3],
-    )
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
 
 
-def _forward(q, k, v, causal: bool, sm_scale: float, cfg: KernelConfig, autotune: bool):
-    """Output and row log-sum-exp (base 2, float32, shape (B·H, SQ))."""
-    b, h, sq, _ = q.shape
-    o = _out_buffer(q)
-    lse = torch.empty((b * h, sq), device=q.device, dtype=torch.float32)
-    _launch("fwd", cfg, autotune, b * h, _fwd_args(q, k, v, o, lse, sm_scale), _common_consts(q, causal), sq, k.shape[2])
-    return o.to(q.dtype), lse
+def _kv_layout(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v with one shared stride set and unit last stride (copies only when they differ)."""
+    if k.stride() == v.stride() and k.stride(-1) == 1:
+        return k, v
+    return k.contiguous(), v.contiguous()
 
 
-def _delta(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(plan: _Plan, q, k, v, sm_scale: float):
+    """Contiguous output (buffer dtype) and row log-sum-exp (base 2, float32, shape (B·H, SQ))."""
+    o = torch.empty(q.shape, device=q.device, dtype=plan.buffer_dtype)
+    lse = torch.empty((q.shape[0] * plan.h, plan.sq), device=q.device, dtype=torch.float32)
+    sq_b, sq_h, sq_s, _ = q.stride()
+    sk_b, sk_h, sk_s, _ = k.stride()
+    plan.fwd(q, k, v, o, lse, sm_scale * _LOG2E, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, plan.h, plan.sq, plan.sk, plan.d)
+    return o, lse
+
+
+def _delta(plan: _Plan, o, lse, do) -> torch.Tensor:
     """rowsum(dO · O) per (batch·head, query), float32, laid out like `lse`."""
-    b, h, sq, d = o.shape
     delta = torch.empty_like(lse)
-    block = 64 if o.device.type == "cuda" else 32
-    _bwd_preprocess_kernel[(triton.cdiv(sq, block), b * h)](
-        o, do, delta, *o.stride()[:3], *do.stride()[:3], h, sq, d, BLOCK_M=block, BLOCK_D=max(16, triton.next_power_of_2(d)),
-    )
+    sd_b, sd_h, sd_s, _ = do.stride()
+    _bwd_preprocess_kernel[plan.delta_grid](o, do, delta, sd_b, sd_h, sd_s, plan.h, plan.sq, plan.d, *plan.delta_block)
     return delta
 
 
-def backward_launcher(kind: str, q, k, v, do, causal: bool, config: KernelConfig, sm_scale: float | None = None):
-    """A zero-argument callable that launches only kernel `kind` ('fwd', 'delta', 'dkdv' or 'dq') with `config`.
+def _backward(plan: _Plan, q, k, v, o, lse, do, sm_scale: float, delta: torch.Tensor | None = None):
+    """dQ, dK, dV (contiguous, buffer dtype): the delta preprocess (unless given), then one fused kernel."""
+    delta = _delta(plan, o, lse, do) if delta is None else delta
+    dq = torch.empty(q.shape, device=q.device, dtype=plan.buffer_dtype)
+    dk = torch.empty(k.shape, device=q.device, dtype=plan.buffer_dtype)
+    dv = torch.empty(k.shape, device=q.device, dtype=plan.buffer_dtype)
+    sq_b, sq_h, sq_s, _ = q.stride()
+    sk_b, sk_h, sk_s, _ = k.stride()
+    sd_b, sd_h, sd_s, _ = do.stride()
+    plan.bwd(q, k, v, do, lse, delta, dq, dk, dv, sm_scale * _LOG2E, sm_scale,
+             sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sd_b, sd_h, sd_s, plan.h, plan.sq, plan.sk, plan.d)
+    return dq, dk, dv
 
-    For benchmarks that time or tune one kernel alone: the forward runs once here (default configs) to give
-    the log-sum-exp and delta the backward kernels read. The callable returns Triton's compiled kernel.
+
+def backward_launcher(kind: str, q, k, v, do, causal: bool, config: KernelConfig | None = None,
+                      sm_scale: float | None = None):
+    """A zero-argument callable that launches only kernel `kind` ('fwd', 'delta' or 'bwd') with `config`.
+
+    For benchmarks that time or tune one kernel alone (config None: the default; ignored for 'delta'): the
+    forward and delta run once here (default configs) to give the log-sum-exp and delta the backward reads.
     """
+    if kind not in ("fwd", "delta", "bwd"):
+        raise ValueError(f"unknown kernel kind {kind!r}; expected 'fwd', 'delta' or 'bwd'")
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-    b, h, sq, _ = q.shape
-    sk = k.shape[2]
-    consts = _common_consts(q, causal)
-    o, lse = _forward(q, k, v, causal, sm_scale, select_configs(q.shape[-1], max(sq, sk), q.dtype, q.device)["fwd"], False)
-    delta = _delta(o, do, lse)
+    k, v = _kv_layout(k, v)
+    q, do = _last_dim_contiguous(q), _last_dim_contiguous(do)
+    default = select_configs(q.shape[-1], max(q.shape[2], k.shape[2]), q.dtype, q.device)
+    configs = (config or default["fwd"], default["bwd"]) if kind == "fwd" else (default["fwd"], config or default["bwd"])
+    plan = _plan(q.shape, k.shape[2], q.dtype, q.device, causal, False, configs)
+    o, lse = _forward(plan, q, k, v, sm_scale)
+    delta = _delta(plan, o, lse, do)
     if kind == "fwd":
-        args = _fwd_args(q, k, v, _out_buffer(q), torch.empty_like(lse), sm_scale)
-    elif kind == "delta":
-        return lambda: _delta(o, do, lse)
-    elif kind == "dkdv":
-        args = _dkdv_args(q, k, v, do, lse, delta, _out_buffer(k), _out_buffer(v), sm_scale)
-    elif kind == "dq":
-        args = _dq_args(q, k, v, do, lse, delta, _out_buffer(q), sm_scale)
-    else:
-        raise ValueError(f"unknown kernel kind {kind!r}; expected 'fwd', 'delta', 'dkdv' or 'dq'")
-    return lambda: _launch(kind, config, False, b * h, args, consts, sq, sk)
+        return lambda: _forward(plan, q, k, v, sm_scale)
+    if kind == "delta":
+        return lambda: _delta(plan, o, lse, do)
+    return lambda: _backward(plan, q, k, v, o, lse, do, sm_scale, delta)
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, sm_scale: float):
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        cfg = select_configs(q.shape[-1], max(q.shape[2], k.shape[2]), q.dtype, q.device)
-        o, lse = _forward(q, k, v, causal, sm_scale, cfg["fwd"], _use_autotune(q.device))
+    def forward(ctx, q, k, v, plan: _Plan, sm_scale: float):
+        o, lse = _forward(plan, q, k, v, sm_scale)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.sm_scale = causal, sm_scale
-        return o
+        ctx.plan, ctx.sm_scale = plan, sm_scale
+        return o if o.dtype == q.dtype else o.to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        do = _last_dim_contiguous(do)
-        b, h, sq, d = q.shape
-        sk = k.shape[2]
-        cfg = select_configs(d, max(sq, sk), q.dtype, q.device)
-        autotune = _use_autotune(q.device)
-        consts = _common_consts(q, ctx.causal)
-        delta = _delta(o, do, lse)
-        dq, dk, dv = _out_buffer(q), _out_buffer(k), _out_buffer(v)
-        _launch("dkdv", cfg["dkdv"], autotune, b * h, _dkdv_args(q, k, v, do, lse, delta, dk, dv, ctx.sm_scale), consts, sq, sk)
-        _launch("dq", cfg["dq"], autotune, b * h, _dq_args(q, k, v, do, lse, delta, dq, ctx.sm_scale), consts, sq, sk)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        dq, dk, dv = _backward(ctx.plan, q, k, v, o, lse, _last_dim_contiguous(do), ctx.sm_scale)
+        if dq.dtype != q.dtype:
+            dq, dk, dv = dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+        return dq, dk, dv, None, None
+
+
+@functools.lru_cache(maxsize=256)
+def _validate(q_shape, k_shape, v_shape, dtypes, devices, causal: bool) -> None:
+    """Raise ValueError unless flash_attention takes these inputs (cached: it depends only on its arguments)."""
+    meta = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in zip((q_shape, k_shape, v_shape), dtypes)]
+    check_attention_inputs(*meta, causal)
+    if dtypes[0] not in _TL_DTYPES:
+        raise ValueError(f"flash_attention supports float16, bfloat16 and float32, got {dtypes[0]}")
+    if not (devices[0] == devices[1] == devices[2]):
+        raise ValueError(f"q, k, v must be on one device, got {devices[0]}, {devices[1]}, {devices[2]}")
+    if devices[0].type != "cuda" and not _INTERPRET:
+        raise ValueError(
+            f"flash_attention runs on CUDA tensors (got {devices[0]}); set TRITON_INTERPRET=1 before importing "
+            "kernels to run Triton's interpreter on the CPU"
+        )
+    if q_shape[-1] > 128:
+        raise ValueError(f"flash_attention supports head_dim up to 128, got {q_shape[-1]}")
+    if 0 in q_shape or 0 in k_shape:
+        raise ValueError(f"flash_attention needs non-empty inputs, got q {tuple(q_shape)} and k {tuple(k_shape)}")
 
 
 def flash_attention(
@@ -649,21 +655,11 @@ def flash_attention(
 
     causal=True lets query i see keys 0..i (needs as many queries as keys); sm_scale defaults to
     1/sqrt(D). Tensors must be float16, bfloat16 or float32 on a CUDA device, or on the CPU with
-    TRITON_INTERPRET=1 (Triton's interpreter, for tests).
+    TRITON_INTERPRET=1 (Triton's interpreter, for tests). Any strides work; k and v are copied only when
+    their strides differ, q only when its last dim is strided. Returns a contiguous tensor.
     """
-    check_attention_inputs(q, k, v, causal)
-    if q.dtype not in _TL_DTYPES:
-        raise ValueError(f"flash_attention supports float16, bfloat16 and float32, got {q.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(
-            f"flash_attention runs on CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 before importing "
-            "kernels to run Triton's interpreter on the CPU"
-        )
-    if q.shape[-1] > 128:
-        raise ValueError(f"flash_attention supports head_dim up to 128, got {q.shape[-1]}")
+    _validate(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype), (q.device, k.device, v.device), causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    if q.numel() == 0 or k.numel() == 0:
-        raise ValueError(f"flash_attention needs non-empty inputs, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    return _FlashAttention.apply(q, k, v, causal, scale)
+    k, v = _kv_layout(k, v)
+    plan = _plan(q.shape, k.shape[2], q.dtype, q.device, causal, _use_autotune(q.device))
+    return _FlashAttention.apply(_last_dim_contiguous(q), k, v, plan, scale)

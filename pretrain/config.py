@@ -81,6 +81,7 @@ class TrainSection:
     sample_count: int = 8
     sample_temperature: float = 1.0
     max_nonfinite: int = 5  # stop after this many consecutive steps with a non-finite loss
+    compile: bool = False  # torch.compile the model through engine.compile()
 
 
 @dataclass

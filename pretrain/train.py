@@ -137,6 +137,8 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=LossModule(self.model), optimizer=optimizer,
                                                                  config=self.ds_config)
         self.zero_stage = self.engine.zero_optimization_stage()
+        if cfg["train"]["compile"]:
+            self.engine.compile()
         if self.zero_stage == 3:
             # Tensors the top-level forward reads directly rather than through a submodule call.
             for param in (self.model.wpe.weight, self.model.wte.weight):
@@ -216,17 +218,17 @@ class Trainer:
 
         t = self.cfg["train"]
         self.engine.eval()
-        total, count = torch.zeros(1), torch.zeros(1)
+        total, count = torch.zeros(1, device=self.device), torch.zeros(1, device=self.device)
         batches = iterate_split(self.cfg["data"]["dir"], self.cfg["data"]["val_split"], t["micro_batch_size"])
         mine = [b for i, b in zip(range(t["val_batches"] * self.world), batches) if i % self.world == self.rank]
-        n_batches = torch.tensor([len(mine)])
+        n_batches = torch.tensor([len(mine)], device=self.device)
         if self.world > 1:  # every rank must run the same number of forwards (ZeRO-3 gathers in them)
             dist.all_reduce(n_batches, op=dist.ReduceOp.MIN)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg["train"]["seed"])
         for batch in mine[: int(n_batches)]:
             tokens = batch["tokens"].to(self.device)
             loss = self.engine(tokens, gen)
-            total += loss.float().cpu() * tokens.numel()
+            total += loss.detach().float() * tokens.numel()
             count += tokens.numel()
         self.engine.train()
         if self.world > 1:

@@ -8,6 +8,7 @@ NodeHostname=localhost Port=[a-b]` with one `slurmd -N nodeI` each gives an N-no
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "srun")
+SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "srun", "sinfo")
 
 
 def missing_slurm_binaries() -> list[str]:
@@ -28,7 +29,7 @@ def missing_slurm_binaries() -> list[str]:
 
 def _free_port_range(count: int, lo: int = 20000, hi: int = 40000) -> int:
     """The first port of `count` consecutive free TCP ports on 127.0.0.1."""
-    rng = __import__("random").Random(os.getpid() ^ time.time_ns())
+    rng = random.Random(os.getpid() ^ time.time_ns())
     for _ in range(200):
         base = rng.randrange(lo, hi - count)
         socks = []
@@ -72,18 +73,6 @@ class SlurmCluster:
         out = self.cmd("scontrol", "show", "job", "-o", job_id).stdout.strip()
         return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", out))
 
-    def wait_job(self, job_id: str, states: tuple[str, ...], timeout: float,
-                 until=None, poll: float = 1.0) -> dict[str, str]:
-        """Poll until the job's state is one of `states` (and `until(info)` holds); return its info."""
-        deadline = time.monotonic() + timeout
-        info: dict[str, str] = {}
-        while time.monotonic() < deadline:
-            info = self.job_info(job_id)
-            if info.get("JobState") in states and (until is None or until(info)):
-                return info
-            time.sleep(poll)
-        raise TimeoutError(f"job {job_id} not in {states} after {timeout}s: {info}\n{self.logs()}")
-
     def logs(self, tail: int = 40) -> str:
         """The tails of the daemons' logs, for failure messages."""
         parts = []
@@ -93,7 +82,14 @@ class SlurmCluster:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        """Stop the daemons this cluster started, by PID (slurmd first, munged last)."""
+        """Cancel this cluster's jobs, then stop the daemons it started, by PID (slurmd first, munged last)."""
+        if self.procs.get("slurmctld") is not None and self.procs["slurmctld"].poll() is None:
+            jobs = self.cmd("squeue", "-h", "-o", "%i", check=False).stdout.split()
+            if jobs:
+                self.cmd("scancel", *jobs, check=False)
+                deadline = time.monotonic() + 30
+                while self.cmd("squeue", "-h", check=False).stdout.strip() and time.monotonic() < deadline:
+                    time.sleep(0.5)
         order = [n for n in self.procs if n.startswith("slurmd")] + ["slurmctld", "munged"]
         for name in order:
             proc = self.procs.get(name)
@@ -105,16 +101,6 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
-        # Jobs' slurmstepd processes belong to the slurmd that launched them; kill any left by PID.
-        for pid_file in (self.root / "spool").glob("*/*.pid"):
-            _kill_pid_file(pid_file)
-
-
-def _kill_pid_file(pid_file: Path) -> None:
-    try:
-        os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
-    except (ValueError, ProcessLookupError, PermissionError):
-        pass
 
 
 SLURM_CONF = """\

@@ -104,7 +104,8 @@ def test_rank_envs_group_ranks_by_node_and_gpus():
 
 
 CPU_ENV = [arg for key in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING",
-                           "TORCH_EXTENSIONS_DIR") if key in os.environ for arg in ("--env", f"{key}={os.environ[key]}")]
+                           "TORCH_EXTENSIONS_DIR") if key in os.environ
+           for arg in ("--env", f"{key}={os.environ[key]}")]
 
 
 @pytest.mark.slow
