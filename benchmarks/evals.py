@@ -82,6 +82,10 @@ def bench_probe(xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarr
     """Fit time / accuracy / objective of our probe and of scikit-learn's on the same data."""
     from sklearn.linear_model import LogisticRegression
 
+    # warm-up of both (first-call costs: lazy imports, allocator, thread pools) outside the timings
+    fit_probe(xtr[:64], ytr[:64], l2, 10, max_iter=3, device=device)
+    LogisticRegression(max_iter=3).fit(xtr[:64], ytr[:64])
+    _sync(device)
     t0 = time.perf_counter()
     ours = fit_probe(xtr, ytr, l2, 10, max_iter=max_iter, device=device)
     _sync(device)

@@ -169,18 +169,18 @@ def follow(job_id: str, poll: float = 2.0, release_after: float = 3.0, timeout: 
     120 s by default); ``release_after`` seconds after it went back to pending, it is released.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    last, pending_since = None, None
+    last, changed_at = None, None
     while True:
         info = job_info(job_id, env)
         state, reason, restarts = info.get("JobState"), info.get("Reason"), info.get("Restarts", "0")
         if (state, reason, restarts) != last:
             log(f"[igpt-slurm] job {job_id}: {state} (reason {reason}, restarts {restarts})")
             last = (state, reason, restarts)
-            pending_since = time.monotonic()
-        if state in _FINAL_STATES:
+            changed_at = time.monotonic()
+        if state in _FINAL_STATES and not (state == "PREEMPTED" and info.get("Requeue") == "1"):
             return info
         if (state == "PENDING" and reason == "BeginTime" and restarts != "0"
-                and time.monotonic() - pending_since >= release_after and release_begin_time(job_id, env)):
+                and time.monotonic() - changed_at >= release_after and release_begin_time(job_id, env)):
             log(f"[igpt-slurm] job {job_id}: released its BeginTime hold after the requeue")
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} still {state} after {timeout}s")

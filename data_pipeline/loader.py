@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import random
 import warnings
 from collections.abc import Iterator
@@ -135,9 +136,10 @@ class _SlotStream(IterableDataset):
         samples = (x for path, p, n, _ in units for x in read_shard(path, s.resolution, p, n))
         if s.shuffle_buffer > 1:
             samples = _shuffled(samples, s.shuffle_buffer, rng)
-        for i, (tokens, labels) in enumerate(_batches(samples, s.batch_size, s.with_labels)):
-            if i >= self.skips[worker]:
-                yield worker, tokens, labels
+        # fast-forward past the batches a resumed run already consumed, without collating them
+        samples = itertools.islice(samples, self.skips[worker] * s.batch_size, None)
+        for tokens, labels in _batches(samples, s.batch_size, s.with_labels):
+            yield worker, tokens, labels
 
 
 def _resampled_units(s: "TokenStream", worker: int, resume: int) -> Iterator[Unit]:
@@ -182,6 +184,9 @@ class TokenStream:
             raise ValueError(f"split {split!r} of {self.data_dir} has no samples")
         if with_labels and not self.manifest.get("labelled"):
             raise ValueError(f"{self.data_dir} has no class labels (with_labels=True)")
+        missing = [sh["file"] for sh in info["shards"] if not (self.data_dir / sh["file"]).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.data_dir}: shards in the manifest are missing: {missing[:5]}")
         self.split, self.shards, self.num_samples = split, info["shards"], info["num_samples"]
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer

@@ -64,13 +64,16 @@ def load_palette(path: str | os.PathLike) -> tuple[np.ndarray, str]:
     return _check_palette(palette), file_sha256(path)
 
 
-def _nearest(x: torch.Tensor, centres: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
-    """Index of the nearest centre for each row of x (float), chunked to bound memory."""
-    c2 = (centres * centres).sum(1)
+def _nearest(x: torch.Tensor, centres: torch.Tensor, chunk: int = 1 << 14) -> torch.Tensor:
+    """Index of the nearest centre for each row of x (float), chunked to bound memory.
+
+    One matmul per chunk: [x, 1] @ [-2c, |c|^2]^T is |x - c|^2 - |x|^2, whose argmin is the nearest centre.
+    """
+    c_aug = torch.cat([-2.0 * centres, (centres * centres).sum(1, keepdim=True)], 1).T.contiguous()
+    x_aug = torch.cat([x, torch.ones_like(x[:, :1])], 1)
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for s in range(0, x.shape[0], chunk):
-        xs = x[s : s + chunk]
-        out[s : s + chunk] = (c2[None, :] - 2.0 * xs @ centres.T).argmin(1)
+        out[s : s + chunk] = (x_aug[s : s + chunk] @ c_aug).argmin(1)
     return out
 
 

@@ -58,14 +58,14 @@ def _init_worker(quantizer: Quantizer, resolution: int, out_dir: str) -> None:
     _STATE.update(quantizer=quantizer, resolution=resolution, out_dir=Path(out_dir), fds={}, header=npy_header(resolution))
 
 
-def _write_shard(task: tuple[str, list[Item]]) -> dict:
+def _write_shard(task: tuple[str, list[tuple[str, Item]]]) -> dict:
     """Decode, quantise and write one shard (temp name, rename), then its record; return the record."""
-    name, items = task
+    name, keyed = task
     st = _STATE
     r = st["resolution"]
-    pixels = np.empty((len(items), r, r, 3), dtype=np.uint8)
+    pixels = np.empty((len(keyed), r, r, 3), dtype=np.uint8)
     kept, skipped = [], []
-    for item in items:
+    for key, item in keyed:
         where = item.path if item.offset < 0 else f"{item.path}:{item.uid}"
         try:
             pixels[len(kept)] = decode_image(read_item(item, st["fds"]), r)
@@ -75,11 +75,10 @@ def _write_shard(task: tuple[str, list[Item]]) -> dict:
         except OSError as e:
             skipped.append({"source": where, "reason": "unreadable", "detail": str(e)})
             continue
-        kept.append(item)
+        kept.append((key, item))
     tokens = st["quantizer"].quantize(pixels[: len(kept)]).reshape(len(kept), r * r)
     members = []
-    for item, row in zip(kept, tokens):
-        key = sample_key(item.uid)
+    for (key, item), row in zip(kept, tokens):
         members.append((f"{key}.tokens.npy", st["header"] + row.tobytes()))
         if item.label is not None:
             members.append((f"{key}.cls", str(item.label).encode()))
@@ -87,8 +86,8 @@ def _write_shard(task: tuple[str, list[Item]]) -> dict:
     record = {
         "file": f"{name}.tar" if kept else None,
         "num_samples": len(kept),
-        "labels": sorted({it.label for it in kept if it.label is not None}),
-        "unlabelled": sum(it.label is None for it in kept),
+        "labels": sorted({it.label for _, it in kept if it.label is not None}),
+        "unlabelled": sum(it.label is None for _, it in kept),
         "skipped": skipped,
     }
     if kept:
@@ -99,12 +98,20 @@ def _write_shard(task: tuple[str, list[Item]]) -> dict:
     return record
 
 
-def _plan(items: list[Item], val_fraction: float, shard_size: int, seed: int) -> dict[str, list[tuple[str, list[Item]]]]:
-    by_split: dict[str, list[Item]] = {"train": []}
+def _plan(items: list[Item], val_fraction: float, shard_size: int, seed: int) -> dict[str, list[tuple[str, list]]]:
+    """Shard name -> [(unique sample key, item)] per split."""
+    by_split: dict[str, list[tuple[str, Item]]] = {"train": []}
     if val_fraction > 0:
         by_split["val"] = []
+    used: set[str] = set()
     for item in items:
-        by_split[split_of(item.uid, val_fraction, seed)].append(item)
+        key = base = sample_key(item.uid)
+        n = 0
+        while key in used:  # e.g. the same key in two tars: keep the samples apart
+            n += 1
+            key = f"{base}_{n}"
+        used.add(key)
+        by_split[split_of(item.uid, val_fraction, seed)].append((key, item))
     plan = {}
     for split, its in by_split.items():
         order = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(len(its))

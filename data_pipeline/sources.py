@@ -76,7 +76,7 @@ def _folder(root: Path, label_of: dict[str, int] | None) -> tuple[list[Item], li
                 skipped.append(Skip(str(p), "outside-class-folder", "file at the top of an ImageFolder"))
                 continue
             label = label_of[rel.parts[0]]
-        items.append(Item(f"{root.name}/{rel.with_suffix('').as_posix()}", str(p), -1, p.stat().st_size, label))
+        items.append(Item(f"{root.name}/{rel.as_posix()}", str(p), -1, p.stat().st_size, label))
     return items, skipped
 
 
@@ -137,7 +137,7 @@ def find_images(sources: list[str]) -> Found:
         elif path.name.endswith((".tar", ".tar.gz", ".tgz")):
             found, bad = _tar(path)
         else:
-            found, bad = [Item(path.with_suffix("").as_posix(), str(path), -1, path.stat().st_size, None)], []
+            found, bad = [Item(path.as_posix(), str(path), -1, path.stat().st_size, None)], []
         if not found and not bad:
             raise ValueError(f"data source {path} holds no images")
         items.extend(found)

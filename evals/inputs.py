@@ -71,9 +71,6 @@ class EvalData:
             )
         return n
 
-    def has_split(self, split: str) -> bool:
-        return split in self.manifest.get("splits", {})
-
     def batches(
         self, split: str, batch_size: int, *, labels: bool = False, limit: int | None = None
     ) -> Iterator[dict[str, torch.Tensor]]:
@@ -94,7 +91,7 @@ class EvalData:
     def tokens(
         self, split: str, *, labels: bool = False, limit: int | None = None, batch_size: int = 256
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The whole split in memory: tokens (N, R*R) uint8/int16 → long, labels (N,) or None."""
+        """The whole split in memory: tokens (N, R*R) long, labels (N,) or None."""
         toks, labs = [], []
         for b in self.batches(split, batch_size, labels=labels, limit=limit):
             toks.append(b["tokens"])

@@ -8,7 +8,9 @@ eval split in a Tune checkpoint, from which the driver draws the confusion matri
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -121,7 +123,8 @@ def _run(
             checkpoint_config=checkpoint_config, failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
-    grid = tuner.fit()
+    with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables: stdout stays for the summary
+        grid = tuner.fit()
     errors = [r.error for r in grid if r.error is not None]
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(grid)} Tune trials failed; first error: {errors[0]}")

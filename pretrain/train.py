@@ -165,14 +165,13 @@ class Trainer:
     def _resume(self, resume: str) -> None:
         """Load the newest complete checkpoint (``auto``) or the given tag dir; all ranks load the same one."""
         check = self.cfg["checkpoint"]["verify_sha256"]
-        if resume == "auto":
-            candidates = ckpt.find_resumable(self.run_dir, check) if self.rank == 0 else []
-        else:
-            tag_dir = Path(resume)
-            ckpt.verify(tag_dir, check) if self.rank == 0 else None
-            candidates = [tag_dir]
-        candidates = [str(c) for c in ckpt.gather_per_rank(candidates)[0]] if self.world > 1 else \
-            [str(c) for c in candidates]
+        candidates: list[Path] = []
+        if resume != "auto":  # every rank checks, so a bad path fails everywhere and no rank waits
+            ckpt.verify(Path(resume), check)
+            candidates = [Path(resume)]
+        elif self.rank == 0:  # rank 0 chooses (warning once about skipped tags); every rank loads its choice
+            candidates = ckpt.find_resumable(self.run_dir, check)
+        candidates = ckpt.gather_per_rank([str(c) for c in candidates])[0]
         if not candidates:
             _log(self.rank, f"resume auto: no complete checkpoint in {self.run_dir}, starting from step 0")
             return

@@ -22,7 +22,8 @@ def test_every_preset_loads_and_builds_a_deepspeed_config(path):
     assert ds["bf16"]["enabled"] == (device == "cuda")
     assert ds["zero_optimization"]["stage"] == cfg["deepspeed"]["zero_stage"]
     assert cfg["optim"]["betas"] == [0.9, 0.95] and cfg["optim"]["weight_decay"] == 0.0
-    assert igpt_config({**cfg, "model": {**cfg["model"], "n_ctx": 1024}}).n_layer >= 2
+    model = igpt_config({**cfg, "model": {**cfg["model"], "n_ctx": 1024}})
+    assert model.n_layer >= 2 and model.activation_checkpointing == cfg["model"]["activation_checkpointing"]
 
 
 def test_overrides_win_over_the_yaml_and_types_are_converted():

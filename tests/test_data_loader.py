@@ -143,6 +143,9 @@ def test_bad_arguments_are_clear(cifar_tokens, tmp_path):
         TokenStream(cifar_tokens, "train", 8, rank=2, world_size=2)
     with pytest.raises(ValueError, match="mode"):
         TokenStream(cifar_tokens, "train", 8, mode="forever")
+    (tmp_path / "manifest.json").write_bytes((cifar_tokens / "manifest.json").read_bytes())  # shards not copied
+    with pytest.raises(FileNotFoundError, match="shards in the manifest are missing"):
+        TokenStream(tmp_path, "train", 8)
 
 
 def test_32px_fixture(cifar_tokens32):

@@ -161,13 +161,13 @@ def test_bad_input_zoo_is_converted_or_counted(tmp_path, palette_path):
     assert sum(m["skipped_counts"].values()) == len(m["skipped"])
     assert m["class_names"] == ["cat", "dog"] and m["num_classes"] == 2
     samples = _samples(tmp_path / "out", m)
-    assert {k.split("/")[-1] for k in samples} == {k.rsplit(".", 1)[0].replace(".", "_") for k in kept}
+    assert {k.split("/")[-1] for k in samples} == {k.replace(".", "_") for k in kept}  # rgb.png and rgb.jpg both kept
     assert all(label == (0 if k.startswith("zoo/cat") else 1) for k, (_, label) in samples.items())
     # the kept images are exactly: decode, convert, resize short side + centre crop, brute-force quantise
     for name, ref in [("rgb.png", None), ("gray16.png", None), ("rgba.png", None)]:
         path = next((tmp_path / "zoo").rglob(name))
         rgb = decode_image(path.read_bytes(), 8)
-        key = next(k for k in samples if k.endswith(name.rsplit(".", 1)[0]))
+        key = next(k for k in samples if k.endswith(name.replace(".", "_")))
         assert np.array_equal(samples[key][0], quantize_bruteforce(rgb, uniform9_palette()).reshape(-1))
     # conversions: 16-bit keeps the high byte, alpha is composited over white
     g16 = np.asarray(Image.open(tmp_path / "zoo/dog/gray16.png"))
@@ -310,3 +310,12 @@ def test_fast_jpeg_path_is_identical_to_pillow(cifar_dir):
     Image.fromarray(arr).convert("L").save(buf, "JPEG")
     assert _fast_jpeg(buf.getvalue()) is None  # not 3 components: the full Pillow path handles it
     assert _fast_jpeg(blobs[-1][: len(blobs[-1]) // 2]) is None  # truncated: classified by the full path
+
+
+def test_duplicate_keys_across_sources_stay_separate_samples(cifar_dir, palette_path, tmp_path):
+    tar = str(cifar_dir / "cifar10-train-000006.tar")
+    m = shard_dataset([tar, tar], tmp_path, palette_path, 4, shard_size=1000, num_workers=1, progress=False)
+    assert m["splits"]["train"]["num_samples"] == 10_000
+    keys = [k for s in m["splits"]["train"]["shards"] for k in _keys(tmp_path / s["file"])]
+    assert len(keys) == len(set(keys)) == 10_000
+    assert sum(1 for _ in read_shard(str(tmp_path / m["splits"]["train"]["shards"][0]["file"]), 4)) == 1000

@@ -5,6 +5,7 @@ written as a release dir (the format ``pretrain.release.load_model`` reads).
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
@@ -17,7 +18,8 @@ import torch
 from PIL import Image
 
 from data_pipeline.palette import file_sha256, save_palette, uniform9_palette
-from evals.commands import EvalRun, SampleOptions, SplitOptions, run_finetune, run_nll, run_probe, run_sample
+from evals.commands import (EvalRun, SampleOptions, SplitOptions, _accuracy_note, run_finetune, run_nll, run_probe,
+                            run_sample)
 from evals.config import load_search_config
 from evals.features import FeatureCache
 from evals.finetune import finetune
@@ -79,6 +81,16 @@ def releases(tmp_path_factory, cifar_tokens) -> dict[str, Path]:
 def tracking_uri(tmp_path_factory) -> str:
     """One MLflow sqlite store for the module (creating a store runs its migrations: slow)."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def eval_main(argv: list[str]) -> int:
+    """`igpt eval …` through evals.cli.register alone (independent of the other stages' CLIs)."""
+    from evals.cli import register
+
+    parser = argparse.ArgumentParser(prog="igpt")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
 
 
 def edited_copy(src: Path, dst: Path, edit) -> Path:
@@ -263,9 +275,7 @@ def test_bad_inputs_are_named(releases, cifar_tokens, tmp_path):
 
 
 def test_cli_reports_input_errors(releases, cifar_tokens, tmp_path, capsys):
-    from igpt_cli import main
-
-    rc = main(["eval", "probe", "--checkpoint", str(releases["trained"]), "--data", str(cifar_tokens),
+    rc = eval_main(["eval", "probe", "--checkpoint", str(releases["trained"]), "--data", str(cifar_tokens),
                "--out", str(tmp_path), "--layers", "9"])
     assert rc == 2
     assert "layer index [9] out of range" in capsys.readouterr().err
@@ -291,17 +301,30 @@ def _mlflow_runs(uri: str, parent_id: str):
     return parent, children, artifacts
 
 
+def test_accuracy_split_is_said_plainly():
+    split, note = _accuracy_note(SplitOptions(val_split="holdout"))
+    assert split == "val" and "no test split given" in note and "'holdout'" in note
+    split, note = _accuracy_note(SplitOptions(test_split="test"))
+    assert split == "test" and "test split 'test'" in note
+
+
 @pytest.mark.slow
 def test_probe_cli_runs_tune_trials_logged_to_mlflow(ray_session, releases, cifar_tokens, tmp_path, capsys,
                                                      tracking_uri):
-    from igpt_cli import main
+    def val_as_test(m):  # a separate shard dir whose 'test' split is the val shards
+        m["splits"] = {"test": m["splits"]["val"]}
 
-    rc = main(["eval", "probe", "--checkpoint", str(releases["trained"]), "--data", str(cifar_tokens),
-               "--out", str(tmp_path), "--tracking-uri", tracking_uri, "--layers", "1,2", "--set", "probe.l2=[0.01]", "--set", "probe.max_iter=100"])
+    test_dir = edited_copy(cifar_tokens, tmp_path / "test_data", val_as_test)
+    rc = eval_main(["eval", "probe", "--checkpoint", str(releases["trained"]), "--data", str(cifar_tokens),
+                    "--out", str(tmp_path / "out"), "--tracking-uri", tracking_uri, "--layers", "1,2",
+                    "--test-split", "test", "--test-data", str(test_dir),
+                    "--set", "probe.l2=[0.01]", "--set", "probe.max_iter=100"])
     assert rc == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["trials"] == 2 and summary["accuracy_split"] == "val" and "no test split" in summary["note"]
+    summary = json.loads(capsys.readouterr().out)  # stdout holds the summary alone
+    assert summary["trials"] == 2 and summary["accuracy_split"] == "test"
     assert set(summary["per_layer"]) == {"1", "2"}
+    # the test split holds the val images: test accuracy of the chosen probe equals its val accuracy
+    assert summary["accuracy"] == pytest.approx(summary["best"]["val_acc"])
     assert summary["accuracy"] > 0.15  # 10 classes: well above chance for a trained model
     parent, children, artifacts = _mlflow_runs(summary["mlflow"]["tracking_uri"], summary["mlflow"]["parent_run_id"])
     assert parent.info.status == "FINISHED"
@@ -309,7 +332,7 @@ def test_probe_cli_runs_tune_trials_logged_to_mlflow(ray_session, releases, cifa
     assert {"summary.json", "probe_accuracy_per_layer.png", "confusion_matrix.png"} <= artifacts
     assert len(children) == 2
     assert {c.data.params["layer"] for c in children} == {"1", "2"}
-    assert all(c.info.status == "FINISHED" and "val_acc" in c.data.metrics for c in children)
+    assert all(c.info.status == "FINISHED" and {"val_acc", "test_acc"} <= set(c.data.metrics) for c in children)
     assert max(c.data.metrics["val_acc"] for c in children) == pytest.approx(summary["best"]["val_acc"])
 
 

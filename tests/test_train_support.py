@@ -29,13 +29,20 @@ def run_overrides(data_dir: Path, run_dir: Path, **extra: object) -> list[str]:
 
 
 def launch(overrides: list[str], nprocs: int = 2, resume: str | None = None, env: dict | None = None,
-           log: Path | None = None) -> list[subprocess.Popen]:
-    """Start ``nprocs`` ranks of ``python -m pretrain.cli train`` in one new process group (like torchrun
-    sets RANK/WORLD_SIZE/MASTER_*); rank 0 leads the group, so ``os.killpg`` reaches every rank."""
+           log: Path | None = None, torchrun: bool = False) -> list[subprocess.Popen]:
+    """Start ``nprocs`` ranks of ``python -m pretrain.cli train`` in one new process group, setting
+    RANK/WORLD_SIZE/MASTER_* as torchrun would (rank 0 leads the group, so ``os.killpg`` reaches every
+    rank), or with ``torchrun`` itself (one process returned: the launcher)."""
     port = free_port()
     cmd = [sys.executable, "-m", "pretrain.cli", "train", str(TINY), *overrides]
     if resume:
         cmd += ["--resume", resume]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
+               "--master_port", str(port), *cmd[1:]]
+        out = open(log.with_suffix(".rank0.log"), "a") if log else subprocess.DEVNULL
+        penv = {**os.environ, **(env or {}), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        return [subprocess.Popen(cmd, cwd=REPO, env=penv, stdout=out, stderr=subprocess.STDOUT)]
     procs: list[subprocess.Popen] = []
     for rank in range(nprocs):
         penv = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nprocs),
