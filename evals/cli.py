@@ -91,13 +91,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _guard(func):
-    """Input errors become one line on stderr and exit code 2."""
+    """Input errors (bad checkpoint, shards, splits, layers, search config) become one line on stderr, exit code 2."""
     def wrapped(args: argparse.Namespace) -> int:
-        from evals.inputs import EvalInputError
-
         try:
             return func(args)
-        except (EvalInputError, FileNotFoundError) as e:
+        except (ValueError, FileNotFoundError) as e:
             print(f"igpt eval: error: {e}", file=sys.stderr)
             return 2
     return wrapped

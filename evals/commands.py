@@ -16,7 +16,8 @@ from evals.features import FeatureCache
 from evals.inputs import EvalData, EvalInputError, check_compatible, load_checked, parse_layers, pick_device
 from evals.nll import evaluate_nll
 from evals.plots import confusion_matrix, plot_confusion, plot_layer_accuracy
-from evals.sample import chunk_rows, complete_bottom_half, completion_rows, image_grid, sample_unconditional, save_png, to_rgb
+from evals.sample import (chunk_rows, complete_bottom_half, completion_rows, image_grid, sample_unconditional,
+                          save_png, to_rgb)
 from evals.tracking import ParentRun, default_tracking_uri, parent_run
 from evals.tune import tune_finetune, tune_probe
 
@@ -139,6 +140,10 @@ def _eval_data(run: EvalRun, splits: SplitOptions, data: EvalData, model: Any, s
     return test_data
 
 
+def _storage(run: EvalRun, search: EvalSearchConfig) -> str | Path:
+    return search.resources.storage_path or Path(run.out) / "ray_results"
+
+
 def _accuracy_note(splits: SplitOptions) -> tuple[str, str]:
     if splits.test_split is None:
         return "val", (f"no test split given: accuracy is on the validation split {splits.val_split!r}, "
@@ -175,7 +180,7 @@ def run_probe(run: EvalRun, splits: SplitOptions, layers_spec: str, search: Eval
                            "val_split": splits.val_split, "test_split": splits.test_split,
                            "palette_sha256": sha, "checkpoint_id": cache.checkpoint_id})
         rows = tune_probe(feats, labels, num_classes, layers, search.probe, search.resources, parent=parent,
-                          tracking_uri=run.uri, storage_path=Path(run.out) / "ray_results")
+                          tracking_uri=run.uri, storage_path=_storage(run, search))
         per_layer: dict[int, dict[str, float]] = {}
         for l in layers:
             best_l = max((r for r in rows if r["config"]["layer"] == l), key=lambda r: r["metrics"]["val_acc"])
@@ -217,7 +222,7 @@ def run_finetune(run: EvalRun, splits: SplitOptions, search: EvalSearchConfig) -
                            "eval": "finetune", "train_split": splits.train_split, "val_split": splits.val_split,
                            "palette_sha256": sha})
         rows = tune_finetune(model, train, val, num_classes, search.finetune, search.resources, parent=parent,
-                             tracking_uri=run.uri, storage_path=Path(run.out) / "ray_results")
+                             tracking_uri=run.uri, storage_path=_storage(run, search))
         best = max(rows, key=lambda r: r["metrics"]["best_val_acc"])
         cm = confusion_matrix(val[1].numpy(), best["pred"], num_classes)
         parent.log_file(plot_confusion(cm, data.class_names, Path(run.out) / "confusion_matrix.png",
@@ -226,7 +231,7 @@ def run_finetune(run: EvalRun, splits: SplitOptions, search: EvalSearchConfig) -
         summary = {
             "eval": "finetune", "accuracy": best["metrics"]["best_val_acc"], "accuracy_split": splits.val_split,
             "note": note, "best": {**best["config"], "epochs_run": len(best["val_acc_per_epoch"])},
-            "best_val_acc_per_epoch": best["val_acc_per_epoch"],
+            "best_trial_val_acc_per_epoch": best["val_acc_per_epoch"],
             "trials": [{"config": r["config"], "best_val_acc": r["metrics"]["best_val_acc"],
                         "epochs_run": len(r["val_acc_per_epoch"])} for r in rows],
             "num_train": int(len(train[1])), "num_val": int(len(val[1])),

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class SearchConfigError(ValueError):
+    """A search config file or override is malformed or names an unknown key."""
 
 
 @dataclass
@@ -39,6 +44,7 @@ class Resources:
     max_concurrent_trials: int | None = None
     address: str | None = None
     num_cpus: int | None = None  # local Ray only
+    storage_path: str | None = None  # Tune's results and checkpoints (default OUT/ray_results); shared on a cluster
 
 
 @dataclass
@@ -50,12 +56,17 @@ class EvalSearchConfig:
 
 def load_search_config(path: str | None = None, overrides: list[str] | None = None) -> EvalSearchConfig:
     """Defaults ← YAML file ← ``key=value`` overrides; unknown keys are errors."""
-    cfg = OmegaConf.structured(EvalSearchConfig)
-    if path:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ValueError(f"overrides must be key=value, got {bad}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    return OmegaConf.to_object(cfg)
+    bad = [o for o in overrides or [] if "=" not in o]
+    if bad:
+        raise SearchConfigError(f"search overrides must be key=value, got {bad}")
+    try:
+        cfg = OmegaConf.structured(EvalSearchConfig)
+        if path:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+        raise SearchConfigError(f"search config key {key!r}: {msg}" if key else f"search config: {msg}") from e

@@ -21,7 +21,9 @@ class Classifier(nn.Module):
     def __init__(self, body: IGPT, num_classes: int):
         super().__init__()
         if body.cfg.objective != "ar":
-            raise EvalInputError(f"finetune needs an autoregressive model; this one has objective={body.cfg.objective!r}")
+            raise EvalInputError(
+                f"finetune needs an autoregressive model; this one has objective={body.cfg.objective!r}"
+            )
         self.body = body
         self.head = nn.Linear(body.cfg.n_embd, num_classes)
         nn.init.zeros_(self.head.weight)
@@ -49,7 +51,8 @@ class FinetuneHistory:
 def predict(clf: Classifier, tokens: Tensor, batch_size: int, device: torch.device | str) -> np.ndarray:
     """Predicted class of every row of ``tokens``."""
     clf.eval()
-    preds = [clf(tokens[i : i + batch_size].to(device).long())[0].argmax(1).cpu() for i in range(0, len(tokens), batch_size)]
+    preds = [clf(tokens[i : i + batch_size].to(device).long())[0].argmax(1).cpu()
+             for i in range(0, len(tokens), batch_size)]
     return torch.cat(preds).numpy()
 
 

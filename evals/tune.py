@@ -64,8 +64,7 @@ def _load_pred(result: "tune.Result") -> np.ndarray | None:
 def probe_trial(config: dict[str, Any], features: dict[str, Any]) -> None:
     """One (layer, l2) cell: fit on train, report validation (and test) accuracy."""
     layer = config["layer"]
-    split_refs = features["layers"][layer]
-    x = {k: ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref for k, ref in split_refs.items()}
+    x = {split: ray.get(ref) for split, ref in features["layers"][layer].items()}
     labels = features["labels"]
     device = pick_device("auto")
     probe = fit_probe(x["train"], labels["train"], config["l2"], features["num_classes"],

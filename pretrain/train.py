@@ -125,24 +125,29 @@ class Trainer:
                              f"{self.manifest['palette_sha256']}")
         resolve_model_section(cfg, self.manifest)
 
+        self.model_cfg = igpt_config(cfg)
+        with torch.device("meta"):  # shapes only: the counts without memory (ZeRO-3 partitions the real ones)
+            counted = IGPT(self.model_cfg)
+        self.num_params, self.flops_per_token = counted.num_params(), counted.flops_per_token()
+        self.ds_config = build_deepspeed_config(cfg, self.device)
+        zero3 = self.ds_config["zero_optimization"]["stage"] == 3
         _seed_everything(cfg["train"]["seed"])  # identical initial weights on every rank
-        self.model = IGPT(igpt_config(cfg))
-        self.model_cfg = self.model.cfg
-        self.num_params = self.model.num_params()  # before ZeRO-3 partitions the parameters away
-        self.flops_per_token = self.model.flops_per_token()
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
+            self.model = IGPT(self.model_cfg)  # ZeRO-3: each rank materialises only its partition
+        if zero3:  # the constructor's init ran on partitioned (empty) tensors: redo it on rank 0's full copy
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0):
+                self.model.reset_parameters()
         optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg["optim"]["lr"],
                                      betas=tuple(cfg["optim"]["betas"]), eps=cfg["optim"]["eps"],
                                      weight_decay=cfg["optim"]["weight_decay"])
-        self.ds_config = build_deepspeed_config(cfg, self.device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=LossModule(self.model), optimizer=optimizer,
                                                                  config=self.ds_config)
         self.zero_stage = self.engine.zero_optimization_stage()
         if cfg["train"]["compile"]:
             self.engine.compile()
         if self.zero_stage == 3:
-            # Tensors the top-level forward reads directly rather than through a submodule call.
-            for param in (self.model.wpe.weight, self.model.wte.weight):
-                deepspeed.zero.register_external_parameter(self.model, param)
+            # The top-level forward slices wpe.weight directly instead of calling the wpe module.
+            deepspeed.zero.register_external_parameter(self.model, self.model.wpe.weight)
         _seed_everything(cfg["train"]["seed"] + 1000 * self.rank)  # per-rank streams from here on
 
         t = cfg["train"]

@@ -279,6 +279,10 @@ def test_cli_reports_input_errors(releases, cifar_tokens, tmp_path, capsys):
                "--out", str(tmp_path), "--layers", "9"])
     assert rc == 2
     assert "layer index [9] out of range" in capsys.readouterr().err
+    rc = eval_main(["eval", "probe", "--checkpoint", str(releases["trained"]), "--data", str(cifar_tokens),
+                    "--out", str(tmp_path), "--set", "probe.l3=[1.0]"])
+    assert rc == 2
+    assert "search config key 'probe.l3'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- Ray Tune + MLflow
@@ -286,6 +290,9 @@ def test_cli_reports_input_errors(releases, cifar_tokens, tmp_path, capsys):
 def ray_session():
     import ray
 
+    if ray.is_initialized():  # another module's session: use it, leave it to its owner
+        yield
+        return
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -344,6 +351,7 @@ def test_finetune_tune_trials_with_asha(ray_session, releases, cifar_tokens, tmp
     summary = run_finetune(run, SplitOptions(), search)
     assert len(summary["trials"]) == 2
     assert summary["accuracy"] == max(t["best_val_acc"] for t in summary["trials"])
+    assert summary["accuracy"] == max(summary["best_trial_val_acc_per_epoch"])
     assert summary["accuracy"] > 0.15
     parent, children, artifacts = _mlflow_runs(summary["mlflow"]["tracking_uri"], summary["mlflow"]["parent_run_id"])
     assert parent.info.status == "FINISHED" and {"summary.json", "confusion_matrix.png"} <= artifacts

@@ -5,7 +5,6 @@ import math
 import os
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -102,21 +101,6 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(cifar_tokens, tmp_path
     log = read_log(run)
     assert "skipping checkpoint step_00000004" in log
     assert f"resumed from {run / 'checkpoints' / ckpt.tag_for(2)} at step 2" in log
-
-
-def test_incomplete_checkpoint_is_skipped_and_pruned(tmp_path):
-    root = tmp_path / "checkpoints"
-    for step in (1, 2, 3):
-        (root / ckpt.tag_for(step)).mkdir(parents=True)
-        (root / ckpt.tag_for(step) / "model.pt").write_bytes(b"x" * step)
-        if step != 3:
-            ckpt.write_marker(root / ckpt.tag_for(step), {"step": step})
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert [p.name for p in ckpt.find_resumable(tmp_path)] == [ckpt.tag_for(2), ckpt.tag_for(1)]
-    assert any("step_00000003" in str(w.message) and "incomplete" in str(w.message) for w in caught)
-    assert [p.name for p in ckpt.prune(tmp_path, keep_last=1)] == [ckpt.tag_for(1)]
-    assert sorted(p.name for p in root.iterdir()) == [ckpt.tag_for(2), ckpt.tag_for(3)]
 
 
 def test_nonfinite_loss_skips_steps_then_stops(cifar_tokens, tmp_path):

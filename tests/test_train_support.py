@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
+from pretrain import checkpoint as ckpt
 from pretrain.distributed import detect, expand_nodelist, free_port, setup_env
 from pretrain.schedule import lr_at
 
@@ -109,3 +111,18 @@ def test_distributed_env_from_srun_torchrun_and_plain():
     plain: dict[str, str] = {}
     d = setup_env(plain)
     assert (d.rank, d.world_size, d.launcher) == (0, 1, "single") and plain["MASTER_PORT"] == str(d.master_port)
+
+
+def test_incomplete_checkpoint_is_skipped_and_pruned(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        (root / ckpt.tag_for(step)).mkdir(parents=True)
+        (root / ckpt.tag_for(step) / "model.pt").write_bytes(b"x" * step)
+        if step != 3:
+            ckpt.write_marker(root / ckpt.tag_for(step), {"step": step})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [p.name for p in ckpt.find_resumable(tmp_path)] == [ckpt.tag_for(2), ckpt.tag_for(1)]
+    assert any("step_00000003" in str(w.message) and "incomplete" in str(w.message) for w in caught)
+    assert [p.name for p in ckpt.prune(tmp_path, keep_last=1)] == [ckpt.tag_for(1)]
+    assert sorted(p.name for p in root.iterdir()) == [ckpt.tag_for(2), ckpt.tag_for(3)]
