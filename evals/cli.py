@@ -81,7 +81,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     from evals.commands import run_probe
 
-    return _report(run_probe(_run(args), _splits(args), args.layers, _search(args), args.cache_dir))
+    return _report(run_probe(_run(args), _splits(args), args.layers, _search(args), args.cache_dir, args.baselines))
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -131,6 +131,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-split", default=None, help="report accuracy here (else on the validation split)")
     p.add_argument("--test-data", default=None, help="shard dir of --test-split when not --data")
     p.add_argument("--cache-dir", default=None, help="feature cache (default: OUT/feature_cache)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also probe raw pixels and a randomly initialised model of the same shape")
     p.set_defaults(func=_guard(cmd_probe))
 
     p = sub.add_parser("finetune", help="fine-tune with L_clf + lambda*L_gen (lr x lambda x epochs, ASHA)")

@@ -5,12 +5,13 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from data_pipeline.palette import load_palette
+from evals.baselines import PIXEL_LAYER, RANDOM_INIT, RAW_PIXELS, pixel_features, random_init_cache
 from evals.config import EvalSearchConfig
 from evals.features import FeatureCache
 from evals.inputs import EvalData, EvalInputError, check_compatible, load_checked, parse_layers, pick_device
@@ -151,25 +152,83 @@ def _accuracy_note(splits: SplitOptions) -> tuple[str, str]:
     return "test", f"accuracy on the test split {splits.test_split!r}; hyperparameters chosen on {splits.val_split!r}"
 
 
+FeatureFn = Callable[[EvalData, str], tuple[dict[int, np.ndarray], np.ndarray]]
+
+
+def _gather(features: FeatureFn, sources: dict[str, tuple[EvalData, str]]
+            ) -> tuple[dict[int, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """({layer: {train|val|test: (N, D)}}, {train|val|test: labels}) from one feature source."""
+    feats: dict[int, dict[str, np.ndarray]] = {}
+    labels: dict[str, np.ndarray] = {}
+    for key, (d, split) in sources.items():
+        by_layer, labels[key] = features(d, split)
+        for l, x in by_layer.items():
+            feats.setdefault(l, {})[key] = x
+    return feats, labels
+
+
+def _select(rows: list[dict[str, Any]], acc_key: str) -> tuple[dict[str, Any], dict[int, dict[str, float]]]:
+    """The best trial by validation accuracy (ties → the lower layer) and the best L2 of each layer."""
+    per_layer: dict[int, dict[str, float]] = {}
+    for l in sorted({r["config"]["layer"] for r in rows}):
+        best_l = max((r for r in rows if r["config"]["layer"] == l), key=lambda r: r["metrics"]["val_acc"])
+        per_layer[l] = {"l2": best_l["config"]["l2"], "val_acc": best_l["metrics"]["val_acc"],
+                        "eval_acc": best_l["metrics"][acc_key]}
+    best = max(rows, key=lambda r: (r["metrics"]["val_acc"], -r["config"]["layer"]))
+    return best, per_layer
+
+
+def _probe_baselines(run: EvalRun, sources: dict[str, tuple[EvalData, str]], layers: list[int], model_cfg: Any,
+                     num_classes: int, search: EvalSearchConfig, parent: ParentRun, acc_key: str,
+                     cache_root: Path) -> dict[str, dict[str, Any]]:
+    """The same probe grid on raw pixels and on a seeded random model of the same shape."""
+    device = pick_device(run.device)
+    seed = search.probe.baseline_seed
+    random_cache = random_init_cache(cache_root, model_cfg, seed)
+
+    def pixels(d: EvalData, split: str) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        x, y = pixel_features(d, split, batch_size=run.batch_size, limit=run.limit)
+        return {PIXEL_LAYER: x}, y
+
+    def random_init(d: EvalData, split: str) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        got = random_cache.get(d, split, layers, batch_size=run.batch_size, device=device, limit=run.limit)
+        random_cache.model.cpu()
+        return got
+
+    out = {}
+    for name, fn in ((RAW_PIXELS, pixels), (RANDOM_INIT, random_init)):
+        feats, labels = _gather(fn, sources)
+        rows = tune_probe(feats, labels, num_classes, sorted(feats), search.probe, search.resources, parent=parent,
+                          tracking_uri=run.uri, storage_path=_storage(run, search), features_name=name)
+        best, _ = _select(rows, acc_key)
+        layer = best["config"]["layer"]
+        out[name] = {"layer": None if layer == PIXEL_LAYER else layer, "l2": best["config"]["l2"],
+                     "val_acc": best["metrics"]["val_acc"], "accuracy": best["metrics"][acc_key],
+                     "trials": len(rows)}
+    out[RANDOM_INIT]["seed"] = seed
+    return out
+
+
 def run_probe(run: EvalRun, splits: SplitOptions, layers_spec: str, search: EvalSearchConfig,
-              cache_dir: str | None = None) -> dict[str, Any]:
-    """Linear probes over layers × L2 on a Ray Tune grid; best by validation accuracy."""
+              cache_dir: str | None = None, baselines: bool = False) -> dict[str, Any]:
+    """Linear probes over layers × L2 on a Ray Tune grid; best by validation accuracy.
+
+    With ``baselines`` the same grid also probes raw pixels and a randomly initialised model of the
+    same shape; the summary's ``beats_baselines`` says whether the model's accuracy beats both.
+    """
     data, model, sha = run.open()
     layers = parse_layers(layers_spec, model.cfg.n_layer)
     for s in (splits.train_split, splits.val_split):
         data.num_samples(s, labels=True)
     test_data = _eval_data(run, splits, data, model, sha)
-    cache = FeatureCache(cache_dir or Path(run.out) / "feature_cache", model)
+    cache_root = Path(cache_dir or Path(run.out) / "feature_cache")
+    cache = FeatureCache(cache_root, model)
     device = pick_device(run.device)
     sources = {"train": (data, splits.train_split), "val": (data, splits.val_split)}
     if test_data is not None:
         sources["test"] = (test_data, splits.test_split)
-    feats: dict[int, dict[str, np.ndarray]] = {l: {} for l in layers}
-    labels: dict[str, np.ndarray] = {}
-    for key, (d, split) in sources.items():
-        by_layer, labels[key] = cache.get(d, split, layers, batch_size=run.batch_size, device=device, limit=run.limit)
-        for l in layers:
-            feats[l][key] = by_layer[l]
+    feats, labels = _gather(
+        lambda d, s: cache.get(d, s, layers, batch_size=run.batch_size, device=device, limit=run.limit), sources)
     model.cpu()
     num_classes = data.num_classes(torch.as_tensor(np.concatenate(list(labels.values()))))
     eval_key, note = _accuracy_note(splits)
@@ -178,21 +237,20 @@ def run_probe(run: EvalRun, splits: SplitOptions, layers_spec: str, search: Eval
         parent.log_params({**run.params(), "eval": "probe", "layers": layers, "l2": search.probe.l2,
                            "max_iter": search.probe.max_iter, "train_split": splits.train_split,
                            "val_split": splits.val_split, "test_split": splits.test_split,
-                           "palette_sha256": sha, "checkpoint_id": cache.checkpoint_id})
+                           "palette_sha256": sha, "checkpoint_id": cache.checkpoint_id, "baselines": baselines})
         rows = tune_probe(feats, labels, num_classes, layers, search.probe, search.resources, parent=parent,
                           tracking_uri=run.uri, storage_path=_storage(run, search))
-        per_layer: dict[int, dict[str, float]] = {}
-        for l in layers:
-            best_l = max((r for r in rows if r["config"]["layer"] == l), key=lambda r: r["metrics"]["val_acc"])
-            per_layer[l] = {"l2": best_l["config"]["l2"], "val_acc": best_l["metrics"]["val_acc"],
-                            "eval_acc": best_l["metrics"][acc_key]}
-            parent.client.log_metric(parent.run_id, "probe_val_acc", per_layer[l]["val_acc"], step=l)
-            parent.client.log_metric(parent.run_id, f"probe_{eval_key}_acc", per_layer[l]["eval_acc"], step=l)
-        best = max(rows, key=lambda r: (r["metrics"]["val_acc"], -r["config"]["layer"]))
+        best, per_layer = _select(rows, acc_key)
+        for l, v in per_layer.items():
+            parent.client.log_metric(parent.run_id, "probe_val_acc", v["val_acc"], step=l)
+            parent.client.log_metric(parent.run_id, f"probe_{eval_key}_acc", v["eval_acc"], step=l)
+        base = (_probe_baselines(run, sources, layers, model.cfg, num_classes, search, parent, acc_key, cache_root)
+                if baselines else {})
         eval_split = splits.test_split if eval_key == "test" else splits.val_split
         cm = confusion_matrix(labels[eval_key], best["pred"], num_classes)
         out = Path(run.out)
-        parent.log_file(plot_layer_accuracy(per_layer, out / "probe_accuracy_per_layer.png", eval_split))
+        parent.log_file(plot_layer_accuracy(per_layer, out / "probe_accuracy_per_layer.png", eval_split,
+                                            {n: b["val_acc"] for n, b in base.items()}))
         parent.log_file(plot_confusion(cm, data.class_names, out / "confusion_matrix.png",
                                        f"probe layer {best['config']['layer']} on {eval_split}"))
         summary = {
@@ -205,6 +263,11 @@ def run_probe(run: EvalRun, splits: SplitOptions, layers_spec: str, search: Eval
         }
         parent.log_metrics({"accuracy": summary["accuracy"], "best_layer": summary["best"]["layer"],
                             "best_l2": summary["best"]["l2"], "best_val_acc": summary["best"]["val_acc"]})
+        if baselines:
+            summary["baselines"] = base
+            summary["beats_baselines"] = all(summary["accuracy"] > b["accuracy"] for b in base.values())
+            parent.log_metrics({**{f"baseline_{n}_acc": b["accuracy"] for n, b in base.items()},
+                                "beats_baselines": float(summary["beats_baselines"])})
         return _finish(parent, run, summary)
 
 

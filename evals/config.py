@@ -18,6 +18,7 @@ class ProbeSearch:
 
     l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
     max_iter: int = 500
+    baseline_seed: int = 0  # initialisation seed of the random-init baseline (`probe --baselines`)
 
 
 @dataclass

@@ -9,6 +9,7 @@ eval split in a Tune checkpoint, from which the driver draws the confusion matri
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import tempfile
@@ -99,14 +100,20 @@ def finetune_trial(config: dict[str, Any], inputs: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- drivers
+def _trial_name(prefix: str, trial: Any) -> str:
+    return f"{prefix}_{trial.trial_id}"
+
+
 def _run(
     trainable: Any, param_space: dict[str, Any], *, res: Resources, parent: ParentRun, tracking_uri: str,
     storage_path: str | Path, name: str, scheduler: Any = None, checkpoint_score: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> tune.ResultGrid:
+    """Run a Tune grid; trials are named ``{name}_{trial_id}`` and their MLflow runs carry ``tags``."""
     ensure_ray(res)
     trainable = tune.with_resources(trainable, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
     callback = MLflowLoggerCallback(
-        tracking_uri=tracking_uri, experiment_name=parent.experiment_name, tags=parent.child_tags
+        tracking_uri=tracking_uri, experiment_name=parent.experiment_name, tags={**parent.child_tags, **(tags or {})}
     )
     checkpoint_config = tune.CheckpointConfig(
         num_to_keep=1, checkpoint_score_attribute=checkpoint_score, checkpoint_score_order="max"
@@ -115,7 +122,8 @@ def _run(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric="val_acc", mode="max", scheduler=scheduler, max_concurrent_trials=res.max_concurrent_trials
+            metric="val_acc", mode="max", scheduler=scheduler, max_concurrent_trials=res.max_concurrent_trials,
+            trial_name_creator=functools.partial(_trial_name, name),
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=str(Path(storage_path).resolve()), callbacks=[callback], verbose=0,
@@ -133,9 +141,13 @@ def _run(
 def tune_probe(
     features: dict[int, dict[str, np.ndarray]], labels: dict[str, np.ndarray], num_classes: int,
     layers: list[int], search: ProbeSearch, res: Resources, *, parent: ParentRun, tracking_uri: str,
-    storage_path: str | Path,
+    storage_path: str | Path, features_name: str = "model",
 ) -> list[dict[str, Any]]:
-    """Run the layers × L2 grid; returns one row per trial (config, metrics, eval predictions)."""
+    """Run the layers × L2 grid; returns one row per trial (config, metrics, eval predictions).
+
+    ``features_name`` tells feature sets apart within one parent run: Tune experiment and trial
+    names ``probe`` (model features) or ``probe_<features_name>``, MLflow tag ``probe_features``.
+    """
     ensure_ray(res)
     payload = {
         "layers": {l: {s: ray.put(np.ascontiguousarray(x)) for s, x in features[l].items()} for l in layers},
@@ -144,7 +156,8 @@ def tune_probe(
     grid = _run(
         tune.with_parameters(probe_trial, features=payload),
         {"layer": tune.grid_search(layers), "l2": tune.grid_search(list(search.l2))},
-        res=res, parent=parent, tracking_uri=tracking_uri, storage_path=storage_path, name="probe",
+        res=res, parent=parent, tracking_uri=tracking_uri, storage_path=storage_path,
+        name="probe" if features_name == "model" else f"probe_{features_name}", tags={"probe_features": features_name},
     )
     return [{"config": dict(r.config), "metrics": dict(r.metrics), "pred": _load_pred(r)} for r in grid]
 

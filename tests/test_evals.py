@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from data_pipeline.palette import file_sha256, save_palette, uniform9_palette
+from evals.baselines import pixel_features, random_init_cache, random_init_model
 from evals.commands import (EvalRun, SampleOptions, SplitOptions, _accuracy_note, run_finetune, run_nll, run_probe,
                             run_sample)
 from evals.config import load_search_config
@@ -182,6 +183,29 @@ def test_feature_cache_extracts_once_and_matches_model(releases, cifar_tokens, t
     np.testing.assert_array_equal(labels, ref_labels.numpy())
     other = FeatureCache(tmp_path, load_model(releases["untrained"])[0])
     assert other.paths(data, "val", 2, limit=80)[0] != path
+
+
+def test_baseline_features_pixels_and_seeded_random_model(releases, cifar_tokens, tmp_path):
+    from data_pipeline.palette import load_palette
+    from pretrain.release import load_model
+
+    data = EvalData.open(cifar_tokens)
+    x, y = pixel_features(data, "val", batch_size=16, limit=40)
+    tokens, labels = data.tokens("val", labels=True, limit=40)
+    palette, _ = load_palette(cifar_tokens / "palette.npy")
+    assert x.shape == (40, RES * RES * 3) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[3].reshape(RES * RES, 3), palette[tokens[3].numpy()] / np.float32(255))
+    np.testing.assert_array_equal(y, labels.numpy())
+
+    trained = load_model(releases["trained"])[0]
+    state = torch.random.get_rng_state()
+    a, b = random_init_model(trained.cfg, 7), random_init_model(trained.cfg, 7)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.wte.weight, random_init_model(trained.cfg, 8).wte.weight)
+    cache = random_init_cache(tmp_path, trained.cfg, 7)
+    assert cache.checkpoint_id.startswith("random-init-")
+    assert cache.paths(data, "val", 1)[0] != FeatureCache(tmp_path, trained).paths(data, "val", 1)[0]
 
 
 # ----------------------------------------------------------------------------- probe
@@ -357,3 +381,38 @@ def test_finetune_tune_trials_with_asha(ray_session, releases, cifar_tokens, tmp
     assert parent.info.status == "FINISHED" and {"summary.json", "confusion_matrix.png"} <= artifacts
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert {c.data.params["lam"] for c in children} == {"0.0", "0.5"}
+
+
+@pytest.mark.slow
+def test_probe_baselines_in_the_same_run(ray_session, releases, cifar_tokens, tmp_path, capsys, tracking_uri):
+    out = tmp_path / "out"
+    rc = eval_main(["eval", "probe", "--checkpoint", str(releases["trained"]), "--data", str(cifar_tokens),
+                    "--out", str(out), "--tracking-uri", tracking_uri, "--layers", "2", "--baselines",
+                    "--set", "probe.l2=[0.01,1.0]", "--set", "probe.max_iter=100"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    base = summary["baselines"]
+    assert set(base) == {"raw_pixels", "random_init"}
+    assert base["raw_pixels"]["layer"] is None and base["random_init"]["layer"] == 2
+    assert base["random_init"]["seed"] == 0
+    assert all(b["trials"] == 2 and b["l2"] in (0.01, 1.0) for b in base.values())
+    assert base["raw_pixels"]["accuracy"] > 0.2  # 10 classes, chance 0.1: pixels carry signal
+    # no test split: accuracy is on the validation split, so it is the selected trial's val accuracy
+    assert all(b["accuracy"] == pytest.approx(b["val_acc"]) for b in base.values())
+    assert summary["beats_baselines"] == all(summary["accuracy"] > b["accuracy"] for b in base.values())
+    assert list((out / "feature_cache").glob("random-init-*/*/val-L2.npy"))  # cached apart from trained weights
+
+    parent, children, _ = _mlflow_runs(summary["mlflow"]["tracking_uri"], summary["mlflow"]["parent_run_id"])
+    for name in ("raw_pixels", "random_init"):
+        assert parent.data.metrics[f"baseline_{name}_acc"] == pytest.approx(base[name]["accuracy"])
+    assert parent.data.metrics["beats_baselines"] == float(summary["beats_baselines"])
+    by_features: dict[str, list] = {}
+    for c in children:
+        by_features.setdefault(c.data.tags["probe_features"], []).append(c)
+    assert {k: len(v) for k, v in by_features.items()} == {"model": 2, "raw_pixels": 2, "random_init": 2}
+    for name, runs in by_features.items():
+        prefix = "probe_" if name == "model" else f"probe_{name}_"
+        assert all(c.info.run_name.startswith(prefix) and c.info.status == "FINISHED" for c in runs)
+    assert {c.data.params["layer"] for c in by_features["raw_pixels"]} == {"-1"}
+    assert max(c.data.metrics["val_acc"] for c in by_features["raw_pixels"]) == pytest.approx(
+        base["raw_pixels"]["val_acc"])

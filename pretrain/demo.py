@@ -1,0 +1,205 @@
+"""``igpt demo``: the whole pipeline on CIFAR-10 on embedded defaults, idempotent stage by stage.
+
+palette (k-means 512) → token shards with a 10% validation split → DeepSpeed pretraining for a
+bounded number of steps → export → ``eval nll`` / ``sample`` / ``probe --baselines`` → a summary
+with the quality bar (probe beats raw pixels and a random network; bits/pixel well below 9).
+Every stage is skipped when its output is already complete, so a rerun continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CIFAR_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10-train"
+CIFAR_CLASSES = "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The embedded defaults of the main job (sized for ≤ 10 training minutes on 2 CPU cores)."""
+
+    workdir: str = "runs/demo"
+    source: str = str(CIFAR_DIR / "cifar10-train-{000000..000009}.tar")
+    resolution: int = 16
+    val_fraction: float = 0.1
+    limit: int | None = None  # only the first N images (the shortened job in tests)
+    train_config: str = str(REPO_ROOT / "configs" / "cifar10-demo.yaml")
+    train_overrides: tuple[str, ...] = ()
+    eval_limit: int | None = 5000  # images per split for nll and the probes
+    probe_layers: str = "all"
+    probe_l2: str = "[0.001,0.01,0.1,1.0]"
+
+
+QUICK = dict(limit=2000, train_overrides=("train.steps=12", "train.val_every=6", "train.sample_every=12",
+                                          "checkpoint.every=6", "train.log_every=3"),
+             eval_limit=400, probe_l2="[0.01,1.0]")
+
+
+def _log(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def palette_stage(s: DemoSettings, work: Path) -> Path:
+    """k-means 512 palette fitted on the source images (kept if present)."""
+    from data_pipeline.fit import fit_palette_from_sources
+    from data_pipeline.palette import save_palette
+
+    path = work / "palette.npy"
+    if path.is_file():
+        _log(f"palette: reusing {path}")
+        return path
+    _log("palette: k-means with k=512 on sampled pixels")
+    palette = fit_palette_from_sources([s.source], resolution=s.resolution, max_images=10000 if s.limit is None
+                                       else min(s.limit, 10000))
+    save_palette(palette, path)
+    return path
+
+
+def shard_stage(s: DemoSettings, work: Path, palette: Path) -> Path:
+    """Token shards with a deterministic validation split at 32×32 and, if it differs, at the training
+    resolution; returns the latter (the sharder itself resumes)."""
+    from data_pipeline.shard import shard_dataset
+
+    for resolution in sorted({32, s.resolution}):
+        out = work / f"tokens{resolution}"
+        _log(f"shards: {out}")
+        shard_dataset([s.source], out, palette, resolution, val_fraction=s.val_fraction, shard_size=1000,
+                      limit=s.limit, class_names=CIFAR_CLASSES.split(","), progress=False)
+    return out.with_name(f"tokens{s.resolution}")
+
+
+def train_stage(s: DemoSettings, work: Path, data: Path, tracking_uri: str) -> Path:
+    """DeepSpeed pretraining in a child process (resumes from its newest checkpoint) and the export."""
+    from pretrain.config import load_config
+
+    run_dir = work / "run"
+    release = work / "release"
+    if (release / "model.safetensors").is_file():
+        _log(f"train: reusing {release}")
+        return release
+    overrides = [f"data.dir={data}", f"train.run_dir={run_dir}", f"logging.tracking_uri={tracking_uri}",
+                 *s.train_overrides]
+    load_config(s.train_config, overrides)  # a bad key fails here, before a process is started
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", s.train_config, *overrides, "--resume", "auto"]
+    _log("train: " + " ".join(cmd))
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    subprocess.run(cmd, check=True, env=env, cwd=REPO_ROOT)
+    subprocess.run([sys.executable, "-m", "pretrain.cli", "export", str(run_dir), "--out", str(release)],
+                   check=True, env=env, cwd=REPO_ROOT)
+    return release
+
+
+def eval_stage(s: DemoSettings, work: Path, data: Path, release: Path, tracking_uri: str) -> dict[str, Any]:
+    """nll, completions and probes with baselines, each cached as its summary.json."""
+    from evals.config import load_search_config
+    from evals.commands import EvalRun, SampleOptions, SplitOptions, run_nll, run_probe, run_sample
+
+    def run(name: str) -> EvalRun:
+        return EvalRun(checkpoint=str(release), data=str(data), out=str(work / "evals" / name),
+                       limit=s.eval_limit, tracking_uri=tracking_uri, experiment="igpt-demo", run_name=name)
+
+    results: dict[str, Any] = {}
+    jobs = {
+        "nll": lambda: run_nll(run("nll"), split="val"),
+        "sample": lambda: run_sample(run("sample"), SampleOptions(num_samples=16, num_images=8, per_image=3)),
+        "probe": lambda: run_probe(run("probe"), SplitOptions(), s.probe_layers,
+                                   load_search_config(None, [f"probe.l2={s.probe_l2}"]), baselines=True),
+    }
+    for name, job in jobs.items():
+        summary = work / "evals" / name / "summary.json"
+        if summary.is_file():
+            _log(f"eval {name}: reusing {summary}")
+            results[name] = json.loads(summary.read_text())
+        else:
+            _log(f"eval {name}")
+            results[name] = job()
+    return results
+
+
+def quality_bar(results: dict[str, Any]) -> dict[str, Any]:
+    """The checks the demo must pass, with the numbers behind them."""
+    probe = results["probe"]
+    base = probe["baselines"]
+    bpp = results["nll"]["bits_per_pixel"]
+    untrained_bpp = math.log2(512)
+    return {
+        "probe_accuracy": probe["accuracy"],
+        "raw_pixels_accuracy": base["raw_pixels"]["accuracy"],
+        "random_init_accuracy": base["random_init"]["accuracy"],
+        "val_bits_per_pixel": bpp,
+        "untrained_bits_per_pixel": untrained_bpp,
+        "beats_raw_pixels": probe["accuracy"] > base["raw_pixels"]["accuracy"],
+        "beats_random_init": probe["accuracy"] > base["random_init"]["accuracy"],
+        "bpp_well_below_untrained": bpp < untrained_bpp - 3.0,
+    }
+
+
+def run_demo(s: DemoSettings) -> dict[str, Any]:
+    """Run every stage (reusing finished ones); write and return the summary."""
+    work = Path(s.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    db = work / "mlflow.db"
+    tracking_uri = f"sqlite:///{db}"
+    palette = palette_stage(s, work)
+    data = shard_stage(s, work, palette)
+    release = train_stage(s, work, data, tracking_uri)
+    results = eval_stage(s, work, data, release, tracking_uri)
+    summary = {
+        "settings": asdict(s),
+        "quality_bar": quality_bar(results),
+        "artifacts": {
+            "palette": str(palette), "token_shards": str(data), "run_dir": str(work / "run"),
+            "release": str(release), **results["sample"]["files"],
+            "probe_per_layer_plot": str(work / "evals" / "probe" / "probe_accuracy_per_layer.png"),
+        },
+        "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1",
+        "evals": {k: {kk: v for kk, v in r.items() if kk != "confusion_matrix"} for k, r in results.items()},
+    }
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    """The few lines a person reads at the end of the job."""
+    q = summary["quality_bar"]
+    mark = {True: "PASS", False: "FAIL"}
+    lines = [
+        "iGPT demo on CIFAR-10 — summary",
+        f"  validation bits/pixel: {q['val_bits_per_pixel']:.3f} (untrained: {q['untrained_bits_per_pixel']:.1f})"
+        f"  [{mark[q['bpp_well_below_untrained']]}]",
+        f"  linear probe accuracy: {q['probe_accuracy']:.3f}",
+        f"    vs raw pixels:       {q['raw_pixels_accuracy']:.3f}  [{mark[q['beats_raw_pixels']]}]",
+        f"    vs random network:   {q['random_init_accuracy']:.3f}  [{mark[q['beats_random_init']]}]",
+        "  artifacts:",
+        *[f"    {k}: {v}" for k, v in summary["artifacts"].items()],
+        f"  open MLflow: {summary['mlflow_ui']}",
+    ]
+    return "\n".join(lines)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    s = DemoSettings(workdir=args.workdir)
+    if args.quick:
+        s = replace(s, **QUICK)
+    if args.resolution is not None:
+        s = replace(s, resolution=args.resolution)
+    summary = run_demo(s)
+    print(format_report(summary))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``demo`` (the main job) to the ``igpt`` command."""
+    p = subparsers.add_parser("demo", help="the whole pipeline on CIFAR-10 (palette → shards → train → evals)")
+    p.add_argument("--workdir", default="runs/demo", help="where every stage writes (rerun to resume)")
+    p.add_argument("--quick", action="store_true", help="a shortened job (2,000 images, a few steps) for smoke tests")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default 16)")
+    p.set_defaults(func=_cmd_demo)
