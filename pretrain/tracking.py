@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
 
 from pretrain.config import flatten
 
@@ -98,6 +96,8 @@ class Tracker:
         uri = cfg["logging"]["tracking_uri"] or f"sqlite:///{run_dir / 'mlflow.db'}"
         # With the embedded store, artifacts live beside it; a server decides for itself.
         artifacts = None if cfg["logging"]["tracking_uri"] else (run_dir / "mlartifacts").as_uri()
+        from mlflow.tracking import MlflowClient  # imported here: GPU boxes without MLflow still benchmark
+
         self.client = MlflowClient(tracking_uri=uri)
         id_file = run_dir / RUN_ID_FILE
         if id_file.is_file():
@@ -114,6 +114,8 @@ class Tracker:
         self.run_id = run.info.run_id
         params = {k: str(v)[:6000] for k, v in flatten(cfg).items()}
         items = list(params.items())
+        from mlflow.entities import Param
+
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
         tmp = id_file.with_name(f".{RUN_ID_FILE}.tmp")
@@ -124,6 +126,8 @@ class Tracker:
         if not self.enabled:
             return
         now = int(time.time() * 1000)
+        from mlflow.entities import Metric
+
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
