@@ -157,6 +157,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.nonfinite_total = 0
+        self.grad_norm = float("nan")  # of the last applied step, where DeepSpeed keeps none
         self.resumed_from: str | None = None
         if resume is not None:
             self._resume(resume)
@@ -272,6 +273,14 @@ class Trainer:
         self.tracker.log_image(image_grid(pairs, ncol=n), f"samples/step_{self.step:08d}_completions.png")
 
     # ------------------------------------------------------------ one optimizer step
+    def _grad_norm_before_step(self) -> float:
+        """The global gradient norm where DeepSpeed does not record one (ZeRO-0 with a torch optimizer
+        clips through torch and keeps no norm); ZeRO-1/2/3 gradients are partitioned and DeepSpeed records it."""
+        if self.zero_stage != 0:
+            return float("nan")
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
     def train_step(self, batches: Iterator[dict]) -> tuple[float, bool]:
         """Run one optimizer step; return (mean global loss, whether it was skipped as non-finite)."""
         t = self.cfg["train"]
@@ -296,6 +305,8 @@ class Trainer:
                     continue
             losses.append(mean)
             self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary():
+                self.grad_norm = self._grad_norm_before_step()
             self.engine.step()
         if skipped and losses and self.engine.was_step_applied():
             raise NonFiniteLossError(
@@ -322,7 +333,8 @@ class Trainer:
                     loss, skipped = self.train_step(batches)
                     window_seconds += time.perf_counter() - t0
                     grad_norm = self.engine.get_global_grad_norm()
-                    grad_norm = float(grad_norm) if grad_norm is not None and not skipped else float("nan")
+                    grad_norm = self.grad_norm if grad_norm is None else float(grad_norm)
+                    grad_norm = float("nan") if skipped else grad_norm
                     self.step += 1
                     if skipped:
                         consecutive_nonfinite += 1
