@@ -40,7 +40,7 @@ class DemoSettings:
 
 QUICK = dict(limit=2000, train_overrides=("train.steps=12", "train.val_every=6", "train.sample_every=12",
                                           "checkpoint.every=6", "train.log_every=3"),
-             eval_limit=400, probe_l2="[0.01,1.0]")
+             eval_limit=400, probe_layers="mid", probe_l2="[0.01,1.0]")
 
 
 def _log(msg: str) -> None:

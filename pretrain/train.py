@@ -139,7 +139,8 @@ class Trainer:
                 self.model.reset_parameters()
         optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg["optim"]["lr"],
                                      betas=tuple(cfg["optim"]["betas"]), eps=cfg["optim"]["eps"],
-                                     weight_decay=cfg["optim"]["weight_decay"])
+                                     weight_decay=cfg["optim"]["weight_decay"],
+                                     fused=self.device == "cuda" or None)  # one kernel per step on GPU
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=LossModule(self.model), optimizer=optimizer,
                                                                  config=self.ds_config)
         self.zero_stage = self.engine.zero_optimization_stage()

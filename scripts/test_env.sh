@@ -6,5 +6,6 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/igpt-torch-extensions}"
 export MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false
 export RAY_USAGE_STATS_ENABLED=0
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 export TOKENIZERS_PARALLELISM=false
 exec "$@"

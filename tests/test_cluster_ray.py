@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,9 +32,14 @@ def _free_port() -> int:
 def ray_head():
     """`ray start --head --block` in its own process group, dashboard on 127.0.0.1; stopped by its PID.
 
-    Its own --temp-dir keeps other tests' `ray.init()` from finding it (never `ray stop`)."""
+    Its own --temp-dir keeps other tests' `ray.init()` from finding it (never `ray stop`). Token
+    authentication is off for this 127.0.0.1-only cluster, in the head and in this process: Ray
+    otherwise turns it on whenever a shared ~/.ray/auth_token exists, which other Ray users of this
+    host may rewrite while the cluster runs."""
     temp_dir = tempfile.mkdtemp(prefix="igr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     dash_port = _free_port()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "disabled")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     log = open(Path(temp_dir) / "head.out", "wb")
@@ -53,7 +59,8 @@ def ray_head():
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"Ray job server not up at {address}")
+                    raise TimeoutError(f"Ray job server not up at {address}:\n"
+                                       f"{(Path(temp_dir) / 'head.out').read_text()[-3000:]}")
                 time.sleep(1)
         yield address
     finally:
@@ -68,6 +75,8 @@ def ray_head():
         except ProcessLookupError:
             pass
         log.close()
+        mp.undo()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _launch(argv: list[str]) -> int:

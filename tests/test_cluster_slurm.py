@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -172,6 +173,7 @@ def test_ray_cluster_inside_slurm_runs_a_probe_eval(preempted_training, slurm, c
 
     run_dir, tmp = preempted_training["run_dir"], preempted_training["tmp"]
     ray_tmp = tempfile.mkdtemp(prefix="igs", dir="/tmp")  # keeps other tests' ray.init() away from it
+    # Token auth off for this local cluster (see test_cluster_ray.ray_head).
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dashboard_port = s.getsockname()[1]
@@ -184,9 +186,11 @@ def test_ray_cluster_inside_slurm_runs_a_probe_eval(preempted_training, slurm, c
              "eval", "probe", "--checkpoint", str(run_dir), "--data", str(cifar_tokens), "--out", str(tmp / "probe"),
              "--device", "cpu", "--limit", "200", "--layers", "mid", "--tracking-uri", store,
              "--set", "probe.l2=[0.01]", "--set", "probe.max_iter=50"],
-            cwd=REPO, env=dict(slurm.env, RAY_TMPDIR=ray_tmp), capture_output=True, text=True, timeout=600)
+            cwd=REPO, env=dict(slurm.env, RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled"),
+            capture_output=True, text=True, timeout=600)
     finally:
         _kill_processes_mentioning(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     job_id = proc.stdout.split()[0]
     text = (tmp / "logs" / f"ray-{job_id}.out").read_text()
     assert proc.returncode == 0, proc.stdout + proc.stderr + text
