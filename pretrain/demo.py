@@ -35,9 +35,11 @@ class DemoSettings:
     train_overrides: tuple[str, ...] = ()
     eval_limit: int | None = 5000  # images per split for nll and the probes
     probe_layers: str = "all"
-    probe_l2: str = "[0.001,0.01,0.1,1.0]"
+    probe_l2: str = "[0.0001,0.001,0.01,0.1,1.0]"
 
 
+GPU_RECIPE = dict(workdir="runs/demo-gpu", resolution=32, train_config=str(REPO_ROOT / "configs" / "cifar10-gpu-recipe.yaml"),
+                  eval_limit=None, probe_layers="4,5,6,7,8,9")
 QUICK = dict(limit=2000, train_overrides=("train.steps=12", "train.val_every=6", "train.sample_every=12",
                                           "checkpoint.every=6", "train.log_every=3"),
              eval_limit=400, probe_layers="mid", probe_l2="[0.01,1.0]")
@@ -185,12 +187,15 @@ def format_report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+RECIPES = {"cpu": {}, "gpu": GPU_RECIPE}
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    s = DemoSettings(workdir=args.workdir)
+    s = replace(DemoSettings(), **RECIPES[args.recipe])
     if args.quick:
         s = replace(s, **QUICK)
-    if args.resolution is not None:
-        s = replace(s, resolution=args.resolution)
+    given = {"workdir": args.workdir, "source": args.source, "resolution": args.resolution}
+    s = replace(s, **{k: v for k, v in given.items() if v is not None})
     summary = run_demo(s)
     print(format_report(summary))
     return 0
@@ -199,7 +204,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``demo`` (the main job) to the ``igpt`` command."""
     p = subparsers.add_parser("demo", help="the whole pipeline on CIFAR-10 (palette → shards → train → evals)")
-    p.add_argument("--workdir", default="runs/demo", help="where every stage writes (rerun to resume)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu",
+                   help="cpu: ~10 training minutes on 2 cores at 16x16; gpu: ~6 minutes on one GPU at 32x32")
+    p.add_argument("--workdir", default=None, help="where every stage writes (rerun to resume; default runs/demo[-gpu])")
+    p.add_argument("--source", default=None, help="raw-image CIFAR-10 WebDataset tars (default ../shared/data/...)")
     p.add_argument("--quick", action="store_true", help="a shortened job (2,000 images, a few steps) for smoke tests")
-    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default 16)")
+    p.add_argument("--resolution", type=int, default=None, help="training image side in pixels")
     p.set_defaults(func=_cmd_demo)
