@@ -80,6 +80,8 @@ def shard_stage(s: DemoSettings, work: Path, palette: Path) -> Path:
 
 def train_stage(s: DemoSettings, work: Path, data: Path, tracking_uri: str) -> Path:
     """DeepSpeed pretraining in a child process (resumes from its newest checkpoint) and the export."""
+    import torch
+
     from pretrain.config import load_config
 
     run_dir = work / "run"
@@ -92,7 +94,9 @@ def train_stage(s: DemoSettings, work: Path, data: Path, tracking_uri: str) -> P
     load_config(s.train_config, overrides)  # a bad key fails here, before a process is started
     cmd = [sys.executable, "-m", "pretrain.cli", "train", s.train_config, *overrides, "--resume", "auto"]
     _log("train: " + " ".join(cmd))
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise look for CUDA
     subprocess.run(cmd, check=True, env=env, cwd=REPO_ROOT)
     subprocess.run([sys.executable, "-m", "pretrain.cli", "export", str(run_dir), "--out", str(release)],
                    check=True, env=env, cwd=REPO_ROOT)
