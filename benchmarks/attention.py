@@ -117,18 +117,23 @@ def _compile_job(job) -> str | None:
 
 def precompile(head_dims, workers: int) -> None:
     """Compile every autotuning candidate in parallel processes, so autotuning only times them."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     space = importlib.import_module("kernels.flash_attention").AUTOTUNE_SPACE
     n = max(len(c) for c in space.values())
     jobs = [(d, {kind: cands[i % len(cands)] for kind, cands in space.items()}) for d in head_dims for i in range(n)]
+    _compile_in_parallel(_compile_job, jobs, workers, "config sets")
+
+
+def _compile_in_parallel(job_fn, jobs: list, workers: int, what: str) -> None:
+    """Run compile jobs in spawned processes (filling Triton's disk cache), printing each failure."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
     t0 = time.time()
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
-        for err in pool.map(_compile_job, jobs):
+        for err in pool.map(job_fn, jobs):
             if err:
                 print("precompile:", err, flush=True)
-    print(f"precompiled {len(jobs)} config sets in {time.time() - t0:.0f} s", flush=True)
+    print(f"precompiled {len(jobs)} {what} in {time.time() - t0:.0f} s", flush=True)
 
 
 def run_shape(shape, impls) -> dict:
@@ -181,18 +186,10 @@ def _sweep_compile_job(job) -> str | None:
 
 def precompile_sweep(shapes, bench_shapes, workers: int) -> None:
     """Compile every sweep candidate, and the default configs of the benchmark shapes, in parallel processes."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     jobs = [(s, "bwd", cfg) for s in shapes for cfg in sweep_space("bwd")]
     jobs += [((1, 2, s, d), "defaults", None) for _, _, s, d in bench_shapes]  # same specialisation as (B, H, s, d)
     jobs.sort(key=lambda j: -(j[0][3] if j[2] is None else j[0][3] * j[2][0] * j[2][1] // j[2][2]))  # slow first
-    t0 = time.time()
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
-        for err in pool.map(_sweep_compile_job, jobs):
-            if err:
-                print("precompile:", err, flush=True)
-    print(f"precompiled {len(jobs)} sweep jobs in {time.time() - t0:.0f} s", flush=True)
+    _compile_in_parallel(_sweep_compile_job, jobs, workers, "sweep jobs")
 
 
 def _bench_ms(fn) -> float:

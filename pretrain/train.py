@@ -275,9 +275,9 @@ class Trainer:
 
     # ------------------------------------------------------------ one optimizer step
     def _grad_norm_before_step(self) -> float:
-        """The global gradient norm where DeepSpeed does not record one (ZeRO-0 with a torch optimizer
-        clips through torch and keeps no norm); ZeRO-1/2/3 gradients are partitioned and DeepSpeed records it."""
-        if self.zero_stage != 0:
+        """The global gradient norm where DeepSpeed records none: ZeRO-0 in fp32 with a torch optimizer clips
+        through torch and keeps no norm. Elsewhere (bf16, ZeRO-1/2/3) DeepSpeed records it: NaN, unused."""
+        if self.zero_stage != 0 or self.ds_config["bf16"]["enabled"]:
             return float("nan")
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
