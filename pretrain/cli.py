@@ -5,7 +5,11 @@ import argparse
 
 
 def _train(args: argparse.Namespace) -> int:
+    import faulthandler
+
     from pretrain.config import load_config
+
+    faulthandler.enable()  # a rank that dies on a signal leaves its Python stacks in its log
     from pretrain.train import train
 
     cfg = load_config(args.config, args.overrides)

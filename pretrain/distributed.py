@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from typing import MutableMapping
 
@@ -77,3 +78,26 @@ def setup_env(env: MutableMapping[str, str] | None = None) -> DistEnv:
     env["WORLD_SIZE"] = str(dist_env.world_size)
     env["MASTER_ADDR"], env["MASTER_PORT"] = dist_env.master_addr, str(dist_env.master_port)
     return dist_env
+
+
+def shutdown(timeout_s: float = 60.0) -> None:
+    """Tear the default process group down with rank 0 leaving last.
+
+    Rank 0 hosts the rendezvous store; a peer still tearing down when rank 0's sockets close can
+    abort (SIGABRT) instead of exiting 0. So every rank destroys its group, then checks in on the
+    store, and rank 0 waits for all check-ins (up to ``timeout_s``) before it returns.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    store = dist.distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dist.barrier()
+    dist.destroy_process_group()
+    key = "igpt/shutdown"
+    store.add(key, 1)
+    if rank == 0:
+        deadline = time.monotonic() + timeout_s
+        while store.add(key, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.01)

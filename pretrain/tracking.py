@@ -63,11 +63,22 @@ def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, peak: floa
 
 
 def memory_gb(device: str) -> float:
-    """Peak memory: CUDA allocated on GPU, the process's max resident set on CPU (GB)."""
+    """Peak memory: CUDA allocated on GPU, the process's peak resident set on CPU (GB).
+
+    On Linux the CPU figure is VmHWM, which starts afresh at exec; ``ru_maxrss`` (the fallback
+    elsewhere) keeps the peak of the process that spawned us, e.g. a large pytest or launcher.
+    """
     if device == "cuda":
         import torch
 
         return torch.cuda.max_memory_allocated() / 1e9
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 

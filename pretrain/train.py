@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from pretrain import checkpoint as ckpt
 from pretrain.config import MODEL_FIELDS, igpt_config, save_config
 from pretrain.deepspeed_config import build_deepspeed_config, resolve_device
-from pretrain.distributed import setup_env
+from pretrain.distributed import setup_env, shutdown
 from pretrain.model import IGPT
 from pretrain.schedule import lr_at
 from pretrain.tracking import Tracker, image_grid, memory_gb, mfu, peak_flops
@@ -401,9 +401,10 @@ def train(cfg: dict, resume: str | None = None) -> int:
     """Train with the resolved config ``cfg``; the exit code (0, or the preemption requeue code)."""
     trainer = Trainer(cfg, resume)
     try:
-        return trainer.run()
+        code = trainer.run()
     finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
         sys.stdout.flush()
+    # Only on a clean return: after an error the peers may never reach the shutdown barrier.
+    trainer.engine.destroy()  # removes ZeRO hooks and frees buffers before the group goes
+    shutdown()
+    return code

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from data_pipeline.loader import iterate_split
 from data_pipeline.palette import file_sha256
 from pretrain.release import load_model
-from test_train_support import REPO, read_log, run_overrides, train_ranks
+from test_train_support import REPO, all_logs, run_overrides, train_ranks
 
 
 @pytest.mark.slow
@@ -20,7 +20,7 @@ def test_export_zero3_release_loads_without_deepspeed_and_matches(cifar_tokens, 
     run, out = tmp_path / "run", tmp_path / "release"
     args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=3, train__steps=3, train__val_every=3,
                          train__val_batches=2)
-    assert train_ranks(args, run, torchrun=True) == [0], read_log(run)  # 2 ranks started by torchrun
+    assert train_ranks(args, run, torchrun=True) == [0], all_logs(run)  # 2 ranks started by torchrun
     export = [sys.executable, "-m", "pretrain.cli", "export", str(run), "--out", str(out)]
     subprocess.run(export, cwd=REPO, check=True, capture_output=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "palette.npy"]

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from pretrain import checkpoint as ckpt
 from pretrain.train import FAULT_KILL_ENV
-from test_train_support import launch, read_log, run_overrides, step_losses, train_ranks, wait_all
+from test_train_support import all_logs, launch, read_log, run_overrides, step_losses, train_ranks, wait_all
 
 pytestmark = pytest.mark.slow
 N = 4  # steps before the kill; the reference run trains 2N
@@ -23,7 +23,7 @@ def test_loss_falls_and_exact_resume_after_sigkill(cifar_tokens, tmp_path, stage
     """2N uninterrupted steps vs N steps, kill -9 of every rank, resume, N more: identical losses."""
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     common = dict(deepspeed__zero_stage=stage, train__steps=2 * N, train__precision="fp32")
-    assert train_ranks(run_overrides(cifar_tokens, ref, **common), ref) == [0, 0], read_log(ref)
+    assert train_ranks(run_overrides(cifar_tokens, ref, **common), ref) == [0, 0], all_logs(ref)
     expected = step_losses(ref)
     assert sorted(expected) == list(range(1, 2 * N + 1))
     first, last = expected[1], sum(expected[s] for s in range(2 * N - 1, 2 * N + 1)) / 2
@@ -32,11 +32,11 @@ def test_loss_falls_and_exact_resume_after_sigkill(cifar_tokens, tmp_path, stage
 
     cut_args = run_overrides(cifar_tokens, cut, checkpoint__every=N, **common)
     codes = train_ranks(cut_args, cut, env={FAULT_KILL_ENV: str(N)})
-    assert codes == [-signal.SIGKILL, -signal.SIGKILL], read_log(cut)
+    assert codes == [-signal.SIGKILL, -signal.SIGKILL], all_logs(cut)
     assert [p.name for p in ckpt.find_resumable(cut)] == [ckpt.tag_for(N)]
     assert max(step_losses(cut)) == N
 
-    assert train_ranks(cut_args, cut, resume="auto") == [0, 0], read_log(cut)
+    assert train_ranks(cut_args, cut, resume="auto") == [0, 0], all_logs(cut)
     assert f"resumed from {cut / 'checkpoints' / ckpt.tag_for(N)} at step {N}" in read_log(cut)
     assert step_losses(cut) == expected  # bit-identical per-step losses, steps 1..2N
 
@@ -49,11 +49,11 @@ def test_zero1_preemption_checkpoint_resume_and_mlflow(cifar_tokens, tmp_path):
     procs = launch(args, log=tmp_path / "run")
     deadline = time.time() + 300
     while not (run / "losses.jsonl").is_file() or len(step_losses(run)) < 4:
-        assert time.time() < deadline and all(p.poll() is None for p in procs), read_log(run)
+        assert time.time() < deadline and all(p.poll() is None for p in procs), all_logs(run)
         time.sleep(0.2)
     for p in procs:
         os.kill(p.pid, signal.SIGUSR1)
-    assert wait_all(procs) == [124, 124], read_log(run)
+    assert wait_all(procs) == [124, 124], all_logs(run)
     stopped = max(step_losses(run))
     assert 4 <= stopped < 400
     assert [p.name for p in ckpt.find_resumable(run)] == [ckpt.tag_for(stopped)]
@@ -61,7 +61,7 @@ def test_zero1_preemption_checkpoint_resume_and_mlflow(cifar_tokens, tmp_path):
 
     final = stopped + 3
     resumed_args = [a for a in args if not a.startswith("train.steps=")] + [f"train.steps={final}"]
-    assert train_ranks(resumed_args, run, resume="auto") == [0, 0], read_log(run)
+    assert train_ranks(resumed_args, run, resume="auto") == [0, 0], all_logs(run)
     losses = step_losses(run)
     assert sorted(losses) == list(range(1, final + 1))
     assert (losses[final] + losses[final - 1]) / 2 < losses[1] - 0.1, losses  # ZeRO-1 learns too
@@ -87,7 +87,7 @@ def test_zero1_preemption_checkpoint_resume_and_mlflow(cifar_tokens, tmp_path):
 def test_corrupt_latest_checkpoint_falls_back_to_previous(cifar_tokens, tmp_path):
     run = tmp_path / "run"
     args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=0, train__steps=4, checkpoint__every=2)
-    assert train_ranks(args, run, nprocs=1) == [0], read_log(run)
+    assert train_ranks(args, run, nprocs=1) == [0], all_logs(run)
     assert [p.name for p in ckpt.find_resumable(run)] == [ckpt.tag_for(4), ckpt.tag_for(2)]
     states = run / "checkpoints" / ckpt.tag_for(4) / "mp_rank_00_model_states.pt"
     data = bytearray(states.read_bytes())
@@ -97,7 +97,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(cifar_tokens, tmp_path
         assert [p.name for p in ckpt.find_resumable(run)] == [ckpt.tag_for(2)]
 
     longer = [a for a in args if not a.startswith("train.steps=")] + ["train.steps=5"]
-    assert train_ranks(longer, run, nprocs=1, resume="auto") == [0], read_log(run)
+    assert train_ranks(longer, run, nprocs=1, resume="auto") == [0], all_logs(run)
     log = read_log(run)
     assert "skipping checkpoint step_00000004" in log
     assert f"resumed from {run / 'checkpoints' / ckpt.tag_for(2)} at step 2" in log

@@ -78,6 +78,12 @@ def read_log(run_dir: Path, rank: int = 0) -> str:
     return (run_dir.parent / f"{run_dir.name}.rank{rank}.log").read_text()
 
 
+def all_logs(run_dir: Path) -> str:
+    """Every rank's log, headed by its file name: the message for a failed exit-code assertion."""
+    logs = sorted(run_dir.parent.glob(f"{run_dir.name}.rank*.log"))
+    return "\n".join(f"==> {p.name} <==\n{p.read_text()}" for p in logs)
+
+
 def step_losses(run_dir: Path) -> dict[int, float]:
     """Per-step global loss from RUN_DIR/losses.jsonl (the last record of a step wins)."""
     out: dict[int, float] = {}
