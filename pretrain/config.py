@@ -96,8 +96,10 @@ class CheckpointSection:
 
 @dataclass
 class LoggingSection:
-    """MLflow tracking (rank 0). ``tracking_uri`` None means ``sqlite:///RUN_DIR/mlflow.db``."""
+    """Tracking (rank 0): ``backend`` mlflow, or jsonl for plain files where MLflow is not installed
+    (see pretrain.tracking). ``tracking_uri`` None means ``sqlite:///RUN_DIR/mlflow.db``."""
 
+    backend: str = "mlflow"
     tracking_uri: Optional[str] = None
     experiment: str = "igpt-pretrain"
     run_name: Optional[str] = None
@@ -140,6 +142,7 @@ _CHOICES = {
     "deepspeed.offload_param": ("none", "cpu", "nvme"),
     "model.attn_backend": ("sdpa", "triton", "reference"),
     "model.objective": ("ar", "bert"),
+    "logging.backend": ("mlflow", "jsonl"),
 }
 
 

@@ -1,6 +1,10 @@
-"""MLflow tracking for a training run (rank 0 only) and the throughput / MFU arithmetic.
+"""Tracking for a training run (rank 0 only) and the throughput / MFU arithmetic.
 
-With the default store (``sqlite:///RUN_DIR/mlflow.db``) artifacts go to ``RUN_DIR/mlartifacts``.
+``logging.backend`` picks the tracker: ``mlflow`` (the default) or ``jsonl``, plain files for
+machines without MLflow: ``RUN_DIR/tracking/`` holds ``params.json``, ``metrics.jsonl`` (one line per
+logging call: step, time and the metrics), ``tags.json``, ``status`` and the PNG artifacts.
+
+With the default MLflow store (``sqlite:///RUN_DIR/mlflow.db``) artifacts go to ``RUN_DIR/mlartifacts``.
 
 One MLflow run per training run: its id is kept in ``RUN_DIR/mlflow_run_id`` so a resumed run
 logs into the same MLflow run. The tracking URI defaults to ``sqlite:///RUN_DIR/mlflow.db``; any
@@ -13,6 +17,7 @@ no activation-recomputation credit) / world size. The peak per device comes from
 """
 from __future__ import annotations
 
+import json
 import os
 import resource
 import time
@@ -95,7 +100,13 @@ def image_grid(images: np.ndarray, ncol: int, scale: int = 4, pad: int = 2) -> n
     return grid
 
 
-class Tracker:
+def open_tracker(cfg: dict, run_dir: str | os.PathLike, rank: int) -> "MlflowTracker | JsonlTracker":
+    """The tracker ``logging.backend`` names, for ``run_dir``; its methods are no-ops off rank 0."""
+    backend = {"mlflow": MlflowTracker, "jsonl": JsonlTracker}[cfg["logging"]["backend"]]
+    return backend(cfg, run_dir, rank)
+
+
+class MlflowTracker:
     """The MLflow run of one training run; every method is a no-op on ranks other than 0."""
 
     def __init__(self, cfg: dict, run_dir: str | os.PathLike, rank: int) -> None:
@@ -155,3 +166,57 @@ class Tracker:
         """Mark the run FINISHED, FAILED or KILLED (preempted runs are KILLED until resumed)."""
         if self.enabled:
             self.client.set_terminated(self.run_id, status=status)
+
+
+class JsonlTracker:
+    """The same calls as MlflowTracker, written as plain files under ``RUN_DIR/tracking/``.
+
+    A resumed run appends to the same files, like a resumed MLflow run."""
+
+    def __init__(self, cfg: dict, run_dir: str | os.PathLike, rank: int) -> None:
+        self.enabled = rank == 0
+        self.root = Path(run_dir).resolve() / "tracking"
+        if not self.enabled:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        params = self.root / "params.json"
+        if not params.is_file():
+            _write_atomic(params, json.dumps({k: str(v) for k, v in flatten(cfg).items()}, indent=1))
+        self._write_status("RUNNING")
+
+    def _write_status(self, status: str) -> None:
+        _write_atomic(self.root / "status", status + "\n")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.enabled:
+            line = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+            with open(self.root / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
+        """Save a uint8 (H, W, 3) array as ``tracking/artifacts/ARTIFACT_FILE`` (a PNG)."""
+        if self.enabled:
+            from PIL import Image
+
+            path = self.root / "artifacts" / artifact_file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            Image.fromarray(image).save(tmp, format="PNG")
+            os.replace(tmp, path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.enabled:
+            path = self.root / "tags.json"
+            current = json.loads(path.read_text()) if path.is_file() else {}
+            _write_atomic(path, json.dumps({**current, **{k: str(v) for k, v in tags.items()}}, indent=1))
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Record FINISHED, FAILED or KILLED in ``tracking/status``."""
+        if self.enabled:
+            self._write_status(status)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

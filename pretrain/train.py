@@ -39,7 +39,7 @@ from pretrain.deepspeed_config import build_deepspeed_config, resolve_device
 from pretrain.distributed import setup_env, shutdown
 from pretrain.model import IGPT
 from pretrain.schedule import lr_at
-from pretrain.tracking import Tracker, image_grid, memory_gb, mfu, peak_flops
+from pretrain.tracking import image_grid, memory_gb, mfu, open_tracker, peak_flops
 
 LOSSES_FILE = "losses.jsonl"
 # Fault injection for the exact-resume test: SIGKILL this process group right after the
@@ -164,7 +164,7 @@ class Trainer:
             self._resume(resume)
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
-        self.tracker = Tracker(cfg, self.run_dir, self.rank)
+        self.tracker = open_tracker(cfg, self.run_dir, self.rank)
         self.peak = peak_flops(self.device, cfg["logging"]["peak_tflops"])
         self.preempt = ckpt.PreemptionFlag()
 

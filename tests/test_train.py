@@ -1,6 +1,7 @@
 """Real DeepSpeed training on CPU (gloo, 2 ranks) on CIFAR-10 token shards with igpt-tiny."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -112,3 +113,28 @@ def test_nonfinite_loss_skips_steps_then_stops(cifar_tokens, tmp_path):
     assert codes[0] != 0 and "NonFiniteLossError: 3 consecutive steps with a non-finite loss" in log, log
     skipped = [s for s, loss in step_losses(run).items() if not math.isfinite(loss)]
     assert len(skipped) == 3 and skipped == list(range(skipped[0], skipped[0] + 3))
+
+
+def test_jsonl_tracking_trains_where_mlflow_cannot_be_imported(cifar_tokens, tmp_path):
+    """logging.backend=jsonl: a machine without MLflow (the lent GPU box) still trains and records."""
+    blocker = tmp_path / "no_mlflow"
+    blocker.mkdir()
+    (blocker / "mlflow.py").write_text("raise ImportError('mlflow is not installed on this machine')\n")
+    path = os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))
+    run = tmp_path / "run"
+    args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=0, train__steps=3, train__val_every=3,
+                         train__sample_every=3, train__sample_count=2, logging__backend="jsonl")
+    assert train_ranks(args, run, nprocs=1, env={"PYTHONPATH": path}) == [0], all_logs(run)
+    tracking = run / "tracking"
+    assert (tracking / "status").read_text().strip() == "FINISHED"
+    params = json.loads((tracking / "params.json").read_text())
+    assert params["logging.backend"] == "jsonl" and params["optim.betas"] == "[0.9, 0.95]"
+    lines = [json.loads(line) for line in (tracking / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [2, 3]
+    assert [m["step"] for m in lines if "val_bpp" in m] == [3]
+    last = next(m for m in reversed(lines) if "loss" in m)
+    assert last["bpp"] == pytest.approx(last["loss"] / math.log(2)) and 0 < last["tokens_per_s"]
+    for kind in ("uncond", "completions"):
+        png = tracking / "artifacts" / "samples" / f"step_00000003_{kind}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (run / "mlflow.db").exists()
