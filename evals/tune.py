@@ -111,6 +111,9 @@ def _run(
 ) -> tune.ResultGrid:
     """Run a Tune grid; trials are named ``{name}_{trial_id}`` and their MLflow runs carry ``tags``."""
     ensure_ray(res)
+    # Every trial keeps one checkpoint, which forces a snapshot of the (local) experiment state each
+    # time; Tune then warns once per trial that snapshots are frequent. Harmless here, so quiet it.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_resources(trainable, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
     callback = MLflowLoggerCallback(
         tracking_uri=tracking_uri, experiment_name=parent.experiment_name, tags={**parent.child_tags, **(tags or {})}
