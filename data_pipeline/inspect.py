@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .grid import chunk_rows, image_grid
 from .loader import read_shard
 from .manifest import load_manifest, split_info
 from .palette import load_palette
@@ -54,15 +55,8 @@ def sample_grid(data_dir: str | Path, split: str = "train", count: int = 64, sca
             break
     if not tokens:
         raise ValueError(f"split {split!r} of {data_dir} has no samples")
-    cols = math.ceil(math.sqrt(len(tokens)))
-    rows = math.ceil(len(tokens) / cols)
-    pad = 1
-    grid = np.full((rows * (r + pad) + pad, cols * (r + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, t in enumerate(tokens):
-        y, x = divmod(i, cols)
-        grid[pad + y * (r + pad) : pad + y * (r + pad) + r, pad + x * (r + pad) : pad + x * (r + pad) + r] = dequantize(
-            t.reshape(r, r), palette
-        )
+    images = dequantize(np.stack(tokens).reshape(-1, r, r), palette)
+    grid = image_grid(chunk_rows(images, math.ceil(math.sqrt(len(images)))), pad=1)
     scale = scale or max(1, 256 // r)
     return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST)
 

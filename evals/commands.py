@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -10,6 +9,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from data_pipeline.grid import chunk_rows, image_grid, save_png
+from data_pipeline.manifest import write_text_atomic
 from data_pipeline.palette import load_palette
 from evals.baselines import PIXEL_LAYER, RANDOM_INIT, RAW_PIXELS, pixel_features, random_init_cache
 from evals.config import EvalSearchConfig
@@ -17,8 +18,7 @@ from evals.features import FeatureCache
 from evals.inputs import EvalData, EvalInputError, check_compatible, load_checked, parse_layers, pick_device
 from evals.nll import evaluate_nll
 from evals.plots import confusion_matrix, plot_confusion, plot_layer_accuracy
-from evals.sample import (chunk_rows, complete_bottom_half, completion_rows, image_grid, sample_unconditional,
-                          save_png, to_rgb)
+from evals.sample import complete_bottom_half, completion_rows, sample_unconditional, to_rgb
 from evals.tracking import ParentRun, default_tracking_uri, parent_run
 from evals.tune import tune_finetune, tune_probe
 
@@ -56,9 +56,7 @@ class EvalRun:
 def _finish(parent: ParentRun, run: EvalRun, summary: dict[str, Any]) -> dict[str, Any]:
     summary["mlflow"] = {"tracking_uri": run.uri, "experiment": run.experiment, "parent_run_id": parent.run_id}
     path = Path(run.out) / "summary.json"
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(json.dumps(summary, indent=2), path)
     parent.log_file(path)
     return summary
 

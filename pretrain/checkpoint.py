@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipeline.manifest import write_json_atomic
+
 MARKER = "COMPLETE.json"
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 
@@ -88,9 +90,7 @@ def write_marker(tag_dir: Path, info: dict[str, Any]) -> None:
     files = {}
     for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MARKER):
         files[str(path.relative_to(tag_dir))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    tmp = tag_dir / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({**info, "files": files}, indent=1))
-    os.replace(tmp, tag_dir / MARKER)
+    write_json_atomic({**info, "files": files}, tag_dir / MARKER)
 
 
 def verify(tag_dir: Path, check_sha256: bool = True) -> dict[str, Any]:

@@ -26,6 +26,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from data_pipeline.grid import save_png
+from data_pipeline.manifest import write_json_atomic, write_text_atomic
 from pretrain.config import flatten
 
 # Dense bf16 peak per device (no sparsity), matched by substring of torch.cuda.get_device_name().
@@ -87,19 +89,6 @@ def memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def image_grid(images: np.ndarray, ncol: int, scale: int = 4, pad: int = 2) -> np.ndarray:
-    """Tile uint8 images (N, H, W, 3) into one (rows·(H·scale+pad)+pad, …, 3) grid, upscaled by ``scale``."""
-    n, h, w, _ = images.shape
-    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    h, w = h * scale, w * scale
-    nrow = -(-n // ncol)
-    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, ncol)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
-    return grid
-
-
 def open_tracker(cfg: dict, run_dir: str | os.PathLike, rank: int) -> "MlflowTracker | JsonlTracker":
     """The tracker ``logging.backend`` names, for ``run_dir``; its methods are no-ops off rank 0."""
     backend = {"mlflow": MlflowTracker, "jsonl": JsonlTracker}[cfg["logging"]["backend"]]
@@ -140,9 +129,7 @@ class MlflowTracker:
 
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
-        tmp = id_file.with_name(f".{RUN_ID_FILE}.tmp")
-        tmp.write_text(self.run_id)
-        os.replace(tmp, id_file)
+        write_text_atomic(self.run_id, id_file)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.enabled:
@@ -181,11 +168,11 @@ class JsonlTracker:
         self.root.mkdir(parents=True, exist_ok=True)
         params = self.root / "params.json"
         if not params.is_file():
-            _write_atomic(params, json.dumps({k: str(v) for k, v in flatten(cfg).items()}, indent=1))
+            write_json_atomic({k: str(v) for k, v in flatten(cfg).items()}, params)
         self._write_status("RUNNING")
 
     def _write_status(self, status: str) -> None:
-        _write_atomic(self.root / "status", status + "\n")
+        write_text_atomic(status + "\n", self.root / "status")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.enabled:
@@ -196,27 +183,17 @@ class JsonlTracker:
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         """Save a uint8 (H, W, 3) array as ``tracking/artifacts/ARTIFACT_FILE`` (a PNG)."""
         if self.enabled:
-            from PIL import Image
-
             path = self.root / "artifacts" / artifact_file
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            Image.fromarray(image).save(tmp, format="PNG")
-            os.replace(tmp, path)
+            save_png(image, path)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled:
             path = self.root / "tags.json"
             current = json.loads(path.read_text()) if path.is_file() else {}
-            _write_atomic(path, json.dumps({**current, **{k: str(v) for k, v in tags.items()}}, indent=1))
+            write_json_atomic({**current, **{k: str(v) for k, v in tags.items()}}, path)
 
     def close(self, status: str = "FINISHED") -> None:
         """Record FINISHED, FAILED or KILLED in ``tracking/status``."""
         if self.enabled:
             self._write_status(status)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

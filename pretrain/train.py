@@ -39,7 +39,7 @@ from pretrain.deepspeed_config import build_deepspeed_config, resolve_device
 from pretrain.distributed import setup_env, shutdown
 from pretrain.model import IGPT
 from pretrain.schedule import lr_at
-from pretrain.tracking import image_grid, memory_gb, mfu, open_tracker, peak_flops
+from pretrain.tracking import memory_gb, mfu, open_tracker, peak_flops
 
 LOSSES_FILE = "losses.jsonl"
 # Fault injection for the exact-resume test: SIGKILL this process group right after the
@@ -246,6 +246,7 @@ class Trainer:
     @torch.no_grad()
     def sample_grids(self) -> None:
         """Unconditional samples and bottom-half completions of validation images, as PNG artifacts (rank 0)."""
+        from data_pipeline.grid import chunk_rows, image_grid
         from data_pipeline.loader import iterate_split
         from data_pipeline.quantize import dequantize
 
@@ -269,9 +270,12 @@ class Trainer:
         def images(tokens: Tensor) -> np.ndarray:
             return dequantize(tokens.cpu().numpy().reshape(-1, res, res), self.palette)
 
-        self.tracker.log_image(image_grid(images(uncond), ncol=n), f"samples/step_{self.step:08d}_uncond.png")
+        def grid(rgb: np.ndarray) -> np.ndarray:  # n images per row, 4x upscaled
+            return image_grid(chunk_rows(rgb, n), scale=4)
+
+        self.tracker.log_image(grid(images(uncond)), f"samples/step_{self.step:08d}_uncond.png")
         pairs = np.concatenate([images(val), images(completed)])  # originals above their completions
-        self.tracker.log_image(image_grid(pairs, ncol=n), f"samples/step_{self.step:08d}_completions.png")
+        self.tracker.log_image(grid(pairs), f"samples/step_{self.step:08d}_completions.png")
 
     # ------------------------------------------------------------ one optimizer step
     def _grad_norm_before_step(self) -> float:

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pretrain.config import ConfigError, igpt_config, load_config, save_config
 from pretrain.deepspeed_config import build_deepspeed_config
-from pretrain.tracking import PEAK_TFLOPS, image_grid, mfu, peak_flops
+from pretrain.tracking import PEAK_TFLOPS, mfu, peak_flops
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 TINY = next(p for p in CONFIGS if p.name == "cifar10-cpu-tiny.yaml")
@@ -88,10 +87,3 @@ def test_peak_flops_table_override_and_mfu():
     assert peak_flops("cpu", override_tflops=2.5) == 2.5e12
     # 1e5 tokens/s over 2 devices at 1e9 FLOPs/token on 1e14 FLOP/s devices: 50% each
     assert mfu(1e5, 1e9, 2, 1e14) == pytest.approx(0.5)
-
-
-def test_image_grid_tiles_and_upscales():
-    images = np.stack([np.full((2, 3, 3), i, np.uint8) for i in range(5)])
-    grid = image_grid(images, ncol=3, scale=2, pad=1)
-    assert grid.shape == (2 * (4 + 1) + 1, 3 * (6 + 1) + 1, 3)
-    assert (grid[1:5, 1:7] == 0).all() and (grid[6:10, 8:14] == 4).all() and (grid[6:10, 15:21] == 255).all()

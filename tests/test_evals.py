@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data_pipeline.grid import chunk_rows, image_grid
 from data_pipeline.palette import file_sha256, save_palette, uniform9_palette
 from evals.baselines import pixel_features, random_init_cache, random_init_model
 from evals.commands import (EvalRun, SampleOptions, SplitOptions, _accuracy_note, run_finetune, run_nll, run_probe,
@@ -27,7 +28,7 @@ from evals.finetune import finetune
 from evals.inputs import EvalData, EvalInputError, parse_layers
 from evals.nll import evaluate_nll
 from evals.probe import fit_probe
-from evals.sample import complete_bottom_half, image_grid
+from evals.sample import complete_bottom_half
 from pretrain.model import IGPT
 from pretrain.presets import model_config
 
@@ -160,6 +161,13 @@ def test_image_grid_layout():
     grid = image_grid([imgs, imgs[:1]], scale=3, pad=1)
     assert grid.shape == (2 * 12 + 3, 3 * 12 + 4, 3)
     assert (grid[1:13, 1 + 13 : 13 + 13] == 1).all() and (grid[14:26, 14:26] == 255).all()
+
+
+def test_image_grid_tiles_a_flat_list_in_rows_and_upscales():
+    images = np.stack([np.full((2, 3, 3), i, np.uint8) for i in range(5)])
+    grid = image_grid(chunk_rows(images, 3), scale=2, pad=1)
+    assert grid.shape == (2 * (4 + 1) + 1, 3 * (6 + 1) + 1, 3)
+    assert (grid[1:5, 1:7] == 0).all() and (grid[6:10, 8:14] == 4).all() and (grid[6:10, 15:21] == 255).all()
 
 
 # ----------------------------------------------------------------------------- features
