@@ -212,7 +212,7 @@ def _digest(out: Path) -> dict[str, str]:
 
 
 def test_resume_keeps_finished_shards_and_redoes_the_rest(cifar_dir, palette_path, tmp_path):
-    args = ([str(cifar_dir / "cifar10-train-000001.tar")], None, palette_path, 16)
+    args = ([str(cifar_dir / "cifar10-train-000000.tar")], None, palette_path, 16)
     kw = dict(val_fraction=0.1, shard_size=25, num_workers=2, limit=200, progress=False)
     ref = shard_dataset(args[0], tmp_path / "ref", *args[2:], **kw)
     out = tmp_path / "run"
@@ -236,7 +236,7 @@ def test_resume_keeps_finished_shards_and_redoes_the_rest(cifar_dir, palette_pat
 
 
 def test_resume_after_killed_process(cifar_dir, palette_path, tmp_path):
-    src = str(cifar_dir / "cifar10-train-00000{2..3}.tar")
+    src = str(cifar_dir / "cifar10-train-000000.tar")
     cmd = [sys.executable, "-m", "data_pipeline.cli", "data", "shard", src, "--out", str(tmp_path / "run"), "--palette", str(palette_path), "--resolution", "16",
            "--shard-size", "20", "--workers", "1", "--limit", "4000"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -269,10 +269,10 @@ def test_cli_palette_shard_inspect(cifar_dir, tmp_path, capsys):
         args = parser.parse_args(list(argv))
         return args.func(args)
 
-    assert run("palette", "fit", "--kind", "kmeans512", "--source", str(cifar_dir / "cifar10-train-000004.tar"),
+    assert run("palette", "fit", "--kind", "kmeans512", "--source", str(cifar_dir / "cifar10-train-000000.tar"),
                "--out", str(tmp_path / "km.npy"), "--max-images", "100", "--pixels-per-image", "16", "--iters", "3") == 0
     assert np.load(tmp_path / "km.npy").shape == (512, 3)
-    assert run("data", "shard", str(cifar_dir / "cifar10-train-000004.tar"), "--out", str(tmp_path / "tok"),
+    assert run("data", "shard", str(cifar_dir / "cifar10-train-000000.tar"), "--out", str(tmp_path / "tok"),
                "--palette", str(tmp_path / "km.npy"), "--resolution", "8", "--limit", "64", "--val-fraction", "0.25",
                "--class-names", "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck", "--workers", "1") == 0
     m = load_manifest(tmp_path / "tok")
@@ -291,7 +291,7 @@ def test_fast_jpeg_path_is_identical_to_pillow(cifar_dir):
     from data_pipeline.decode import _fast_jpeg
 
     blobs = []
-    with tarfile.open(cifar_dir / "cifar10-train-000005.tar") as tf:
+    with tarfile.open(cifar_dir / "cifar10-train-000000.tar") as tf:
         for m in tf:
             if m.name.endswith(".jpg"):
                 blobs.append(tf.extractfile(m).read())
@@ -313,9 +313,12 @@ def test_fast_jpeg_path_is_identical_to_pillow(cifar_dir):
 
 
 def test_duplicate_keys_across_sources_stay_separate_samples(cifar_dir, palette_path, tmp_path):
-    tar = str(cifar_dir / "cifar10-train-000006.tar")
+    tar = str(cifar_dir / "cifar10-train-000000.tar")
+    once = shard_dataset([tar], tmp_path / "once", palette_path, 4, shard_size=1000, num_workers=1, progress=False)
+    n = once["splits"]["train"]["num_samples"]
+    assert n > 1000
     m = shard_dataset([tar, tar], tmp_path, palette_path, 4, shard_size=1000, num_workers=1, progress=False)
-    assert m["splits"]["train"]["num_samples"] == 10_000
+    assert m["splits"]["train"]["num_samples"] == 2 * n
     keys = [k for s in m["splits"]["train"]["shards"] for k in _keys(tmp_path / s["file"])]
-    assert len(keys) == len(set(keys)) == 10_000
+    assert len(keys) == len(set(keys)) == 2 * n
     assert sum(1 for _ in read_shard(str(tmp_path / m["splits"]["train"]["shards"][0]["file"]), 4)) == 1000

@@ -237,7 +237,7 @@ def _cifar_pixels(cifar_dir: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     import webdataset as wds
 
     xs, ys = [], []
-    ds = wds.WebDataset([str(cifar_dir / "cifar10-train-000001.tar")], shardshuffle=False).to_tuple("jpg", "cls")
+    ds = wds.WebDataset([str(cifar_dir / "cifar10-train-000000.tar")], shardshuffle=False).to_tuple("jpg", "cls")
     for jpg, cls in ds:
         xs.append(np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"), dtype=np.float32).reshape(-1) / 255)
         ys.append(int(cls))
