@@ -28,6 +28,7 @@ def _tuned(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--cpus-per-trial", type=float, default=None)
     p.add_argument("--gpus-per-trial", type=float, default=None)
+    p.add_argument("--verbose", action="store_true", help="show Ray Tune's status tables and log lines")
 
 
 def _run(args: argparse.Namespace):
@@ -35,7 +36,7 @@ def _run(args: argparse.Namespace):
 
     return EvalRun(checkpoint=args.checkpoint, data=args.data, out=args.out, device=args.device,
                    batch_size=args.batch_size, limit=args.limit, tracking_uri=args.tracking_uri,
-                   experiment=args.experiment, run_name=args.run_name)
+                   experiment=args.experiment, run_name=args.run_name, verbose=getattr(args, "verbose", False))
 
 
 def _search(args: argparse.Namespace):

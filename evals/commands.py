@@ -36,6 +36,7 @@ class EvalRun:
     tracking_uri: str | None = None
     experiment: str = "igpt-eval"
     run_name: str | None = None
+    verbose: bool = False  # Ray Tune's console tables (probe, finetune)
 
     def open(self) -> tuple[EvalData, Any, str]:
         data = EvalData.open(self.data)
@@ -197,7 +198,8 @@ def _probe_baselines(run: EvalRun, sources: dict[str, tuple[EvalData, str]], lay
     for name, fn in ((RAW_PIXELS, pixels), (RANDOM_INIT, random_init)):
         feats, labels = _gather(fn, sources)
         rows = tune_probe(feats, labels, num_classes, sorted(feats), search.probe, search.resources, parent=parent,
-                          tracking_uri=run.uri, storage_path=_storage(run, search), features_name=name)
+                          tracking_uri=run.uri, storage_path=_storage(run, search), features_name=name,
+                          verbose=run.verbose)
         best, _ = _select(rows, acc_key)
         layer = best["config"]["layer"]
         out[name] = {"layer": None if layer == PIXEL_LAYER else layer, "l2": best["config"]["l2"],
@@ -237,7 +239,7 @@ def run_probe(run: EvalRun, splits: SplitOptions, layers_spec: str, search: Eval
                            "val_split": splits.val_split, "test_split": splits.test_split,
                            "palette_sha256": sha, "checkpoint_id": cache.checkpoint_id, "baselines": baselines})
         rows = tune_probe(feats, labels, num_classes, layers, search.probe, search.resources, parent=parent,
-                          tracking_uri=run.uri, storage_path=_storage(run, search))
+                          tracking_uri=run.uri, storage_path=_storage(run, search), verbose=run.verbose)
         best, per_layer = _select(rows, acc_key)
         for l, v in per_layer.items():
             parent.client.log_metric(parent.run_id, "probe_val_acc", v["val_acc"], step=l)
@@ -283,7 +285,7 @@ def run_finetune(run: EvalRun, splits: SplitOptions, search: EvalSearchConfig) -
                            "eval": "finetune", "train_split": splits.train_split, "val_split": splits.val_split,
                            "palette_sha256": sha})
         rows = tune_finetune(model, train, val, num_classes, search.finetune, search.resources, parent=parent,
-                             tracking_uri=run.uri, storage_path=_storage(run, search))
+                             tracking_uri=run.uri, storage_path=_storage(run, search), verbose=run.verbose)
         best = max(rows, key=lambda r: r["metrics"]["best_val_acc"])
         cm = confusion_matrix(val[1].numpy(), best["pred"], num_classes)
         parent.log_file(plot_confusion(cm, data.class_names, Path(run.out) / "confusion_matrix.png",

@@ -2,7 +2,9 @@
 
 Trials are logged by Ray Tune's ``MLflowLoggerCallback`` on the driver (it ends every run it
 starts, so no run is left RUNNING); they are nested by giving each the tag
-``mlflow.parentRunId`` = the parent's run id.
+``mlflow.parentRunId`` = the parent's run id, and named by their grid values (``probe layer=3 l2=0.01``),
+so the UI lists them under their eval's run. Experiments are created by ``pretrain.mlflow_store``
+(artifacts beside a sqlite store, the UI's model-training view).
 """
 from __future__ import annotations
 
@@ -17,16 +19,12 @@ from typing import Any, Iterator
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from pretrain.mlflow_store import experiment_id
+
 
 def default_tracking_uri(out_dir: str | Path) -> str:
     """A sqlite store in ``out_dir`` (the project's default: a sqlite file beside the outputs)."""
     return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
-
-
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created if absent."""
-    exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else client.create_experiment(name)
 
 
 class ParentRun:
@@ -66,7 +64,7 @@ class ParentRun:
 def parent_run(tracking_uri: str, experiment_name: str, run_name: str) -> Iterator[ParentRun]:
     """Create a parent run; it ends FINISHED on success and FAILED if the body raises."""
     client = MlflowClient(tracking_uri=tracking_uri)
-    run = client.create_run(experiment_id(client, experiment_name), tags={MLFLOW_RUN_NAME: run_name})
+    run = client.create_run(experiment_id(client, experiment_name, tracking_uri), tags={MLFLOW_RUN_NAME: run_name})
     handle = ParentRun(client, run.info.run_id, experiment_name)
     try:
         yield handle

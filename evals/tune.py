@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import ray
@@ -24,6 +25,7 @@ from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
+from evals.baselines import PIXEL_LAYER
 from evals.config import FinetuneSearch, ProbeSearch, Resources
 from evals.finetune import FinetuneHistory, finetune
 from evals.inputs import pick_device
@@ -34,14 +36,15 @@ from pretrain.model import IGPT, IGPTConfig
 PRED_FILE = "predictions.npy"
 
 
-def ensure_ray(res: Resources) -> None:
+def ensure_ray(res: Resources, verbose: bool = False) -> None:
     """Connect to ``res.address`` or start a local Ray; reuse a session that is already up."""
     if ray.is_initialized():
         return
+    level = logging.INFO if verbose else logging.WARNING
     if res.address:
-        ray.init(address=res.address, log_to_driver=False)
+        ray.init(address=res.address, log_to_driver=False, logging_level=level)
     else:
-        ray.init(num_cpus=res.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=res.num_cpus, include_dashboard=False, log_to_driver=False, logging_level=level)
 
 
 def _report(metrics: dict[str, Any], pred: np.ndarray | None) -> None:
@@ -100,17 +103,48 @@ def finetune_trial(config: dict[str, Any], inputs: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- drivers
-def _trial_name(prefix: str, trial: Any) -> str:
+def trial_name(prefix: str, config: dict[str, Any]) -> str:
+    """What the MLflow UI lists for a trial: its grid and its values, e.g. ``probe layer=3 l2=0.01``
+    (raw-pixel trials have no layer)."""
+    values = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items()
+              if not (k == "layer" and v == PIXEL_LAYER)]
+    return " ".join([prefix, *values])
+
+
+def _trial_label(prefix: str, trial: Any) -> str:
+    return trial_name(prefix, trial.config)
+
+
+def _trial_dirname(prefix: str, trial: Any) -> str:
     return f"{prefix}_{trial.trial_id}"
+
+
+@contextlib.contextmanager
+def _tune_console(verbose: bool) -> Iterator[None]:
+    """Tune's tables and INFO lines go to stderr with ``verbose`` and nowhere without (stdout stays for the
+    summary); trial errors still surface, as the exception ``_run`` raises."""
+    if verbose:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    logger = logging.getLogger("ray.tune")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _run(
     trainable: Any, param_space: dict[str, Any], *, res: Resources, parent: ParentRun, tracking_uri: str,
     storage_path: str | Path, name: str, scheduler: Any = None, checkpoint_score: str | None = None,
-    tags: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None, verbose: bool = False,
 ) -> tune.ResultGrid:
-    """Run a Tune grid; trials are named ``{name}_{trial_id}`` and their MLflow runs carry ``tags``."""
-    ensure_ray(res)
+    """Run a Tune grid; trials are named by ``trial_name`` (directories ``{name}_{trial_id}``) and their
+    MLflow runs carry ``tags``; Tune's console output only with ``verbose``."""
+    ensure_ray(res, verbose)
     # Every trial keeps one checkpoint, which forces a snapshot of the (local) experiment state each
     # time; Tune then warns once per trial that snapshots are frequent. Harmless here, so quiet it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -126,14 +160,15 @@ def _run(
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric="val_acc", mode="max", scheduler=scheduler, max_concurrent_trials=res.max_concurrent_trials,
-            trial_name_creator=functools.partial(_trial_name, name),
+            trial_name_creator=functools.partial(_trial_label, name),
+            trial_dirname_creator=functools.partial(_trial_dirname, name),
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=str(Path(storage_path).resolve()), callbacks=[callback], verbose=0,
             checkpoint_config=checkpoint_config, failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
-    with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables: stdout stays for the summary
+    with _tune_console(verbose):
         grid = tuner.fit()
     errors = [r.error for r in grid if r.error is not None]
     if errors:
@@ -144,14 +179,14 @@ def _run(
 def tune_probe(
     features: dict[int, dict[str, np.ndarray]], labels: dict[str, np.ndarray], num_classes: int,
     layers: list[int], search: ProbeSearch, res: Resources, *, parent: ParentRun, tracking_uri: str,
-    storage_path: str | Path, features_name: str = "model",
+    storage_path: str | Path, features_name: str = "model", verbose: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the layers × L2 grid; returns one row per trial (config, metrics, eval predictions).
 
     ``features_name`` tells feature sets apart within one parent run: Tune experiment and trial
     names ``probe`` (model features) or ``probe_<features_name>``, MLflow tag ``probe_features``.
     """
-    ensure_ray(res)
+    ensure_ray(res, verbose)
     payload = {
         "layers": {l: {s: ray.put(np.ascontiguousarray(x)) for s, x in features[l].items()} for l in layers},
         "labels": labels, "num_classes": num_classes, "max_iter": search.max_iter,
@@ -161,6 +196,7 @@ def tune_probe(
         {"layer": tune.grid_search(layers), "l2": tune.grid_search(list(search.l2))},
         res=res, parent=parent, tracking_uri=tracking_uri, storage_path=storage_path,
         name="probe" if features_name == "model" else f"probe_{features_name}", tags={"probe_features": features_name},
+        verbose=verbose,
     )
     return [{"config": dict(r.config), "metrics": dict(r.metrics), "pred": _load_pred(r)} for r in grid]
 
@@ -168,7 +204,7 @@ def tune_probe(
 def tune_finetune(
     model: IGPT, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
     num_classes: int, search: FinetuneSearch, res: Resources, *, parent: ParentRun, tracking_uri: str,
-    storage_path: str | Path,
+    storage_path: str | Path, verbose: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the lr × λ × epochs grid under ASHA; returns one row per trial (config, last metrics, best preds)."""
     inputs = {
@@ -186,7 +222,7 @@ def tune_finetune(
         {"lr": tune.grid_search(list(search.lr)), "lam": tune.grid_search(list(search.lam)),
          "epochs": tune.grid_search(list(search.epochs))},
         res=res, parent=parent, tracking_uri=tracking_uri, storage_path=storage_path, name="finetune",
-        scheduler=scheduler, checkpoint_score="best_val_acc",
+        scheduler=scheduler, checkpoint_score="best_val_acc", verbose=verbose,
     )
     rows = []
     for r in grid:

@@ -4,7 +4,8 @@
 machines without MLflow: ``RUN_DIR/tracking/`` holds ``params.json``, ``metrics.jsonl`` (one line per
 logging call: step, time and the metrics), ``tags.json``, ``status`` and the PNG artifacts.
 
-With the default MLflow store (``sqlite:///RUN_DIR/mlflow.db``) artifacts go to ``RUN_DIR/mlartifacts``.
+With a sqlite MLflow store (the default ``sqlite:///RUN_DIR/mlflow.db``, or any ``logging.tracking_uri=sqlite:///DIR/…``)
+artifacts go to ``mlartifacts/`` beside the database (see pretrain.mlflow_store).
 
 One MLflow run per training run: its id is kept in ``RUN_DIR/mlflow_run_id`` so a resumed run
 logs into the same MLflow run. The tracking URI defaults to ``sqlite:///RUN_DIR/mlflow.db``; any
@@ -29,6 +30,7 @@ import numpy as np
 from data_pipeline.grid import save_png
 from data_pipeline.manifest import write_json_atomic, write_text_atomic
 from pretrain.config import flatten
+from pretrain.mlflow_store import experiment_id
 
 # Dense bf16 peak per device (no sparsity), matched by substring of torch.cuda.get_device_name().
 # The CPU entry is a nominal placeholder: set logging.peak_tflops for a figure that means something.
@@ -105,8 +107,6 @@ class MlflowTracker:
             return
         run_dir = Path(run_dir).resolve()
         uri = cfg["logging"]["tracking_uri"] or f"sqlite:///{run_dir / 'mlflow.db'}"
-        # With the embedded store, artifacts live beside it; a server decides for itself.
-        artifacts = None if cfg["logging"]["tracking_uri"] else (run_dir / "mlartifacts").as_uri()
         from mlflow.tracking import MlflowClient  # imported here: GPU boxes without MLflow still benchmark
 
         self.client = MlflowClient(tracking_uri=uri)
@@ -115,9 +115,7 @@ class MlflowTracker:
             self.run_id = id_file.read_text().strip()
             self.client.update_run(self.run_id, status="RUNNING")
             return
-        name = cfg["logging"]["experiment"]
-        exp = self.client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name, artifact_location=artifacts)
+        exp_id = experiment_id(self.client, cfg["logging"]["experiment"], uri)  # artifacts beside a sqlite store
         tags = {"run_dir": str(run_dir)}
         if os.environ.get("SLURM_JOB_ID"):
             tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]

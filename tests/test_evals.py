@@ -418,9 +418,14 @@ def test_probe_baselines_in_the_same_run(ray_session, releases, cifar_tokens, tm
     for c in children:
         by_features.setdefault(c.data.tags["probe_features"], []).append(c)
     assert {k: len(v) for k, v in by_features.items()} == {"model": 2, "raw_pixels": 2, "random_init": 2}
+    names = [c.info.run_name for c in children]
+    assert len(set(names)) == len(names)  # each trial is told apart in the MLflow UI by its grid values
     for name, runs in by_features.items():
-        prefix = "probe_" if name == "model" else f"probe_{name}_"
-        assert all(c.info.run_name.startswith(prefix) and c.info.status == "FINISHED" for c in runs)
+        prefix = "probe" if name == "model" else f"probe_{name}"
+        for c in runs:
+            assert c.info.run_name.split(" ")[0] == prefix and c.info.status == "FINISHED"
+            assert f"l2={float(c.data.params['l2']):g}" in c.info.run_name
+            assert ("layer=" in c.info.run_name) == (name != "raw_pixels")
     assert {c.data.params["layer"] for c in by_features["raw_pixels"]} == {"-1"}
     assert max(c.data.metrics["val_acc"] for c in by_features["raw_pixels"]) == pytest.approx(
         base["raw_pixels"]["val_acc"])
