@@ -155,7 +155,8 @@ def _to_torch(item):
 
 
 class TokenStream:
-    """Endless batches ``{"tokens": LongTensor (B, R*R)[, "labels": LongTensor (B,)]}`` of one split."""
+    """Endless batches ``{"tokens": LongTensor (B, R*R)[, "labels": LongTensor (B,)]}`` of one split
+    (``pin_memory``: the tokens in page-locked memory, for asynchronous copies to a GPU)."""
 
     def __init__(
         self,
@@ -170,6 +171,7 @@ class TokenStream:
         shuffle_buffer: int = 1000,
         mode: str = "epoch",
         with_labels: bool = False,
+        pin_memory: bool = False,
     ):
         if mode not in ("epoch", "resampled"):
             raise ValueError(f"mode must be 'epoch' or 'resampled', got {mode!r}")
@@ -190,7 +192,7 @@ class TokenStream:
         self.split, self.shards, self.num_samples = split, info["shards"], info["num_samples"]
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
-        self.mode, self.with_labels = mode, with_labels
+        self.mode, self.with_labels, self.pin_memory = mode, with_labels, pin_memory
         self.resolution = self.manifest["resolution"]
         self.palette_sha256 = self.manifest["palette_sha256"]
         self.epoch = 0
@@ -223,7 +225,9 @@ class TokenStream:
     def _emit(self, tokens: torch.Tensor, labels: torch.Tensor | None) -> dict:
         self.batches_in_epoch += 1
         self.total_batches += 1
-        out = {"tokens": tokens.long()}
+        tokens = tokens.long()
+        # page-locked, so that ``.to("cuda", non_blocking=True)`` is a real async copy, not a host sync
+        out = {"tokens": tokens.pin_memory() if self.pin_memory else tokens}
         if labels is not None:
             out["labels"] = labels
         return out

@@ -18,6 +18,7 @@ import torch
 
 from evals.inputs import EvalData, check_layers
 from pretrain.model import IGPT
+from pretrain.precision import eval_autocast
 
 
 def checkpoint_identity(model: IGPT) -> str:
@@ -55,14 +56,17 @@ def extract_features(
     limit: int | None = None,
     labels: bool = True,
 ) -> tuple[dict[int, np.ndarray], np.ndarray | None, dict[str, float]]:
-    """One pass over ``split``: ({layer: (N, D) float32}, labels (N,) or None, timing stats)."""
+    """One pass over ``split``: ({layer: (N, D) float32}, labels (N,) or None, timing stats), in the
+    evaluation numerics of ``pretrain.precision``."""
     layers = check_layers(layers, model.cfg.n_layer)
     model.eval().to(device)
     feats: dict[int, list[np.ndarray]] = {l: [] for l in layers}
     labs: list[np.ndarray] = []
     n, t0 = 0, time.perf_counter()
     for batch in data.batches(split, batch_size, labels=labels, limit=limit):
-        out = model.features(batch["tokens"].to(device, non_blocking=True), layers)
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        with eval_autocast(tokens.device):
+            out = model.features(tokens, layers)
         for l in layers:
             feats[l].append(out[l].float().cpu().numpy())
         if labels:

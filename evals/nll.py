@@ -10,14 +10,17 @@ import torch.nn.functional as F
 
 from evals.inputs import EvalData, EvalInputError
 from pretrain.model import IGPT
+from pretrain.precision import eval_autocast
 
 Z_95 = 1.959963984540054
 
 
 @torch.no_grad()
 def per_image_nll(model: IGPT, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean nats per token of each image, (B,), under the autoregressive objective (fp32 softmax)."""
-    logits = model(tokens).logits.float()
+    """Mean nats per token of each image, (B,), under the autoregressive objective, in the evaluation
+    numerics of ``pretrain.precision`` (bf16 autocast on CUDA, fp32 on CPU; fp32 softmax)."""
+    with eval_autocast(tokens.device):
+        logits = model(tokens).logits.float()
     nll = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
     return nll.view(tokens.shape).mean(1)
 

@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.model import IGPTConfig
+from pretrain.precision import PRECISIONS
 from pretrain.presets import model_config
 
 
@@ -73,10 +74,10 @@ class TrainSection:
     grad_accum: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | bf16-module (pretrain.precision)
     log_every: int = 10
     val_every: int = 200
-    val_batches: int = 8
+    val_batches: Optional[int] = 8  # micro-batches of the val split per rank and validation; null: all of it
     sample_every: int = 1000
     sample_count: int = 8
     sample_temperature: float = 1.0
@@ -137,7 +138,7 @@ class ConfigError(ValueError):
 
 _CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("auto", "fp32", "bf16"),
+    "train.precision": PRECISIONS,
     "deepspeed.offload_optimizer": ("none", "cpu", "nvme"),
     "deepspeed.offload_param": ("none", "cpu", "nvme"),
     "model.attn_backend": ("sdpa", "triton", "reference"),
@@ -188,6 +189,9 @@ def validate(cfg: dict) -> None:
         section, key = dotted.split(".")
         if cfg[section][key] < 1:
             raise ConfigError(f"config key {dotted!r} must be >= 1, got {cfg[section][key]}")
+    if cfg["train"]["val_batches"] is not None and cfg["train"]["val_batches"] < 1:
+        raise ConfigError(f"config key 'train.val_batches' must be >= 1 or null (the whole split), "
+                          f"got {cfg['train']['val_batches']}")
     if cfg["deepspeed"]["zero_stage"] not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'deepspeed.zero_stage' must be 0-3, got {cfg['deepspeed']['zero_stage']}")
     if len(cfg["optim"]["betas"]) != 2 or not all(0.0 <= b < 1.0 for b in cfg["optim"]["betas"]):

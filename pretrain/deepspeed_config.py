@@ -2,8 +2,11 @@
 
 Mapping (our key → DeepSpeed key):
   train.micro_batch_size → train_micro_batch_size_per_gpu;  train.grad_accum → gradient_accumulation_steps
-  optim.grad_clip → gradient_clipping (global L2 norm, applied by the engine)
-  train.precision → bf16.enabled (``auto``: bf16 on CUDA, fp32 on CPU; fp16 is not offered)
+  optim.grad_clip → gradient_clipping (global L2 norm), except where the training loop clips itself
+      (``loop_clips_gradients``: ZeRO-0 with an fp32 module, where it clips with one foreach pass and
+      keeps the norm on the device); there gradient_clipping is 0
+  train.precision → bf16.enabled only for ``bf16-module`` (see ``pretrain.precision``: ``bf16`` is
+      autocast over an fp32 module, which DeepSpeed sees as fp32; fp16 is not offered)
   deepspeed.zero_stage → zero_optimization.stage (0-3)
   deepspeed.offload_optimizer / offload_param → zero_optimization.offload_optimizer / offload_param
   model.activation_checkpointing is not a DeepSpeed key: the model checkpoints its own blocks.
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import copy
 from typing import Any
+
+from pretrain.precision import resolve_precision
 
 
 def resolve_device(cfg: dict) -> str:
@@ -30,12 +35,10 @@ def resolve_device(cfg: dict) -> str:
     return device
 
 
-def resolve_precision(cfg: dict, device: str) -> str:
-    """``train.precision`` with ``auto`` resolved: bf16 on CUDA, fp32 on CPU."""
-    precision = cfg["train"]["precision"]
-    if precision == "auto":
-        return "bf16" if device == "cuda" else "fp32"
-    return precision
+def loop_clips_gradients(zero_stage: int, precision: str) -> bool:
+    """Whether the training loop clips the gradients itself: at ZeRO-0 with an fp32 module the
+    gradients are whole and fp32 on every rank after backward; elsewhere DeepSpeed owns them."""
+    return zero_stage == 0 and precision != "bf16-module"
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -59,7 +62,7 @@ def _offload(kind: str, cfg: dict) -> dict[str, Any]:
 def build_deepspeed_config(cfg: dict, device: str) -> dict[str, Any]:
     """The DeepSpeed config dict for the resolved training config ``cfg`` on ``device`` (cpu|cuda)."""
     ds = cfg["deepspeed"]
-    precision = resolve_precision(cfg, device)
+    precision = resolve_precision(cfg["train"]["precision"], device)
     zero: dict[str, Any] = {"stage": ds["zero_stage"]}
     if ds["offload_optimizer"] != "none":
         zero["offload_optimizer"] = _offload(ds["offload_optimizer"], cfg)
@@ -68,10 +71,10 @@ def build_deepspeed_config(cfg: dict, device: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg["train"]["micro_batch_size"],
         "gradient_accumulation_steps": cfg["train"]["grad_accum"],
-        "gradient_clipping": cfg["optim"]["grad_clip"],
+        "gradient_clipping": 0.0 if loop_clips_gradients(ds["zero_stage"], precision) else cfg["optim"]["grad_clip"],
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
+        "bf16": {"enabled": precision == "bf16-module", "check_grad_overflow": True},
         "fp16": {"enabled": False},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

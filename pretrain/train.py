@@ -1,20 +1,29 @@
 """The training loop: iGPT on token shards through a DeepSpeed engine, on one CPU or many GPUs.
 
 ``train(cfg, resume)`` runs in every rank. Per optimizer step: set the learning rate (a pure
-function of the step), run ``grad_accum`` micro-batches through ``engine.backward``/``engine.step``,
-append the global loss to ``RUN_DIR/losses.jsonl`` (rank 0), log to MLflow every ``log_every``
-steps, validate every ``val_every``, log sample grids every ``sample_every`` and checkpoint every
-``checkpoint.every`` steps, at the end and on SIGTERM/SIGUSR1 (then exit with the requeue code).
+function of the step), run ``grad_accum`` micro-batches through ``engine.backward``/``engine.step``
+in the precision mode of ``pretrain.precision``, append the global loss to ``RUN_DIR/losses.jsonl``
+(rank 0), log every ``log_every`` steps, validate every ``val_every`` (in the evaluation's
+numerics), log sample grids every ``sample_every`` and checkpoint every ``checkpoint.every`` steps,
+at the end and on SIGTERM/SIGUSR1 (then exit with the requeue code).
 
-Non-finite loss: the loss is all-reduced before backward, so every rank sees the same verdict.
-If the first micro-batch of a step is non-finite the whole step is skipped (no backward, no
-update; its data is consumed). A non-finite later micro-batch (``grad_accum`` > 1) is propagated
-so DeepSpeed's overflow check discards the update; where DeepSpeed applies it anyway (ZeRO-0/3
-in fp32) the run stops with an error. After ``train.max_nonfinite`` skipped steps in a row the
-run stops with ``NonFiniteLossError``.
+No host sync per step: the step's loss, its non-finite verdict, the gradient norm and the
+preemption flag stay on the device and come back through ``pretrain.metrics.StepRecords`` one
+step late on CUDA (at once on CPU), and in full at every log, validation or checkpoint boundary.
+Per step one all-reduce carries the loss and the preemption flag of every rank.
+
+Non-finite steps: when the global loss (or, where the loop clips, the gradient norm) is not
+finite, the update is skipped on the device: the fused Adam gets the verdict as its ``found_inf``
+and leaves weights, moments and step count untouched (DeepSpeed's own overflow check agrees where
+it has one). A skipped step is recorded with a NaN loss and counted; after ``train.max_nonfinite``
+skipped steps in a row the run stops with ``NonFiniteLossError``.
+
+Preemption: every rank acts on the same step's all-reduced flag, so all of them stop, save the
+same checkpoint and exit with ``checkpoint.preempt_exit_code`` within a step of the signal.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -35,11 +44,13 @@ from torch import Tensor, nn
 
 from pretrain import checkpoint as ckpt
 from pretrain.config import MODEL_FIELDS, igpt_config, save_config
-from pretrain.deepspeed_config import build_deepspeed_config, resolve_device
+from pretrain.deepspeed_config import build_deepspeed_config, loop_clips_gradients, resolve_device
 from pretrain.distributed import setup_env, shutdown
+from pretrain.metrics import MetricsWindow, StepRecord, StepRecords
 from pretrain.model import IGPT
+from pretrain.precision import eval_autocast, resolve_precision, training_autocast
 from pretrain.schedule import lr_at
-from pretrain.tracking import memory_gb, mfu, open_tracker, peak_flops
+from pretrain.tracking import memory_gb, open_tracker, peak_flops
 
 LOSSES_FILE = "losses.jsonl"
 # Fault injection for the exact-resume test: SIGKILL this process group right after the
@@ -56,14 +67,17 @@ class Preempted(Exception):
 
 
 class LossModule(nn.Module):
-    """What the engine wraps: ``forward(tokens, generator)`` is the model's training loss."""
+    """What the engine wraps: ``forward(tokens, generator)`` is the model's loss in the training
+    precision; with ``evaluate=True`` in the evaluation numerics (see ``pretrain.precision``)."""
 
-    def __init__(self, model: IGPT) -> None:
+    def __init__(self, model: IGPT, precision: str = "fp32", device: str = "cpu") -> None:
         super().__init__()
-        self.model = model
+        self.model, self.precision, self.device_type = model, precision, device
 
-    def forward(self, tokens: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return self.model.loss(tokens, generator=generator)
+    def forward(self, tokens: Tensor, generator: torch.Generator | None = None, evaluate: bool = False) -> Tensor:
+        numerics = eval_autocast(self.device_type) if evaluate else training_autocast(self.precision, self.device_type)
+        with numerics:
+            return self.model.loss(tokens, generator=generator)
 
 
 def resolve_model_section(cfg: dict, manifest: dict) -> None:
@@ -84,11 +98,11 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _all_reduce_mean(value: Tensor, world: int) -> Tensor:
-    value = value.detach().float().reshape(1).clone()
-    if world > 1:
-        dist.all_reduce(value)
-    return value / world
+def _device_scalar(value: Tensor | float | None, like: Tensor) -> Tensor:
+    """``value`` as a 0-d float tensor on ``like``'s device, without a host sync (None → NaN)."""
+    if isinstance(value, Tensor):
+        return value.detach().float().reshape(()).to(like.device)
+    return torch.full_like(like, float("nan") if value is None else float(value))
 
 
 def _log(rank: int, msg: str) -> None:
@@ -130,6 +144,7 @@ class Trainer:
             counted = IGPT(self.model_cfg)
         self.num_params, self.flops_per_token = counted.num_params(), counted.flops_per_token()
         self.ds_config = build_deepspeed_config(cfg, self.device)
+        self.precision = resolve_precision(cfg["train"]["precision"], self.device)
         zero3 = self.ds_config["zero_optimization"]["stage"] == 3
         _seed_everything(cfg["train"]["seed"])  # identical initial weights on every rank
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
@@ -137,13 +152,16 @@ class Trainer:
         if zero3:  # the constructor's init ran on partitioned (empty) tensors: redo it on rank 0's full copy
             with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0):
                 self.model.reset_parameters()
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg["optim"]["lr"],
+        # Fused: one kernel per step, and it takes the non-finite verdict as a device tensor (found_inf).
+        self.adam = torch.optim.Adam(self.model.parameters(), lr=cfg["optim"]["lr"],
                                      betas=tuple(cfg["optim"]["betas"]), eps=cfg["optim"]["eps"],
-                                     weight_decay=cfg["optim"]["weight_decay"],
-                                     fused=self.device == "cuda" or None)  # one kernel per step on GPU
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=LossModule(self.model), optimizer=optimizer,
-                                                                 config=self.ds_config)
+                                     weight_decay=cfg["optim"]["weight_decay"], fused=True)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=LossModule(self.model, self.precision, self.device), optimizer=self.adam, config=self.ds_config)
         self.zero_stage = self.engine.zero_optimization_stage()
+        self.loop_clips = loop_clips_gradients(self.zero_stage, self.precision)
+        offloaded = self.cfg["deepspeed"]["offload_optimizer"] != "none"
+        self.optimizer_device = "cpu" if offloaded else self.device  # where the Adam step runs
         if cfg["train"]["compile"]:
             self.engine.compile()
         if self.zero_stage == 3:
@@ -154,11 +172,12 @@ class Trainer:
         t = cfg["train"]
         self.stream = TokenStream(data_dir, cfg["data"]["train_split"], t["micro_batch_size"], rank=self.rank,
                                   world_size=self.world, num_workers=cfg["data"]["num_workers"],
-                                  seed=cfg["data"]["seed"], shuffle_buffer=cfg["data"]["shuffle_buffer"])
+                                  seed=cfg["data"]["seed"], shuffle_buffer=cfg["data"]["shuffle_buffer"],
+                                  pin_memory=self.device == "cuda")
         self.step = 0
         self.tokens_seen = 0
         self.nonfinite_total = 0
-        self.grad_norm = float("nan")  # of the last applied step, where DeepSpeed keeps none
+        self.consecutive_nonfinite = 0
         self.resumed_from: str | None = None
         if resume is not None:
             self._resume(resume)
@@ -167,6 +186,7 @@ class Trainer:
         self.tracker = open_tracker(cfg, self.run_dir, self.rank)
         self.peak = peak_flops(self.device, cfg["logging"]["peak_tflops"])
         self.preempt = ckpt.PreemptionFlag()
+        self.losses_file: Any = None  # RUN_DIR/losses.jsonl, open on rank 0 while run() runs
 
     # ------------------------------------------------------------ resume
     def _resume(self, resume: str) -> None:
@@ -219,29 +239,35 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float:
-        """Mean nats/token over ``val_batches`` batches per rank of the validation split (rank-sharded)."""
+        """Mean nats/token over the first ``val_batches`` micro-batches per rank of the validation split (all
+        of it when null), dealt round-robin to the ranks, in the evaluation numerics (``pretrain.precision``)."""
         from data_pipeline.loader import iterate_split
 
         t = self.cfg["train"]
-        self.engine.eval()
-        total, count = torch.zeros(1, device=self.device), torch.zeros(1, device=self.device)
         batches = iterate_split(self.cfg["data"]["dir"], self.cfg["data"]["val_split"], t["micro_batch_size"])
-        mine = [b for i, b in zip(range(t["val_batches"] * self.world), batches) if i % self.world == self.rank]
+        if t["val_batches"] is not None:
+            batches = itertools.islice(batches, t["val_batches"] * self.world)
+        mine = [b["tokens"] for i, b in enumerate(batches) if i % self.world == self.rank]
         n_batches = torch.tensor([len(mine)], device=self.device)
-        if self.world > 1:  # every rank must run the same number of forwards (ZeRO-3 gathers in them)
-            dist.all_reduce(n_batches, op=dist.ReduceOp.MIN)
+        if self.world > 1:  # every rank runs the same number of forwards (ZeRO-3 gathers in them)
+            dist.all_reduce(n_batches, op=dist.ReduceOp.MAX)
+        self.engine.eval()
+        total, count = torch.zeros(2, device=self.device).unbind(0)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg["train"]["seed"])
-        for batch in mine[: int(n_batches)]:
-            tokens = batch["tokens"].to(self.device)
-            loss = self.engine(tokens, gen)
-            total += loss.detach().float() * tokens.numel()
-            count += tokens.numel()
+        for i in range(int(n_batches)):
+            tokens = mine[min(i, len(mine) - 1)].to(self.device) if mine else None
+            if tokens is None:  # a rank with no batch of its own still joins the forward
+                tokens = torch.zeros(1, self.model_cfg.n_ctx, dtype=torch.long, device=self.device)
+            weight = tokens.numel() if i < len(mine) else 0  # a padding forward counts nothing
+            loss = self.engine(tokens, gen, evaluate=True)
+            total += loss.float() * weight
+            count += weight
         self.engine.train()
+        both = torch.stack([total, count])
         if self.world > 1:
-            both = torch.cat([total, count])
             dist.all_reduce(both)
-            total, count = both[:1], both[1:]
-        return float(total / count) if count.item() else float("nan")
+        total, count = both.tolist()
+        return total / count if count else float("nan")
 
     @torch.no_grad()
     def sample_grids(self) -> None:
@@ -278,104 +304,112 @@ class Trainer:
         self.tracker.log_image(grid(pairs), f"samples/step_{self.step:08d}_completions.png")
 
     # ------------------------------------------------------------ one optimizer step
-    def _grad_norm_before_step(self) -> float:
-        """The global gradient norm where DeepSpeed records none: ZeRO-0 in fp32 with a torch optimizer clips
-        through torch and keeps no norm. Elsewhere (bf16, ZeRO-1/2/3) DeepSpeed records it: NaN, unused."""
-        if self.zero_stage != 0 or self.ds_config["bf16"]["enabled"]:
-            return float("nan")
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+    def _mask_generator(self, micro: int) -> torch.Generator | None:
+        """The BERT objective's mask randomness, a pure function of (seed, step, micro-batch, rank)."""
+        if self.model_cfg.objective != "bert":
+            return None
+        seed = (self.cfg["train"]["seed"] * 1_000_003 + self.step * 1009 + micro) * 131 + self.rank
+        return torch.Generator(device=self.device).manual_seed(seed)
 
-    def train_step(self, batches: Iterator[dict]) -> tuple[float, bool]:
-        """Run one optimizer step; return (mean global loss, whether it was skipped as non-finite)."""
-        t = self.cfg["train"]
-        lr = lr_at(self.step, lr=self.cfg["optim"]["lr"], warmup_steps=self.cfg["optim"]["warmup_steps"],
-                   total_steps=t["steps"], min_lr=self.cfg["optim"]["min_lr"])
+    def _clip_gradients(self) -> Tensor:
+        """Global gradient norm (before clipping), clipped to ``optim.grad_clip``, with one foreach pass
+        and no host sync. Only where ``loop_clips``: at ZeRO-0 the gradients are whole and already averaged."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if self.cfg["optim"]["grad_clip"] > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg["optim"]["grad_clip"], norm, foreach=True)
+        return norm
+
+    def train_step(self, batches: Iterator[dict], lr: float) -> Tensor:
+        """Run one optimizer step at rate ``lr``; return its record (``pretrain.metrics.RECORD_FIELDS``) on the device."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.lr = lr
-        losses, skipped = [], False
-        for micro in range(t["grad_accum"]):
+        accum = self.cfg["train"]["grad_accum"]
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
             tokens = next(batches)["tokens"].to(self.device, non_blocking=True)
             self.tokens_seen += tokens.numel() * self.world
-            if skipped and micro > 0 and not losses:
-                continue  # the step was skipped at its first micro-batch: consume the data only
-            gen = torch.Generator(device=self.device).manual_seed(
-                (t["seed"] * 1_000_003 + self.step * 1009 + micro) * 131 + self.rank)
-            loss = self.engine(tokens, gen)
-            mean = _all_reduce_mean(loss, self.world).item()
-            if not math.isfinite(mean):
-                skipped = True
-                if micro == 0:
-                    continue
-            losses.append(mean)
+            loss = self.engine(tokens, self._mask_generator(micro))
             self.engine.backward(loss)
-            if self.engine.is_gradient_accumulation_boundary():
-                self.grad_norm = self._grad_norm_before_step()
-            self.engine.step()
-        if skipped and losses and self.engine.was_step_applied():
-            raise NonFiniteLossError(
-                f"step {self.step}: non-finite loss inside a gradient-accumulation window and DeepSpeed "
-                f"(ZeRO-{self.zero_stage}, {'bf16' if self.ds_config['bf16']['enabled'] else 'fp32'}) applied "
-                "the update; parameters may be invalid. Lower optim.lr or use train.grad_accum=1.")
-        return (float("nan") if skipped else sum(losses) / len(losses)), skipped
+            loss_sum += loss.detach().float()
+            if micro < accum - 1:
+                self.engine.step()  # inside the accumulation window: no update
+        # One all-reduce for the loss and the preemption flag of every rank.
+        stats = torch.stack([loss_sum / accum, torch.full_like(loss_sum, self.preempt.signum is not None)])
+        if self.world > 1:
+            dist.all_reduce(stats)
+        loss, preempt = stats[0] / self.world, stats[1] > 0
+        grad_norm = self._clip_gradients() if self.loop_clips else None
+        bad = ~torch.isfinite(loss) if grad_norm is None else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        found_inf = bad.float()
+        self.adam.found_inf = found_inf.to(self.optimizer_device)
+        self.engine.step()
+        if grad_norm is None:  # DeepSpeed clipped and kept the norm
+            grad_norm = _device_scalar(self.engine.get_global_grad_norm(), loss)
+        return torch.stack([torch.where(bad, torch.full_like(loss, float("nan")), loss), found_inf,
+                            grad_norm.float(), preempt.float()])
 
     # ------------------------------------------------------------ the loop
+    def _account(self, record: StepRecord, window: MetricsWindow, tokens_per_step: int) -> None:
+        """Book one step on the host: losses.jsonl, the window, the non-finite count (may raise)."""
+        if record.skipped:
+            self.consecutive_nonfinite += 1
+            self.nonfinite_total += 1
+            _log(self.rank, f"step {record.step}: non-finite loss, step skipped ({self.consecutive_nonfinite} in a row)")
+        else:
+            self.consecutive_nonfinite = 0
+        window.add_step(record, tokens_per_step)
+        if self.losses_file is not None:
+            self.losses_file.write(json.dumps({"step": record.step, "loss": record.loss, "lr": record.lr,
+                                               "grad_norm": record.grad_norm, "skipped": record.skipped}) + "\n")
+            self.losses_file.flush()
+        if self.consecutive_nonfinite >= self.cfg["train"]["max_nonfinite"]:
+            raise NonFiniteLossError(f"{self.consecutive_nonfinite} consecutive steps with a non-finite loss "
+                                     f"(up to step {record.step}); stopping. Lower optim.lr, raise "
+                                     "optim.warmup_steps or check the data.")
+
+    def _boundary(self) -> bool:
+        """Whether this step logs, validates, samples or checkpoints (then every record is read)."""
+        t, c, s = self.cfg["train"], self.cfg["checkpoint"], self.step
+        return s == t["steps"] or any(s % every == 0 for every in
+                                      (t["log_every"], t["val_every"], t["sample_every"], c["every"]))
+
     def run(self) -> int:
         t, c = self.cfg["train"], self.cfg["checkpoint"]
         tokens_per_step = t["micro_batch_size"] * t["grad_accum"] * self.world * self.model_cfg.n_ctx
         _log(self.rank, f"iGPT {self.num_params / 1e6:.2f}M params | {self.world} rank(s) on {self.device} | "
-                        f"ZeRO-{self.zero_stage} | {tokens_per_step} tokens/step | steps {self.step}→{t['steps']}")
+                        f"ZeRO-{self.zero_stage} | {self.precision} | {tokens_per_step} tokens/step | "
+                        f"steps {self.step}→{t['steps']}")
         batches = iter(self.stream)
-        losses_path = self.run_dir / LOSSES_FILE
-        consecutive_nonfinite = 0
-        window_loss, window_steps, window_seconds, window_tokens = 0.0, 0, 0.0, 0
+        records = StepRecords(self.device)
+        window = MetricsWindow(self.flops_per_token, self.world, self.peak, t["steps"])
         status = "FAILED"
         try:
-            with open(losses_path, "a") if self.rank == 0 else nullcontext() as losses_file:
+            with open(self.run_dir / LOSSES_FILE, "a") if self.rank == 0 else nullcontext() as self.losses_file:
+                clock = time.perf_counter()
                 while self.step < t["steps"]:
-                    t0 = time.perf_counter()
-                    loss, skipped = self.train_step(batches)
-                    window_seconds += time.perf_counter() - t0
-                    grad_norm = self.engine.get_global_grad_norm()
-                    grad_norm = self.grad_norm if grad_norm is None else float(grad_norm)
-                    grad_norm = float("nan") if skipped else grad_norm
+                    lr = lr_at(self.step, lr=self.cfg["optim"]["lr"], warmup_steps=self.cfg["optim"]["warmup_steps"],
+                               total_steps=t["steps"], min_lr=self.cfg["optim"]["min_lr"])
+                    values = self.train_step(batches, lr)
                     self.step += 1
-                    if skipped:
-                        consecutive_nonfinite += 1
-                        self.nonfinite_total += 1
-                        _log(self.rank, f"step {self.step}: non-finite loss, step skipped "
-                                        f"({consecutive_nonfinite} in a row)")
-                    else:
-                        consecutive_nonfinite = 0
-                        window_loss += loss
-                        window_steps += 1
-                    window_tokens += tokens_per_step
-                    if self.rank == 0:
-                        losses_file.write(json.dumps({"step": self.step, "loss": loss, "lr": self.lr,
-                                                      "grad_norm": grad_norm, "skipped": skipped}) + "\n")
-                        losses_file.flush()
-                    if consecutive_nonfinite >= t["max_nonfinite"]:
-                        raise NonFiniteLossError(f"{consecutive_nonfinite} consecutive steps with a non-finite "
-                                                 f"loss (up to step {self.step}); stopping. Lower optim.lr, "
-                                                 "raise optim.warmup_steps or check the data.")
-                    if self.step % t["log_every"] == 0 or self.step == t["steps"]:
-                        self._log_window(window_loss, window_steps, window_tokens, window_seconds, grad_norm)
-                        window_loss, window_steps, window_seconds, window_tokens = 0.0, 0, 0.0, 0
-                    if self.step % t["val_every"] == 0 or self.step == t["steps"]:
-                        val = self.validate()
-                        self.tracker.log_metrics({"val_loss": val, "val_bpp": val / math.log(2)}, self.step)
-                        _log(self.rank, f"step {self.step} | val loss {val:.4f} ({val / math.log(2):.3f} bpp)")
-                    if self.step % t["sample_every"] == 0:
-                        self.sample_grids()
-                    if self.step % c["every"] == 0 or self.step == t["steps"]:
-                        self.save_checkpoint()
-                    if self.step < t["steps"] and self.preempt.requested():
-                        signame = signal.Signals(self.preempt.signum).name if self.preempt.signum else "signal"
+                    records.push(self.step, lr, values)
+                    due = records.pop()
+                    preempt = any(r.preempt for r in due) and self.step < t["steps"]
+                    if not (self._boundary() or preempt):
+                        for record in due:
+                            self._account(record, window, tokens_per_step)
+                        continue
+                    for record in due + records.pop(flush=True):
+                        self._account(record, window, tokens_per_step)
+                    window.add_seconds(time.perf_counter() - clock)
+                    self._at_boundary(record, window)
+                    if preempt:
+                        signame = signal.Signals(self.preempt.signum).name if self.preempt.signum else "another rank"
                         _log(self.rank, f"step {self.step}: preemption ({signame}) – saving a checkpoint")
                         if self.step % c["every"] != 0:
                             self.save_checkpoint()
                         raise Preempted()
+                    clock = time.perf_counter()
             status = "FINISHED"
             return 0
         except Preempted:
@@ -383,22 +417,26 @@ class Trainer:
             self.tracker.set_tags({"preempted_at_step": self.step})
             return c["preempt_exit_code"]
         finally:
+            self.losses_file = None
             self.tracker.close(status)
             self.preempt.restore()
 
-    def _log_window(self, loss_sum: float, n: int, tokens: int, seconds: float, grad_norm: float) -> None:
-        loss = loss_sum / n if n else float("nan")
-        tok_s = tokens / max(seconds, 1e-9)
-        util = mfu(tok_s, self.flops_per_token, self.world, self.peak)
-        mem = memory_gb(self.device)
-        self.tracker.log_metrics({"loss": loss, "bpp": loss / math.log(2), "lr": self.lr, "grad_norm": grad_norm,
-                                  "tokens_per_s": tok_s, "mfu": util, "memory_gb": mem,
-                                  "tokens_seen": self.tokens_seen, "nonfinite_steps": self.nonfinite_total},
-                                 self.step)
-        _log(self.rank, f"step {self.step:>6}/{self.cfg['train']['steps']} | loss {loss:.4f} "
-                        f"({loss / math.log(2):.3f} bpp) | lr {self.lr:.2e} | gnorm {grad_norm:.3f} | "
-                        f"{tok_s / 1e3:.1f}k tok/s | MFU {100 * util:.2f}% | mem {mem:.2f} GB | "
-                        f"skipped {self.nonfinite_total}")
+    def _at_boundary(self, record: StepRecord, window: MetricsWindow) -> None:
+        """Log, validate, sample and checkpoint as this step's number asks (every record is read)."""
+        t, c = self.cfg["train"], self.cfg["checkpoint"]
+        if self.step % t["log_every"] == 0 or self.step == t["steps"]:
+            metrics, line = window.close(record, tokens_seen=self.tokens_seen, nonfinite_total=self.nonfinite_total,
+                                         memory_gb=memory_gb(self.device))
+            self.tracker.log_metrics(metrics, self.step)
+            _log(self.rank, line)
+        if self.step % t["val_every"] == 0 or self.step == t["steps"]:
+            val = self.validate()
+            self.tracker.log_metrics({"val_loss": val, "val_bpp": val / math.log(2)}, self.step)
+            _log(self.rank, f"step {self.step} | val loss {val:.4f} ({val / math.log(2):.3f} bpp)")
+        if self.step % t["sample_every"] == 0:
+            self.sample_grids()
+        if self.step % c["every"] == 0 or self.step == t["steps"]:
+            self.save_checkpoint()
 
 
 def train(cfg: dict, resume: str | None = None) -> int:

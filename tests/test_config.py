@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from pretrain.config import ConfigError, igpt_config, load_config, save_config
-from pretrain.deepspeed_config import build_deepspeed_config
+from pretrain.deepspeed_config import build_deepspeed_config, loop_clips_gradients
+from pretrain.precision import resolve_precision
 from pretrain.tracking import PEAK_TFLOPS, mfu, peak_flops
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
@@ -18,7 +19,8 @@ def test_every_preset_loads_and_builds_a_deepspeed_config(path):
     cfg = load_config(path, ["data.dir=/data/tokens"])
     device = "cuda" if cfg["train"]["device"] == "cuda" else "cpu"
     ds = build_deepspeed_config(cfg, device)
-    assert ds["bf16"]["enabled"] == (device == "cuda")
+    assert ds["bf16"]["enabled"] is False  # bf16 on GPU is autocast over an fp32 module (pretrain.precision)
+    assert resolve_precision(cfg["train"]["precision"], device) == ("bf16" if device == "cuda" else "fp32")
     assert ds["zero_optimization"]["stage"] == cfg["deepspeed"]["zero_stage"]
     assert cfg["optim"]["betas"] == [0.9, 0.95] and cfg["optim"]["weight_decay"] == 0.0
     model = igpt_config({**cfg, "model": {**cfg["model"], "n_ctx": 1024}})
@@ -40,6 +42,8 @@ def test_overrides_win_over_the_yaml_and_types_are_converted():
     ("train.device=tpu", "train.device"),
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+    ("train.precision=fp16", "train.precision"),
+    ("train.val_batches=0", "train.val_batches"),
     ("deepspeed.offload_param=cpu", "deepspeed.offload_param"),
 ])
 def test_bad_keys_and_values_are_errors_that_name_the_key(override, key):
@@ -78,7 +82,21 @@ def test_deepspeed_dict_from_our_config_and_the_escape_hatch():
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
     assert zero["reduce_bucket_size"] == 1000 and ds["wall_clock_breakdown"] is True
-    assert build_deepspeed_config(load_config(TINY, ["data.dir=/x", "train.precision=auto"]), "cuda")["bf16"]["enabled"]
+    auto_gpu = build_deepspeed_config(load_config(TINY, ["data.dir=/x", "train.precision=auto"]), "cuda")
+    assert auto_gpu["bf16"]["enabled"] is False and auto_gpu["gradient_clipping"] == 1.0  # ZeRO-2: DeepSpeed clips
+    module = build_deepspeed_config(load_config(TINY, ["data.dir=/x", "train.precision=bf16-module"]), "cuda")
+    assert module["bf16"]["enabled"] is True
+
+
+@pytest.mark.parametrize("stage, precision, loop_clips", [
+    (0, "fp32", True), (0, "bf16", True), (0, "bf16-module", False), (1, "bf16", False), (2, "fp32", False),
+    (3, "bf16", False),
+])
+def test_gradient_clipping_belongs_to_the_loop_only_at_zero0_with_an_fp32_module(stage, precision, loop_clips):
+    cfg = load_config(TINY, ["data.dir=/x", f"deepspeed.zero_stage={stage}", f"train.precision={precision}",
+                             "optim.grad_clip=0.7"])
+    assert loop_clips_gradients(stage, precision) is loop_clips
+    assert build_deepspeed_config(cfg, "cpu")["gradient_clipping"] == (0.0 if loop_clips else 0.7)
 
 
 def test_peak_flops_table_override_and_mfu():

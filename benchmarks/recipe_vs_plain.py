@@ -1,0 +1,173 @@
+"""Our training against the plain PyTorch yardstick, side by side in one run: tokens/s, val NLL, probe.
+
+    # one GPU, the GPU recipe against ../shared/reference/plain_igpt.py at ~105M tokens:
+    python benchmarks/recipe_vs_plain.py --data runs/demo-gpu/tokens32 --tokens 105e6
+    # CPU smoke / the CPU parity check (igpt-tiny on 16x16 shards, ~1.5M tokens):
+    python benchmarks/recipe_vs_plain.py --data DIR16 --config configs/cifar10-cpu-tiny.yaml --tokens 1.5e6 \\
+        --device cpu train.precision=bf16 deepspeed.zero_stage=0
+
+Both sides train the same shape (layers, width, heads from our resolved config), batch, peak
+learning rate, warmup and token budget on the same shards (``steps = tokens // (batch x context)``,
+as the reference computes it). Ours runs ``igpt train`` as a plain single process (jsonl tracking,
+no MLflow or Ray needed), is exported, and is scored by ``evals.score`` (val NLL over the whole val
+split, probes with the reference's protocol). The reference scores itself the same way: whole val
+split, fp32 weights under bf16 autocast on CUDA, fp32 on CPU; L2 chosen on 10% of train, the best
+layer on val. tokens/s is steps x batch x context / the training loop's seconds on both sides (ours
+without validation and checkpoint time; ``first_window_s`` holds our compile/warm-up window).
+Extra ``key=value`` arguments are overrides for our side only (e.g. ``train.compile=true``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DEFAULT_REFERENCE = REPO.parent / "shared" / "reference" / "plain_igpt.py"
+
+
+def _run(cmd: list[str], log: Path, env: dict[str, str]) -> float:
+    """Run ``cmd`` with its output appended to ``log``; seconds taken (fails loudly)."""
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
+        raise SystemExit(f"failed ({code}): {' '.join(cmd)}\n{tail}")
+    return time.perf_counter() - t0
+
+
+def our_throughput(run_dir: Path, tokens_per_step: int, log_every: int) -> dict[str, float]:
+    """tokens/s over the whole loop and after the first log window, from the run's tracked windows."""
+    rows = [json.loads(line) for line in (run_dir / "tracking" / "metrics.jsonl").read_text().splitlines()]
+    windows, last_step = [], 0
+    for row in rows:
+        if "tokens_per_s" in row:
+            tokens = (row["step"] - last_step) * tokens_per_step
+            windows.append((tokens, tokens / row["tokens_per_s"]))
+            last_step = row["step"]
+    tokens, seconds = sum(w[0] for w in windows), sum(w[1] for w in windows)
+    steady = windows[1:] or windows
+    return {"tokens_per_s": tokens / seconds, "train_s": seconds, "first_window_s": windows[0][1],
+            "steady_tokens_per_s": sum(w[0] for w in steady) / sum(w[1] for w in steady),
+            "mfu_last_window": next(r["mfu"] for r in reversed(rows) if "mfu" in r)}
+
+
+def run_ours(args: argparse.Namespace, cfg: dict, steps: int, out: Path, env: dict[str, str]) -> dict:
+    from pretrain.release import load_model
+    from evals.score import score_model
+
+    run_dir, release = out / "ours", out / "ours-release"
+    overrides = [f"data.dir={args.data}", f"train.run_dir={run_dir}", f"train.steps={steps}",
+                 "logging.backend=jsonl", f"train.val_every={steps}", "train.val_batches=null",
+                 f"train.sample_every={10 * steps}", f"checkpoint.every={steps}", f"train.device={args.device}",
+                 *args.overrides]
+    _run([sys.executable, "-m", "pretrain.cli", "train", args.config, *overrides], out / "ours.log", env)
+    _run([sys.executable, "-m", "pretrain.cli", "export", str(run_dir), "--out", str(release)], out / "ours.log", env)
+    t = cfg["train"]
+    tokens_per_step = t["micro_batch_size"] * t["grad_accum"] * cfg["model"]["n_ctx"]
+    result = our_throughput(run_dir, tokens_per_step, t["log_every"])
+    model, _, sha = load_model(release)
+    result.update(score_model(model, sha, args.data, layers=range(model.cfg.n_layer + 1), device=args.device,
+                              l2_grid=args.l2))
+    metrics = [json.loads(line) for line in (run_dir / "tracking" / "metrics.jsonl").read_text().splitlines()]
+    result["training_val_loss"] = next(m["val_loss"] for m in reversed(metrics) if "val_loss" in m)
+    return result
+
+
+def run_reference(args: argparse.Namespace, cfg: dict, out: Path, env: dict[str, str]) -> dict:
+    m, t = cfg["model"], cfg["train"]
+    cmd = [sys.executable, str(args.reference), args.data, "--tokens", str(args.tokens), "--layers", str(m["n_layer"]),
+           "--width", str(m["n_embd"]), "--heads", str(m["n_head"]), "--batch", str(t["micro_batch_size"] * t["grad_accum"]),
+           "--lr", str(cfg["optim"]["lr"]), "--warmup", str(cfg["optim"]["warmup_steps"]), "--device", args.device,
+           "--out", str(out / "plain.json")]
+    if args.reference_compile:
+        cmd.append("--compile")
+    _run(cmd, out / "plain.log", env)
+    ref = json.loads((out / "plain.json").read_text())
+    return {"tokens_per_s": ref["tokens_per_s"], "train_s": ref["train_s"], "val_nll": ref["val_nll_nats"],
+            "probe_best_accuracy": ref.get("probe_best_val_accuracy"), "probe_best_layer": ref.get("probe_best_layer"),
+            "probe_per_layer": ref.get("probe_val_accuracy_per_layer")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="token shards (manifest.json) with train and val splits")
+    ap.add_argument("--config", default=str(REPO / "configs" / "cifar10-gpu-recipe.yaml"))
+    ap.add_argument("--tokens", type=float, required=True, help="training tokens for each side")
+    ap.add_argument("--reference-tokens", type=float, default=None,
+                    help="the reference's budget, when time is short (its quality is then not comparable)")
+    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE, help="plain_igpt.py")
+    ap.add_argument("--reference-compile", action="store_true", help="torch.compile the reference (its --compile)")
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--l2", type=float, nargs="+", default=[2e-5, 2e-4, 2e-3, 2e-2],
+                    help="probe L2 grid (ours penalises l2/2·|W|², the reference wd·|W|²: these are its 1e-5..1e-2)")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "recipe_vs_plain")
+    ap.add_argument("--json", type=Path, default=None, help="result JSON (default OUT/recipe_vs_plain.json)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of our training config")
+    args = ap.parse_args(argv)
+
+    from pretrain.config import load_config
+    from pretrain.train import resolve_model_section
+    from data_pipeline.manifest import load_manifest
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(args.config, [f"data.dir={args.data}", f"train.device={args.device}", *args.overrides])
+    resolve_model_section(cfg, load_manifest(args.data))
+    t = cfg["train"]
+    steps = max(1, int(args.tokens // (t["micro_batch_size"] * t["grad_accum"] * cfg["model"]["n_ctx"])))
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # each side is a plain single process
+    results: dict = {"device": args.device, "tokens": args.tokens, "steps": steps, "config": args.config,
+                     "overrides": args.overrides, "shape": {k: cfg["model"][k] for k in ("n_layer", "n_embd", "n_head", "n_ctx")},
+                     "precision": t["precision"], "zero_stage": cfg["deepspeed"]["zero_stage"]}
+    results["ours"] = run_ours(args, cfg, steps, args.out, env)
+    if not args.skip_reference:
+        ref_args = argparse.Namespace(**{**vars(args), "tokens": args.reference_tokens or args.tokens})
+        results["plain"] = run_reference(ref_args, cfg, args.out, env)
+        results["ours_vs_plain"] = {"tokens_per_s": results["ours"]["tokens_per_s"] / results["plain"]["tokens_per_s"],
+                                    "val_nll_delta": results["ours"]["val_nll"] - results["plain"]["val_nll"]}
+    print(table(results))
+    path = args.json or args.out / "recipe_vs_plain.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return 0
+
+
+def table(results: dict) -> str:
+    """The side-by-side table (markdown)."""
+    sides = [s for s in ("ours", "plain") if s in results]
+    fmt = {"tokens/s": lambda r: f"{r['tokens_per_s'] / 1e3:.1f}k",
+           "val NLL (nats/token)": lambda r: f"{r['val_nll']:.4f}",
+           "probe, best layer (val)": lambda r: "-" if r.get("probe_best_accuracy") is None else
+           f"{100 * r['probe_best_accuracy']:.1f}% (layer {r['probe_best_layer']})"}
+    lines = [f"| {results['device']}, {results['steps']} steps, {results['tokens']:.3g} tokens | " + " | ".join(sides) + " |",
+             "|---|" + "---|" * len(sides)]
+    lines += [f"| {name} | " + " | ".join(f(results[s]) for s in sides) + " |" for name, f in fmt.items()]
+    if "ours_vs_plain" in results:
+        v = results["ours_vs_plain"]
+        lines.append(f"ours / plain tokens/s: {v['tokens_per_s']:.2f}x; val NLL ours - plain: {v['val_nll_delta']:+.4f}")
+    return "\n".join(lines)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
