@@ -70,17 +70,27 @@ def _add_ray(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_ray)
 
 
+def _checked(command: list[str], launcher: str, resume: str | None = "auto") -> list[str]:
+    """``igpt_args`` of ``command``, validated here first (config loaded); warnings for paths not seen here."""
+    from cluster.command import check_command, igpt_args
+
+    argv = igpt_args(command, resume=resume)
+    for warning in check_command(argv):
+        print(f"igpt launch {launcher}: warning: {warning}", file=sys.stderr, flush=True)
+    return argv
+
+
 def _run_slurm(args: argparse.Namespace) -> int:
-    from cluster.command import igpt_args, python_igpt
+    from cluster.command import python_igpt
     from cluster.slurm import SlurmJob, follow, render_sbatch, submit
 
     setup = args.setup
     if args.setup_file is not None:
         setup = args.setup_file.read_text() + "\n" + setup
     if args.ray_cluster:
-        command = python_igpt(args.python, igpt_args(args.command, resume=None)) if args.command else []
+        command = python_igpt(args.python, _checked(args.command, "slurm", resume=None)) if args.command else []
     else:
-        command = python_igpt(args.python, igpt_args(args.command))
+        command = python_igpt(args.python, _checked(args.command, "slurm"))
     job = SlurmJob(command=command, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                    procs_per_node=args.procs_per_node, cpus_per_task=args.cpus_per_task, mem=args.mem,
                    time=args.time, partition=args.partition, account=args.account, job_name=args.job_name,
@@ -112,8 +122,9 @@ def _run_ray(args: argparse.Namespace) -> int:
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--env {item!r}: expected KEY=VALUE")
+            raise ValueError(f"--env {item!r}: expected KEY=VALUE")
         env_vars[key] = value
+    _checked(args.command, "ray")
     working_dir = None if args.working_dir == "none" else (args.working_dir or str(REPO_ROOT))
     job = RayJob(command=args.command, address=args.address, workers=args.workers,
                  cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, python=args.python,

@@ -1,6 +1,8 @@
 """The `igpt` command line a cluster job runs, as an argv list."""
 from __future__ import annotations
 
+from pathlib import Path
+
 # Runs the `igpt` console script's entry point with a given interpreter (no PATH lookup needed).
 IGPT_ENTRY = "import sys; from igpt_cli import main; sys.exit(main())"
 IGPT_SUBCOMMANDS = ("train", "eval", "export")
@@ -24,3 +26,38 @@ def igpt_args(args: list[str], resume: str | None = "auto") -> list[str]:
 def python_igpt(python: str, args: list[str]) -> list[str]:
     """``python -c <igpt entry> ARGS``: the igpt CLI under an explicit interpreter."""
     return [python, "-c", IGPT_ENTRY, *args]
+
+
+# Options of igpt subcommands that name local inputs (checked, with a warning only, before a job is sent).
+PATH_OPTIONS = {"checkpoint": "--checkpoint", "data": "--data", "test_data": "--test-data", "search": "--search",
+                "run_dir": "RUN_DIR"}
+
+
+def check_command(args: list[str]) -> list[str]:
+    """Validate the igpt command line ``args`` (as ``igpt_args`` returns it) before a job is rendered or submitted.
+
+    A bad option, a missing or invalid training config is an error (ValueError); inputs that do not exist
+    here only give warnings (returned), since the cluster's nodes may see paths this host does not.
+    """
+    from igpt_cli import all_parsers, build_parser
+
+    def refuse(message: str) -> None:
+        raise ValueError(f"igpt {' '.join(args)}: {message}")
+
+    parser = build_parser()
+    for p in all_parsers(parser):
+        p.error = refuse  # type: ignore[method-assign]  # argparse would print usage and exit
+    ns = parser.parse_args(args)
+    paths: dict[str, str] = {}
+    if args[0] == "train":
+        from pretrain.config import load_config
+
+        cfg = load_config(ns.config, ns.overrides)
+        paths["data.dir"] = cfg["data"]["dir"]
+        if ns.resume not in (None, "auto"):
+            paths["--resume"] = ns.resume
+    for name, label in PATH_OPTIONS.items():
+        if getattr(ns, name, None):
+            paths[label] = getattr(ns, name)
+    return [f"{key} {value} does not exist on this host (fine if the cluster's nodes see it)"
+            for key, value in paths.items() if not Path(value).exists()]

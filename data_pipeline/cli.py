@@ -16,8 +16,7 @@ def _palette_fit(args: argparse.Namespace) -> int:
         palette = uniform9_palette()
     else:
         if not args.source:
-            print("igpt palette fit: kmeans512 needs --source", file=sys.stderr)
-            return 2
+            raise ValueError("--kind kmeans512 needs --source (the images to fit on), or use --kind uniform9")
         palette = fit_palette_from_sources(
             args.source, args.resolution, 512, args.max_images, args.pixels_per_image, args.seed, args.iters, args.device
         )
@@ -84,10 +83,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The data-stage commands on their own: ``python -m data_pipeline.cli data shard …``."""
+    from igpt_cli import add_common_options, run
+
     parser = argparse.ArgumentParser(prog="igpt")
     register(parser.add_subparsers(dest="cmd", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return run(add_common_options(parser).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""`igpt eval nll|sample|probe|finetune`: evals of a release dir or a training run dir on token shards."""
+"""`igpt eval nll|sample|probe|finetune`: evals of a release dir or a training run dir on token shards.
+
+Bad inputs (checkpoint, shards, splits, layers, search config) raise ValueError / FileNotFoundError, which
+the `igpt` entry point reports as one line with exit code 2."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from evals.config import load_search_config
 
@@ -91,17 +93,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return _report(run_finetune(_run(args), _splits(args), _search(args)))
 
 
-def _guard(func):
-    """Input errors (bad checkpoint, shards, splits, layers, search config) become one line on stderr, exit code 2."""
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"igpt eval: error: {e}", file=sys.stderr)
-            return 2
-    return wrapped
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `eval` with its four sub-subcommands."""
     ev = subparsers.add_parser("eval", help="evaluate a checkpoint: nll | sample | probe | finetune")
@@ -110,7 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("nll", help="nats/token and bits/pixel on a split, with a 95%% interval")
     _common(p)
     p.add_argument("--split", default="val")
-    p.set_defaults(func=_guard(cmd_nll))
+    p.set_defaults(func=cmd_nll)
 
     p = sub.add_parser("sample", help="unconditional samples and bottom-half completions as PNG grids")
     _common(p)
@@ -123,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=4, help="integer upscaling of each image in the grid")
     p.add_argument("--cols", type=int, default=8, help="images per row of the unconditional grid")
-    p.set_defaults(func=_guard(cmd_sample))
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("probe", help="linear probes (layers x L2) with Ray Tune")
     _common(p)
@@ -134,9 +125,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", default=None, help="feature cache (default: OUT/feature_cache)")
     p.add_argument("--baselines", action="store_true",
                    help="also probe raw pixels and a randomly initialised model of the same shape")
-    p.set_defaults(func=_guard(cmd_probe))
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("finetune", help="fine-tune with L_clf + lambda*L_gen (lr x lambda x epochs, ASHA)")
     _common(p)
     _tuned(p)
-    p.set_defaults(func=_guard(cmd_finetune))
+    p.set_defaults(func=cmd_finetune)

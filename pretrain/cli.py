@@ -9,10 +9,10 @@ def _train(args: argparse.Namespace) -> int:
 
     from pretrain.config import load_config
 
+    cfg = load_config(args.config, args.overrides)  # a bad config is reported before anything starts
     faulthandler.enable()  # a rank that dies on a signal leaves its Python stacks in its log
     from pretrain.train import train
 
-    cfg = load_config(args.config, args.overrides)
     return train(cfg, resume=args.resume)
 
 
@@ -42,11 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pretrain.cli train|export …`` (the same commands without the other stages)."""
-    parser = argparse.ArgumentParser(prog="python -m pretrain.cli")
+    """``python -m pretrain.cli train|export …`` (the same commands, and errors, without the other stages)."""
+    from igpt_cli import add_common_options, run
+
+    parser = argparse.ArgumentParser(prog="igpt")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return run(add_common_options(parser).parse_args(argv))
 
 
 if __name__ == "__main__":

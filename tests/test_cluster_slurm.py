@@ -87,11 +87,11 @@ def test_requeue_exit_code_matches_the_training():
 
 def test_ray_cluster_template_renders(capsys):
     args = _parse(["launch", "slurm", "--ray-cluster", "--nodes", "3", "--gpus-per-node", "4", "--dry-run",
-                   "--", "eval", "probe", "--checkpoint", "runs/x"])
+                   "--", "eval", "probe", "--checkpoint", "runs/x", "--data", "shards/"])
     assert args.func(args) == 0
     script = capsys.readouterr().out
     assert "start --head --block" in script and "--num-gpus=4" in script
-    assert "eval probe --checkpoint runs/x" in script and "--resume" not in script
+    assert "eval probe --checkpoint runs/x --data shards/" in script and "--resume" not in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 

@@ -5,7 +5,6 @@ written as a release dir (the format ``pretrain.release.load_model`` reads).
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -86,13 +85,10 @@ def tracking_uri(tmp_path_factory) -> str:
 
 
 def eval_main(argv: list[str]) -> int:
-    """`igpt eval …` through evals.cli.register alone (independent of the other stages' CLIs)."""
-    from evals.cli import register
+    """`igpt eval …` through the console script's entry point, errors handled as on the command line."""
+    from igpt_cli import main
 
-    parser = argparse.ArgumentParser(prog="igpt")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def edited_copy(src: Path, dst: Path, edit) -> Path:
