@@ -5,6 +5,7 @@ import numpy as np
 
 from .decode import SkipImage, decode_image
 from .palette import fit_kmeans_palette
+from .progress import bar
 from .sources import find_images, read_item
 
 
@@ -17,7 +18,7 @@ def sample_pixels(
     rng = np.random.default_rng(seed)
     chosen = rng.permutation(len(items))[:max_images]
     out, fds = [], {}
-    for i in sorted(chosen):
+    for i in bar(sorted(chosen), desc="palette: sample pixels", unit="img"):
         try:
             rgb = decode_image(read_item(items[i], fds), resolution).reshape(-1, 3)
         except SkipImage:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .progress import bar
+
 PALETTE_FILE = "palette.npy"
 
 
@@ -126,20 +128,23 @@ def fit_kmeans_palette(
 
     centres = _kmeans_pp(pts, w, k, np.random.default_rng(seed))
     assign = None
-    for _ in range(iters):
-        new_assign = _nearest(pts, centres)
-        sums = torch.zeros(k, 3, dtype=torch.long, device=device).index_add_(0, new_assign, pts_i * w[:, None])
-        sizes = torch.zeros(k, dtype=torch.long, device=device).index_add_(0, new_assign, w)
-        live = sizes > 0
-        centres = torch.where(live[:, None], sums.double() / sizes.clamp(min=1)[:, None].double(), centres.double()).float()
-        dead = (~live).nonzero().flatten()
-        if dead.numel() and n > k:
-            err = ((pts - centres[new_assign]) ** 2).sum(1) * w.float()
-            far = torch.argsort(err, descending=True, stable=True)[: dead.numel()]
-            centres[dead] = pts[far]
-        elif assign is not None and torch.equal(new_assign, assign):
-            break
-        assign = new_assign
+    with bar(total=iters, desc=f"palette: k-means k={k}", unit="iter") as progress:
+        for _ in range(iters):
+            new_assign = _nearest(pts, centres)
+            sums = torch.zeros(k, 3, dtype=torch.long, device=device).index_add_(0, new_assign, pts_i * w[:, None])
+            sizes = torch.zeros(k, dtype=torch.long, device=device).index_add_(0, new_assign, w)
+            live = sizes > 0
+            means = sums.double() / sizes.clamp(min=1)[:, None].double()
+            centres = torch.where(live[:, None], means, centres.double()).float()
+            dead = (~live).nonzero().flatten()
+            if dead.numel() and n > k:
+                err = ((pts - centres[new_assign]) ** 2).sum(1) * w.float()
+                far = torch.argsort(err, descending=True, stable=True)[: dead.numel()]
+                centres[dead] = pts[far]
+            elif assign is not None and torch.equal(new_assign, assign):
+                break
+            assign = new_assign
+            progress.update()
     out = centres.round().clamp(0, 255).to(torch.uint8).cpu().numpy()
     lum = out.astype(np.int64) @ np.array([299, 587, 114])
     return out[np.argsort(lum, kind="stable")]

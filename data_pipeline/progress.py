@@ -21,8 +21,9 @@ def forced() -> bool | None:
 
 
 def bar(iterable: Iterable[Any] | None = None, *, total: float | None = None, desc: str = "", unit: str = "it",
-        **kwargs: Any) -> tqdm:
-    """A tqdm bar on stderr; ``disable=None`` is tqdm's "off when not a TTY", overridden by ``IGPT_PROGRESS``."""
-    on = forced()
+        show: bool = True, **kwargs: Any) -> tqdm:
+    """A tqdm bar on stderr (never with ``show=False``); ``disable=None`` is tqdm's "off when not a TTY",
+    overridden by ``IGPT_PROGRESS``."""
+    on = forced() if show else False
     return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
                 disable=None if on is None else not on, **kwargs)

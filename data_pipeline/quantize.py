@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .palette import _check_palette, load_palette
+from .progress import bar
 
 _MIN_BLOCK = 4  # smallest colour-cube block that candidate pruning subdivides to
 _MAX_CAND = 16  # a block with more surviving candidates than this is split into 8
@@ -42,12 +43,13 @@ def _bounds(lo: np.ndarray, size: int, c: np.ndarray) -> tuple[np.ndarray, np.nd
     return dmin.sum(1), dmax.sum(1)
 
 
-def build_lut(palette: np.ndarray) -> np.ndarray:
+def build_lut(palette: np.ndarray, progress: bool = True) -> np.ndarray:
     """The (2^24,) uint16 table of nearest centres, indexed by ``rgb_codes``.
 
     Recursively splits the colour cube into octants, keeping for each the centres whose lower
     distance bound does not exceed the best upper bound (ties kept, so the lowest index still
-    wins), and scores small blocks exhaustively: exact, and about 1 s for typical palettes.
+    wins), and scores small blocks exhaustively: exact, and about 1 s for typical palettes (longer for
+    clustered ones: ``progress`` allows a bar over the colours filled in).
     """
     palette = _check_palette(palette)
     # A repeated colour never wins over its first occurrence: score distinct colours only.
@@ -59,22 +61,24 @@ def build_lut(palette: np.ndarray) -> np.ndarray:
     lut = np.empty((256, 256, 256), dtype=np.uint16)  # [b, g, r]
     grids: dict[int, np.ndarray] = {}
     stack = [(np.zeros(3, dtype=np.int64), 256, np.arange(len(c)))]
-    while stack:
-        lo, size, cand = stack.pop()
-        dmin, dmax = _bounds(lo, size, c[cand])
-        cand = cand[dmin <= dmax.min()]
-        if size > _MAX_BLOCK or (len(cand) > _MAX_CAND and size > _MIN_BLOCK):
-            half = size // 2
-            for corner in np.ndindex(2, 2, 2):
-                stack.append((lo + half * np.array(corner), half, cand))
-            continue
-        if size not in grids:
-            off = np.arange(size)
-            ob, og, orr = np.meshgrid(off, off, off, indexing="ij")
-            grids[size] = np.stack([orr.ravel(), og.ravel(), ob.ravel()], 1).astype(np.float32)
-        x = grids[size] + lo.astype(np.float32)
-        best = index[cand[(c2f[cand][None, :] - 2.0 * (x @ cf[cand].T)).argmin(1)]]
-        lut[lo[2] : lo[2] + size, lo[1] : lo[1] + size, lo[0] : lo[0] + size] = best.reshape(size, size, size)
+    with bar(total=_LUT_SIZE, desc="colour lookup table", unit="colour", unit_scale=True, show=progress) as b:
+        while stack:
+            lo, size, cand = stack.pop()
+            dmin, dmax = _bounds(lo, size, c[cand])
+            cand = cand[dmin <= dmax.min()]
+            if size > _MAX_BLOCK or (len(cand) > _MAX_CAND and size > _MIN_BLOCK):
+                half = size // 2
+                for corner in np.ndindex(2, 2, 2):
+                    stack.append((lo + half * np.array(corner), half, cand))
+                continue
+            if size not in grids:
+                off = np.arange(size)
+                ob, og, orr = np.meshgrid(off, off, off, indexing="ij")
+                grids[size] = np.stack([orr.ravel(), og.ravel(), ob.ravel()], 1).astype(np.float32)
+            x = grids[size] + lo.astype(np.float32)
+            best = index[cand[(c2f[cand][None, :] - 2.0 * (x @ cf[cand].T)).argmin(1)]]
+            lut[lo[2] : lo[2] + size, lo[1] : lo[1] + size, lo[0] : lo[0] + size] = best.reshape(size, size, size)
+            b.update(size**3)
     return lut.reshape(-1)
 
 
@@ -95,7 +99,7 @@ def lut_cache_path(palette_path: str | os.PathLike, sha256: str) -> Path:
     return p.with_name(f"{p.stem}.{sha256[:16]}.lut.npy")
 
 
-def _load_or_build_lut(palette: np.ndarray, cache: Path | None) -> np.ndarray:
+def _load_or_build_lut(palette: np.ndarray, cache: Path | None, progress: bool = True) -> np.ndarray:
     if cache is not None and cache.is_file():
         try:
             lut = np.load(cache, mmap_mode="r", allow_pickle=False)
@@ -103,7 +107,7 @@ def _load_or_build_lut(palette: np.ndarray, cache: Path | None) -> np.ndarray:
                 return lut
         except (ValueError, OSError):
             pass  # unreadable cache: rebuild below
-    lut = build_lut(palette)
+    lut = build_lut(palette, progress)
     if cache is not None:
         tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
         try:
@@ -118,15 +122,15 @@ def _load_or_build_lut(palette: np.ndarray, cache: Path | None) -> np.ndarray:
 class Quantizer:
     """Maps uint8 RGB (..., 3) to uint16 palette indices (...), bit-exact with brute force."""
 
-    def __init__(self, palette: np.ndarray, cache_path: str | os.PathLike | None = None):
+    def __init__(self, palette: np.ndarray, cache_path: str | os.PathLike | None = None, progress: bool = True):
         self.palette = _check_palette(palette)
-        self.lut = _load_or_build_lut(self.palette, Path(cache_path) if cache_path else None)
+        self.lut = _load_or_build_lut(self.palette, Path(cache_path) if cache_path else None, progress)
 
     @classmethod
-    def from_file(cls, palette_path: str | os.PathLike) -> "Quantizer":
+    def from_file(cls, palette_path: str | os.PathLike, progress: bool = True) -> "Quantizer":
         """Load a palette file and its cached lookup table (built and cached on first use)."""
         palette, sha = load_palette(palette_path)
-        return cls(palette, lut_cache_path(palette_path, sha))
+        return cls(palette, lut_cache_path(palette_path, sha), progress)
 
     def quantize(self, rgb: np.ndarray) -> np.ndarray:
         """Nearest palette index for every pixel of a (..., 3) uint8 array."""

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .decode import SkipImage, decode_image
 from .manifest import FORMAT_VERSION, MANIFEST_FILE, write_json_atomic
 from .palette import PALETTE_FILE, load_palette
+from .progress import bar
 from .quantize import Quantizer
 from .sources import Item, find_images, read_item
 from .tario import tar_bytes
@@ -137,7 +138,8 @@ def shard_dataset(
 
     ``limit`` keeps the first N inputs in listing order; ``class_names`` names integer labels
     of tar sources (ImageFolder sources name their own). ``num_workers`` processes (default:
-    all CPUs; 0 or 1 runs in this process).
+    all CPUs; 0 or 1 runs in this process). ``progress=False`` hides the progress bars, which
+    otherwise show as ``data_pipeline.progress`` decides.
     """
     if resolution < 1:
         raise ValueError(f"resolution must be positive, got {resolution}")
@@ -174,22 +176,23 @@ def shard_dataset(
     plan = _plan(items, val_fraction, shard_size, seed)
     todo = [task for tasks in plan.values() for task in tasks if not (out / RECORDS_DIR / f"{task[0]}.json").exists()]
     workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-    with tqdm(total=sum(len(its) for _, its in todo), unit="img", desc="shard", disable=not progress) as bar:
-        _run(todo, (Quantizer.from_file(palette_path), resolution, str(out)), workers, bar)
+    quantizer = Quantizer.from_file(palette_path, progress=progress)
+    with bar(total=sum(len(its) for _, its in todo), unit="img", desc=f"shard {out.name}", show=progress) as b:
+        _run(todo, (quantizer, resolution, str(out)), workers, b)
     manifest = _manifest(plan, out, sha, resolution, palette.shape[0], names, found.skipped, settings)
     write_json_atomic(manifest, out / MANIFEST_FILE)
     return manifest
 
 
-def _run(todo: list, init: tuple, workers: int, bar: tqdm) -> None:
+def _run(todo: list, init: tuple, workers: int, progress_bar: tqdm) -> None:
     if workers <= 1 or len(todo) <= 1:
         _init_worker(*init)
         for rec in map(_write_shard, todo):
-            bar.update(rec["num_samples"] + len(rec["skipped"]))
+            progress_bar.update(rec["num_samples"] + len(rec["skipped"]))
         return
     with mp.get_context("fork").Pool(min(workers, len(todo)), _init_worker, init) as pool:
         for rec in pool.imap_unordered(_write_shard, todo):
-            bar.update(rec["num_samples"] + len(rec["skipped"]))
+            progress_bar.update(rec["num_samples"] + len(rec["skipped"]))
 
 
 def _manifest(plan, out: Path, sha: str, resolution: int, vocab: int, names, listing_skips, settings) -> dict:

@@ -63,7 +63,7 @@ def extract_features(
     feats: dict[int, list[np.ndarray]] = {l: [] for l in layers}
     labs: list[np.ndarray] = []
     n, t0 = 0, time.perf_counter()
-    for batch in data.batches(split, batch_size, labels=labels, limit=limit):
+    for batch in data.batches(split, batch_size, labels=labels, limit=limit, progress=f"features {split}"):
         tokens = batch["tokens"].to(device, non_blocking=True)
         with eval_autocast(tokens.device):
             out = model.features(tokens, layers)

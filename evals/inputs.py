@@ -9,6 +9,7 @@ import torch
 
 from data_pipeline.loader import iterate_split
 from data_pipeline.manifest import load_manifest
+from data_pipeline.progress import bar
 from pretrain.model import IGPT
 from pretrain.release import load_model
 
@@ -72,21 +73,26 @@ class EvalData:
         return n
 
     def batches(
-        self, split: str, batch_size: int, *, labels: bool = False, limit: int | None = None
+        self, split: str, batch_size: int, *, labels: bool = False, limit: int | None = None,
+        progress: str | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """One ordered pass over ``split`` (the first ``limit`` samples if given)."""
-        self.num_samples(split, labels=labels)
+        """One ordered pass over ``split`` (the first ``limit`` samples if given); ``progress`` names a
+        progress bar over the images (data_pipeline.progress decides whether it shows)."""
+        n = self.num_samples(split, labels=labels)
         seen = 0
-        for batch in iterate_split(self.path, split, batch_size, with_labels=labels):
-            if labels and "labels" not in batch:
-                raise EvalInputError(f"split {split!r} in {self.path} has samples without labels")
-            if limit is not None:
-                batch = {k: v[: limit - seen] for k, v in batch.items()}
-            seen += len(batch["tokens"])
-            if len(batch["tokens"]):
-                yield batch
-            if limit is not None and seen >= limit:
-                return
+        with bar(total=n if limit is None else min(n, limit), desc=progress or "", unit="img",
+                 show=progress is not None) as images:
+            for batch in iterate_split(self.path, split, batch_size, with_labels=labels):
+                if labels and "labels" not in batch:
+                    raise EvalInputError(f"split {split!r} in {self.path} has samples without labels")
+                if limit is not None:
+                    batch = {k: v[: limit - seen] for k, v in batch.items()}
+                seen += len(batch["tokens"])
+                if len(batch["tokens"]):
+                    yield batch
+                    images.update(len(batch["tokens"]))
+                if limit is not None and seen >= limit:
+                    return
 
     def tokens(
         self, split: str, *, labels: bool = False, limit: int | None = None, batch_size: int = 256

@@ -59,7 +59,7 @@ def evaluate_nll(
         raise EvalInputError(f"nll needs an autoregressive model; this one has objective={model.cfg.objective!r}")
     model.eval().to(device)
     values, t0 = [], time.perf_counter()
-    for batch in data.batches(split, batch_size, limit=limit):
+    for batch in data.batches(split, batch_size, limit=limit, progress=f"nll {split}"):
         values.append(per_image_nll(model, batch["tokens"].to(device)).cpu().numpy())
     result = summarize(np.concatenate(values).astype(np.float64))
     result["seconds"] = time.perf_counter() - t0

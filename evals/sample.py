@@ -1,9 +1,13 @@
 """Sampling with the KV cache: unconditional images and bottom-half completions (tiled by data_pipeline.grid)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 import torch
 
+from data_pipeline.progress import bar
 from data_pipeline.quantize import dequantize
 from pretrain.model import IGPT
 
@@ -13,8 +17,9 @@ def sample_unconditional(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """(n, R*R) token images sampled from scratch."""
-    return model.generate(n, n_tokens=resolution * resolution, temperature=temperature, top_k=top_k,
-                          generator=generator)
+    with _position_progress(model, resolution * resolution, "sample: unconditional"):
+        return model.generate(n, n_tokens=resolution * resolution, temperature=temperature, top_k=top_k,
+                              generator=generator)
 
 
 def complete_bottom_half(
@@ -24,9 +29,21 @@ def complete_bottom_half(
     """(B, per_image, R*R): the top R//2 rows of each image kept, the rest sampled."""
     keep = (resolution // 2) * resolution
     prefix = tokens[:, :keep].repeat_interleave(per_image, dim=0)
-    out = model.generate(prefix=prefix, n_tokens=resolution * resolution, temperature=temperature,
-                         top_k=top_k, generator=generator)
+    with _position_progress(model, resolution * resolution - keep, "sample: bottom halves"):
+        out = model.generate(prefix=prefix, n_tokens=resolution * resolution, temperature=temperature,
+                             top_k=top_k, generator=generator)
     return out.view(tokens.shape[0], per_image, -1)
+
+
+@contextmanager
+def _position_progress(model: IGPT, positions: int, desc: str) -> Iterator[None]:
+    """A progress bar over the positions ``generate`` samples: it runs the output head once per position."""
+    with bar(total=positions, desc=desc, unit="px") as b:
+        hook = model.head.register_forward_hook(lambda *_: b.update())
+        try:
+            yield
+        finally:
+            hook.remove()
 
 
 def to_rgb(tokens: torch.Tensor | np.ndarray, palette: np.ndarray, resolution: int) -> np.ndarray:

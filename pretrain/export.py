@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from data_pipeline.progress import bar
 from pretrain import checkpoint as ckpt
 from pretrain.config import load_config, save_config
 
@@ -53,27 +54,35 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None =
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
-    tag_dir = resolve_tag(run_dir, tag)
-    info = ckpt.verify(tag_dir, check_sha256=False)
-    cfg = load_config(run_dir / "config.yaml")
-    palette = Path(cfg["data"]["dir"]) / "palette.npy"
-    from data_pipeline.palette import file_sha256
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run dir (no config.yaml)")
+    with bar(total=3, desc="export: verify checkpoint", unit="step") as steps:
+        tag_dir = resolve_tag(run_dir, tag)
+        info = ckpt.verify(tag_dir, check_sha256=False)
+        cfg = load_config(run_dir / "config.yaml")
+        palette = Path(cfg["data"]["dir"]) / "palette.npy"
+        from data_pipeline.palette import file_sha256
 
-    if not palette.is_file() or file_sha256(palette) != info["palette_sha256"]:
-        raise FileNotFoundError(f"palette {palette} is missing or is not the one the run trained with "
-                                f"(sha256 {info['palette_sha256']})")
-    state = consolidated_state_dict(tag_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        save_file(state, tmp / "model.safetensors", metadata={
-            "palette_sha256": info["palette_sha256"], "step": str(info["step"]), "source": str(tag_dir.resolve())})
-        save_config(cfg, tmp / "config.yaml")
-        shutil.copyfile(palette, tmp / "palette.npy")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not palette.is_file() or file_sha256(palette) != info["palette_sha256"]:
+            raise FileNotFoundError(f"palette {palette} is missing or is not the one the run trained with "
+                                    f"(sha256 {info['palette_sha256']})")
+        steps.set_description("export: consolidate weights")
+        steps.update()
+        state = consolidated_state_dict(tag_dir)
+        steps.set_description("export: write release")
+        steps.update()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        try:
+            save_file(state, tmp / "model.safetensors", metadata={
+                "palette_sha256": info["palette_sha256"], "step": str(info["step"]), "source": str(tag_dir.resolve())})
+            save_config(cfg, tmp / "config.yaml")
+            shutil.copyfile(palette, tmp / "palette.npy")
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        steps.update()
     return out
