@@ -1,17 +1,20 @@
-"""Training-step throughput: our DeepSpeed engine (SDPA and Triton attention) vs a plain PyTorch loop.
+"""Training-step throughput: our training loop's step against a plain PyTorch loop, eager and compiled.
 
-    python benchmarks/train_throughput.py --device cuda --out benchmarks/results/train_throughput_h100.json
-    python benchmarks/train_throughput.py --device cpu   # igpt-tiny, 16x16 context, fp32
+    python benchmarks/train_throughput.py --data DIR32 --device cuda --out benchmarks/results/train_throughput_h200.json
+    python benchmarks/train_throughput.py --data DIR16 --device cpu   # igpt-tiny, 16x16 context
 
-Every shape runs the same step three (GPU) or two (CPU) ways in one process, on random tokens:
-  plain      - IGPT with SDPA, fused AdamW(0.9, 0.95), bf16 autocast and torch.compile on GPU
-               (fp32, no compile on CPU): the baseline every ratio is measured against.
-  ds_sdpa    - the training loop's path: LossModule → deepspeed.initialize with the config our
-               pretrain.deepspeed_config generates (bf16, ZeRO-1 on GPU; fp32, ZeRO-0 on CPU),
-               engine.backward / engine.step, gradient clipping on; ``--engine-compile`` adds
-               engine.compile() (the ``train.compile`` option).
-  ds_triton  - the same with the Triton flash-attention kernel (GPU only; CPU would interpret it).
-tokens/s = batch × context × timed steps / seconds; MFU = tokens/s × model.flops_per_token() / peak
+Each shape runs these ways in one process, on the same random tokens:
+  plain          IGPT with SDPA, fused AdamW(0.9, 0.95), clip_grad_norm_, bf16 autocast on GPU (fp32 on
+                 CPU): the baseline every ratio is measured against;
+  plain_compile  the same with torch.compile(model) (GPU, or --compile-cpu);
+  ours           ``pretrain.train.Trainer.train_step`` (the real step: DeepSpeed ZeRO-0 engine,
+                 ``train.precision=auto`` (bf16 autocast on GPU), the device-side loss / non-finite /
+                 preemption record and its ``StepRecords`` read-back), SDPA attention;
+  ours_compile   the same with ``train.compile=true`` (engine.compile());
+  ours_triton    the same with the Triton attention kernel (GPU only).
+The context is the token shards' (``--data``: 32x32 shards → 1024). tokens/s = batch × context ×
+timed steps / seconds after ``--warmup`` untimed steps; ``warmup_s`` (the compile time, for the
+compiled ways) is reported separately. MFU = tokens/s × model.flops_per_token() / peak
 (pretrain.tracking.PEAK_TFLOPS by device name, or --peak-tflops).
 """
 from __future__ import annotations
@@ -21,23 +24,21 @@ import gc
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.config import load_config  # noqa: E402
-from pretrain.deepspeed_config import build_deepspeed_config  # noqa: E402
-from pretrain.distributed import setup_env  # noqa: E402
 from pretrain.model import IGPT  # noqa: E402
 from pretrain.presets import model_config  # noqa: E402
 from pretrain.tracking import device_label, peak_flops  # noqa: E402
-from pretrain.train import LossModule  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-GPU_SHAPES = {"igpt-s": 32, "igpt-m": 16, "igpt-l": 8}  # preset → micro-batch per GPU at context 1024
+GPU_SHAPES = {"igpt-s": 32, "igpt-m": 16, "igpt-l": 8}  # preset → micro-batch per GPU
 CPU_SHAPES = {"igpt-tiny": 16}
 
 
@@ -46,116 +47,129 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time(step, device: str, warmup: int, steps: int) -> float:
-    """Seconds for ``steps`` calls of ``step`` after ``warmup`` untimed calls."""
+def _time(step: Callable[[], None], device: str, warmup: int, steps: int) -> tuple[float, float]:
+    """(seconds of ``warmup`` untimed calls, seconds of ``steps`` timed calls) of ``step``."""
+    t0 = time.perf_counter()
     for _ in range(warmup):
         step()
     _sync(device)
-    t0 = time.perf_counter()
+    t1 = time.perf_counter()
     for _ in range(steps):
         step()
     _sync(device)
-    return time.perf_counter() - t0
+    return t1 - t0, time.perf_counter() - t1
 
 
-def plain_loop(preset: str, batch: int, ctx: int, device: str, warmup: int, steps: int) -> float:
+def plain_loop(preset: str, batch: int, ctx: int, device: str, compiled: bool, warmup: int,
+               steps: int) -> tuple[float, float]:
     torch.manual_seed(0)
     model = IGPT(model_config(preset, n_ctx=ctx, attn_backend="sdpa")).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-    loss_fn = torch.compile(model.loss) if device == "cuda" else model.loss
+    loss_fn = torch.compile(model.loss) if compiled else model.loss
     tokens = torch.randint(0, 512, (batch, ctx), device=device)
 
     def step() -> None:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = loss_fn(tokens)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return _time(step, device, warmup, steps)
 
 
-def deepspeed_engine(preset: str, batch: int, ctx: int, device: str, backend: str, warmup: int, steps: int,
-                     compile_engine: bool) -> float:
-    import deepspeed
+def our_step(data: str, preset: str, batch: int, device: str, backend: str, compiled: bool, warmup: int,
+             steps: int) -> tuple[float, float]:
+    from pretrain.config import load_config
+    from pretrain.metrics import StepRecords
+    from pretrain.train import Trainer
 
-    stage = 1 if device == "cuda" else 0
-    cfg = load_config(REPO / "configs" / "cifar10-cpu-tiny.yaml",
-                      ["data.dir=unused", f"train.micro_batch_size={batch}", f"deepspeed.zero_stage={stage}",
-                       f"train.device={device}", "train.precision=auto"])
-    torch.manual_seed(0)
-    model = IGPT(model_config(preset, n_ctx=ctx, attn_backend=backend))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    engine, _, _, _ = deepspeed.initialize(model=LossModule(model), optimizer=opt,
-                                           config=build_deepspeed_config(cfg, device))
-    if compile_engine:
-        engine.compile()
-    tokens = torch.randint(0, 512, (batch, ctx), device=engine.device)
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load_config(REPO / "configs" / "cifar10-cpu-tiny.yaml", [
+            f"data.dir={data}", f"train.run_dir={run_dir}", f"model.preset={preset}", f"model.attn_backend={backend}",
+            f"train.micro_batch_size={batch}", "deepspeed.zero_stage=0", f"train.device={device}",
+            "train.precision=auto", f"train.compile={str(compiled).lower()}", "logging.backend=jsonl",
+            "data.num_workers=0"])
+        trainer = Trainer(cfg)
+        ctx = trainer.model_cfg.n_ctx
+        tokens = torch.randint(0, trainer.model_cfg.vocab_size, (batch, ctx))
+        batches = iter(lambda: {"tokens": tokens.pin_memory() if device == "cuda" else tokens}, None)
+        records = StepRecords(device)
 
-    def step() -> None:
-        loss = engine(tokens)
-        engine.backward(loss)
-        engine.step()
+        def step() -> None:
+            records.push(trainer.step, 1e-4, trainer.train_step(batches, 1e-4))
+            records.pop()
 
-    seconds = _time(step, device, warmup, steps)
-    engine.destroy()
-    return seconds
+        try:
+            return _time(step, device, warmup, steps)
+        finally:
+            trainer.tracker.close("FINISHED")
+            trainer.preempt.restore()
+            trainer.engine.destroy()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="token shards whose resolution sets the context")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", nargs="*", help="presets (default: igpt-s/m/l on cuda, igpt-tiny on cpu)")
     ap.add_argument("--batch", type=int, help="micro-batch for every shape (default per shape)")
-    ap.add_argument("--ctx", type=int, help="context (default 1024 on cuda, 256 on cpu)")
+    ap.add_argument("--ways", nargs="*", help="subset of plain plain_compile ours ours_compile ours_triton")
+    ap.add_argument("--compile-cpu", action="store_true", help="also run the compiled ways on CPU")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--engine-compile", action="store_true", help="engine.compile() the DeepSpeed runs (train.compile)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the peak-FLOPs table")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
     args = ap.parse_args(argv)
+
+    from data_pipeline.manifest import load_manifest
+    from pretrain.distributed import setup_env
 
     cuda = args.device == "cuda"
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     setup_env()
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    ctx = args.ctx or (1024 if cuda else 256)
-    warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
-    steps = args.steps if args.steps is not None else (20 if cuda else 5)
-    shapes = {s: (GPU_SHAPES if cuda else CPU_SHAPES).get(s, 8) for s in args.shapes} if args.shapes else \
-        (GPU_SHAPES if cuda else CPU_SHAPES)
+    ctx = load_manifest(args.data)["resolution"] ** 2
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
+    steps = args.steps if args.steps is not None else (30 if cuda else 5)
+    table = GPU_SHAPES if cuda else CPU_SHAPES
+    shapes = {s: table.get(s, 8) for s in args.shapes} if args.shapes else table
+    compiled = cuda or args.compile_cpu
+    ways = args.ways or (["plain"] + (["plain_compile"] if compiled else []) + ["ours"]
+                         + (["ours_compile"] if compiled else []) + (["ours_triton"] if cuda else []))
     peak = peak_flops(args.device, args.peak_tflops)
-    ways = ["plain", "ds_sdpa"] + (["ds_triton"] if cuda else [])
-    results = {"device": device_label(args.device), "peak_tflops": peak / 1e12, "context": ctx,
-               "engine_compile": args.engine_compile, "warmup_steps": warmup, "timed_steps": steps, "torch": torch.__version__,
-               "deepspeed": deepspeed.__version__, "shapes": {}}
+    results = {"device": device_label(args.device), "peak_tflops": peak / 1e12, "context": ctx, "warmup_steps": warmup,
+               "timed_steps": steps, "torch": torch.__version__, "deepspeed": deepspeed.__version__, "shapes": {}}
     for preset, default_batch in shapes.items():
         batch = args.batch or default_batch
         with torch.device("meta"):  # counts only, no memory
             flops_per_token = IGPT(model_config(preset, n_ctx=ctx)).flops_per_token()
         row: dict[str, dict] = {}
         for way in ways:
-            if way == "plain":
-                seconds = plain_loop(preset, batch, ctx, args.device, warmup, steps)
+            if way.startswith("plain"):
+                warm_s, seconds = plain_loop(preset, batch, ctx, args.device, way.endswith("compile"), warmup, steps)
             else:
-                seconds = deepspeed_engine(preset, batch, ctx, args.device, way.split("_")[1], warmup, steps,
-                                           args.engine_compile)
+                warm_s, seconds = our_step(args.data, preset, batch, args.device,
+                                           "triton" if way.endswith("triton") else "sdpa", way.endswith("compile"),
+                                           warmup, steps)
             torch._dynamo.reset()  # drop compiled graphs holding the last model's weights
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
             tok_s = batch * ctx * steps / seconds
-            row[way] = {"tokens_per_s": tok_s, "step_ms": 1e3 * seconds / steps,
+            row[way] = {"tokens_per_s": tok_s, "step_ms": 1e3 * seconds / steps, "warmup_s": warm_s,
                         "mfu": tok_s * flops_per_token / peak}
         for way in ways:
-            row[way]["vs_plain"] = row[way]["tokens_per_s"] / row["plain"]["tokens_per_s"]
+            row[way]["vs_plain"] = row[way]["tokens_per_s"] / row["plain"]["tokens_per_s"] if "plain" in row else None
+            if "plain_compile" in row:
+                row[way]["vs_plain_compile"] = row[way]["tokens_per_s"] / row["plain_compile"]["tokens_per_s"]
         results["shapes"][preset] = {"micro_batch": batch, "flops_per_token": flops_per_token, **row}
-        line = " | ".join(f"{w} {r['tokens_per_s'] / 1e3:.1f}k tok/s MFU {100 * r['mfu']:.2f}% "
-                          f"(x{r['vs_plain']:.2f})" for w, r in row.items())
-        print(f"{preset:>10} b{batch} ctx{ctx}: {line}", flush=True)
+        for way, r in row.items():
+            ratio = "" if r["vs_plain"] is None else f" (x{r['vs_plain']:.2f} plain)"
+            print(f"{preset:>10} b{batch} ctx{ctx} {way:>13}: {r['tokens_per_s'] / 1e3:.1f}k tok/s "
+                  f"MFU {100 * r['mfu']:.2f}%{ratio}, warm-up {r['warmup_s']:.1f} s", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -5,6 +5,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pretrain import checkpoint as ckpt
 from pretrain.train import FAULT_KILL_ENV
-from test_train_support import all_logs, launch, read_log, run_overrides, step_losses, train_ranks, wait_all
+from test_train_support import REPO, all_logs, launch, read_log, run_overrides, step_losses, train_ranks, wait_all
 
 pytestmark = pytest.mark.slow
 N = 4  # steps before the kill; the reference run trains 2N
@@ -138,3 +140,24 @@ def test_jsonl_tracking_trains_where_mlflow_cannot_be_imported(cifar_tokens, tmp
         png = tracking / "artifacts" / "samples" / f"step_00000003_{kind}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (run / "mlflow.db").exists()
+
+
+def test_validation_on_the_whole_val_split_equals_eval_nll(cifar_tokens, tmp_path):
+    """train.val_batches=null: the last logged val loss of a 2-rank ZeRO-3 run in the default bf16 mode (an
+    odd number of val batches, so one rank pads) equals ``igpt eval nll`` on the same checkpoint."""
+    run = tmp_path / "run"
+    args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=3, train__steps=3, train__val_every=3,
+                         train__val_batches="null", train__precision="bf16", logging__backend="jsonl")
+    assert train_ranks(args, run) == [0, 0], all_logs(run)
+    metrics = [json.loads(line) for line in (run / "tracking" / "metrics.jsonl").read_text().splitlines()]
+    logged = [m["val_loss"] for m in metrics if "val_loss" in m]
+    val = json.loads((cifar_tokens / "manifest.json").read_text())["splits"]["val"]["num_samples"]
+    assert -(-val // 4) % 2 == 1  # micro-batches of 4: an odd count, one rank runs a padding forward
+
+    out = subprocess.run([sys.executable, "-m", "igpt_cli", "eval", "nll", "--checkpoint", str(run), "--data",
+                          str(cifar_tokens), "--out", str(tmp_path / "nll"), "--device", "cpu"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "nll" / "summary.json").read_text())
+    assert summary["images"] == val
+    assert logged == [pytest.approx(summary["nats_per_token"], abs=1e-4)]
