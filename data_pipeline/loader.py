@@ -27,6 +27,7 @@ import functools
 import hashlib
 import itertools
 import random
+import signal
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,6 +150,17 @@ def _resampled_units(s: "TokenStream", worker: int, resume: int) -> Iterator[Uni
         yield str(s.data_dir / shard["file"]), 0, 1, shard["num_samples"]
 
 
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader worker start-up: a preemption signal sent to the whole process group (SLURM, ``timeout``,
+    ``kill -- -PGID``, Ctrl-C) is for the training process, which checkpoints and then stops its workers
+    itself; a worker killed by it would fail the step instead. Workers still exit with their parent."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _to_torch(item):
     worker, tokens, labels = item
     return worker, torch.from_numpy(tokens), None if labels is None else torch.from_numpy(labels)
@@ -220,7 +232,8 @@ class TokenStream:
         ds = _SlotStream(self, epoch, skips)
         if self.num_workers == 0:
             return map(_to_torch, iter(ds))
-        return iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_to_torch, prefetch_factor=4))
+        return iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_to_torch, prefetch_factor=4,
+                               worker_init_fn=_ignore_preemption_signals))
 
     def _emit(self, tokens: torch.Tensor, labels: torch.Tensor | None) -> dict:
         self.batches_in_epoch += 1

@@ -10,9 +10,11 @@ Client state (saved by DeepSpeed beside the model states): step, tokens seen, wo
 ``loader_states`` and ``rng_states`` (lists indexed by rank, gathered from every rank, so each rank
 restores its own), the resolved config and the palette sha256.
 
-Preemption: SIGTERM or SIGUSR1 sets a flag; the loop agrees on it across ranks after the current
-step, saves a checkpoint and exits with ``checkpoint.preempt_exit_code`` (default 124), which a
-launcher or SLURM ``--requeue`` wrapper treats as "requeue me".
+Preemption: SIGTERM, SIGINT or ``checkpoint.preempt_signal`` (default SIGUSR1) sets a flag; the loop
+agrees on it across ranks within a step, saves a checkpoint and exits with
+``checkpoint.preempt_exit_code`` (default 124), which a launcher or SLURM ``--requeue`` wrapper treats
+as "requeue me". DataLoader workers ignore these signals (``data_pipeline.loader``), so a signal sent
+to the whole process group reaches the ranks without killing their loaders.
 """
 from __future__ import annotations
 
@@ -185,26 +187,33 @@ def load(engine, tag_dir: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- preemption
+def preemption_signals(configured: str) -> tuple[signal.Signals, ...]:
+    """The signals that mean "checkpoint and stop": SIGTERM (SLURM preemption, scancel, the time limit,
+    ``timeout``), SIGINT and ``configured`` (``checkpoint.preempt_signal``, a name such as USR1)."""
+    return tuple(dict.fromkeys((signal.SIGTERM, signal.SIGINT, signal_from_name(configured))))
+
+
+def signal_from_name(name: str) -> signal.Signals:
+    """``USR1`` or ``SIGUSR1`` → signal.SIGUSR1; a ValueError naming the choices otherwise."""
+    key = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
+    try:
+        return signal.Signals[key]
+    except KeyError:
+        raise ValueError(f"unknown signal {name!r}; e.g. USR1, USR2, TERM, INT, HUP") from None
+
+
 class PreemptionFlag:
-    """Records SIGTERM / SIGUSR1; the loop polls ``requested`` and checkpoints before exiting."""
+    """Records the preemption signals (``preemption_signals``); the loop reads ``signum`` every step and
+    checkpoints before exiting. A repeated signal changes nothing, so a second TERM during the save
+    cannot interrupt it."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
+    def __init__(self, configured: str = "USR1") -> None:
         self.signum: int | None = None
-        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self._previous = {s: signal.signal(s, self._handle) for s in preemption_signals(configured)}
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.signum = signum
-
-    def requested(self) -> bool:
-        """True on every rank if any rank received a signal (collective when distributed)."""
-        flag = torch.tensor([0 if self.signum is None else 1], dtype=torch.int32)
-        if dist.is_available() and dist.is_initialized():
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        if self.signum is None:
+            self.signum = signum
 
     def restore(self) -> None:
         for s, handler in self._previous.items():

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pretrain.checkpoint import signal_from_name
 from pretrain.model import IGPTConfig
 from pretrain.precision import PRECISIONS
 from pretrain.presets import model_config
@@ -93,6 +94,7 @@ class CheckpointSection:
     keep_last: int = 3
     verify_sha256: bool = True  # check every file against the completeness marker before loading
     preempt_exit_code: int = 124
+    preempt_signal: str = "USR1"  # checkpoint and stop on it, SIGTERM and SIGINT; USR2 where NCCL catches USR1
 
 
 @dataclass
@@ -189,6 +191,10 @@ def validate(cfg: dict) -> None:
         section, key = dotted.split(".")
         if cfg[section][key] < 1:
             raise ConfigError(f"config key {dotted!r} must be >= 1, got {cfg[section][key]}")
+    try:
+        signal_from_name(cfg["checkpoint"]["preempt_signal"])
+    except ValueError as err:
+        raise ConfigError(f"config key 'checkpoint.preempt_signal': {err}") from None
     if cfg["train"]["val_batches"] is not None and cfg["train"]["val_batches"] < 1:
         raise ConfigError(f"config key 'train.val_batches' must be >= 1 or null (the whole split), "
                           f"got {cfg['train']['val_batches']}")

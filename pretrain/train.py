@@ -185,7 +185,7 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         self.tracker = open_tracker(cfg, self.run_dir, self.rank)
         self.peak = peak_flops(self.device, cfg["logging"]["peak_tflops"])
-        self.preempt = ckpt.PreemptionFlag()
+        self.preempt = ckpt.PreemptionFlag(cfg["checkpoint"]["preempt_signal"])
         self.losses_file: Any = None  # RUN_DIR/losses.jsonl, open on rank 0 while run() runs
 
     # ------------------------------------------------------------ resume
