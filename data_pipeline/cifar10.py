@@ -180,7 +180,7 @@ def convert(archive: Path, out_dir: Path, log: Log, per_tar: int = PER_TAR) -> d
             b.update(len(chunk))
     marker = {"images": n, "class_names": names, "files": files, "archive_md5": file_md5(archive)}
     write_json_atomic(marker, out_dir / MARKER)
-    log(f"cifar10: converted {n:,} training images to {len(files)} tars in {out_dir}")
+    log(f"cifar10: converted {n:,} training images to {len(files)} tar{'s' * (len(files) != 1)} in {out_dir}")
     return marker
 
 

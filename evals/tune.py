@@ -103,16 +103,29 @@ def finetune_trial(config: dict[str, Any], inputs: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- drivers
-def trial_name(prefix: str, config: dict[str, Any]) -> str:
-    """What the MLflow UI lists for a trial: its grid and its values, e.g. ``probe layer=3 l2=0.01``
-    (raw-pixel trials have no layer)."""
-    values = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items()
-              if not (k == "layer" and v == PIXEL_LAYER)]
-    return " ".join([prefix, *values])
+TRIAL_KIND = {"raw_pixels": "pixels", "random_init": "random"}  # probe features other than the model's
 
 
-def _trial_label(prefix: str, trial: Any) -> str:
-    return trial_name(prefix, trial.config)
+def _short(value: Any) -> str:
+    if isinstance(value, float) and value and abs(value) < 1e-2:
+        return f"{value:.0e}".replace("e-0", "e-")  # 0.0001 -> 1e-4
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def trial_name(kind: str, config: dict[str, Any]) -> str:
+    """A trial's MLflow run name, short enough for the UI's runs table, where it sits under its eval's run:
+    ``L3 l2=0.01`` (model features), ``pixels l2=1e-4``, ``random L3 l2=1``, ``lr=3e-3 lam=0.5 epochs=2``."""
+    parts = [kind] if kind else []
+    for key, value in config.items():
+        if key == "layer":
+            parts += [] if value == PIXEL_LAYER else [f"L{value}"]
+        else:
+            parts.append(f"{key}={_short(value)}")
+    return " ".join(parts)
+
+
+def _trial_label(kind: str, trial: Any) -> str:
+    return trial_name(kind, trial.config)
 
 
 def _trial_dirname(prefix: str, trial: Any) -> str:
@@ -140,10 +153,10 @@ def _tune_console(verbose: bool) -> Iterator[None]:
 def _run(
     trainable: Any, param_space: dict[str, Any], *, res: Resources, parent: ParentRun, tracking_uri: str,
     storage_path: str | Path, name: str, scheduler: Any = None, checkpoint_score: str | None = None,
-    tags: dict[str, str] | None = None, verbose: bool = False,
+    tags: dict[str, str] | None = None, kind: str = "", verbose: bool = False,
 ) -> tune.ResultGrid:
-    """Run a Tune grid; trials are named by ``trial_name`` (directories ``{name}_{trial_id}``) and their
-    MLflow runs carry ``tags``; Tune's console output only with ``verbose``."""
+    """Run the Tune grid ``name``; trials are named by ``trial_name(kind, config)`` (directories
+    ``{name}_{trial_id}``) and their MLflow runs carry ``tags``; Tune's console output only with ``verbose``."""
     ensure_ray(res, verbose)
     # Every trial keeps one checkpoint, which forces a snapshot of the (local) experiment state each
     # time; Tune then warns once per trial that snapshots are frequent. Harmless here, so quiet it.
@@ -160,7 +173,7 @@ def _run(
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric="val_acc", mode="max", scheduler=scheduler, max_concurrent_trials=res.max_concurrent_trials,
-            trial_name_creator=functools.partial(_trial_label, name),
+            trial_name_creator=functools.partial(_trial_label, kind),
             trial_dirname_creator=functools.partial(_trial_dirname, name),
         ),
         run_config=tune.RunConfig(
@@ -183,8 +196,8 @@ def tune_probe(
 ) -> list[dict[str, Any]]:
     """Run the layers × L2 grid; returns one row per trial (config, metrics, eval predictions).
 
-    ``features_name`` tells feature sets apart within one parent run: Tune experiment and trial
-    names ``probe`` (model features) or ``probe_<features_name>``, MLflow tag ``probe_features``.
+    ``features_name`` tells feature sets apart within one parent run: Tune experiment ``probe`` (model
+    features) or ``probe_<features_name>``, MLflow tag ``probe_features``, trial names (``trial_name``).
     """
     ensure_ray(res, verbose)
     payload = {
@@ -196,7 +209,7 @@ def tune_probe(
         {"layer": tune.grid_search(layers), "l2": tune.grid_search(list(search.l2))},
         res=res, parent=parent, tracking_uri=tracking_uri, storage_path=storage_path,
         name="probe" if features_name == "model" else f"probe_{features_name}", tags={"probe_features": features_name},
-        verbose=verbose,
+        kind=TRIAL_KIND.get(features_name, ""), verbose=verbose,
     )
     return [{"config": dict(r.config), "metrics": dict(r.metrics), "pred": _load_pred(r)} for r in grid]
 

@@ -28,6 +28,7 @@ from evals.inputs import EvalData, EvalInputError, parse_layers
 from evals.nll import evaluate_nll
 from evals.probe import fit_probe
 from evals.sample import complete_bottom_half
+from evals.tune import TRIAL_KIND, trial_name
 from pretrain.model import IGPT
 from pretrain.presets import model_config
 
@@ -417,11 +418,17 @@ def test_probe_baselines_in_the_same_run(ray_session, releases, cifar_tokens, tm
     names = [c.info.run_name for c in children]
     assert len(set(names)) == len(names)  # each trial is told apart in the MLflow UI by its grid values
     for name, runs in by_features.items():
-        prefix = "probe" if name == "model" else f"probe_{name}"
         for c in runs:
-            assert c.info.run_name.split(" ")[0] == prefix and c.info.status == "FINISHED"
-            assert f"l2={float(c.data.params['l2']):g}" in c.info.run_name
-            assert ("layer=" in c.info.run_name) == (name != "raw_pixels")
+            assert c.info.run_name == trial_name(TRIAL_KIND.get(name, ""), {
+                "layer": int(c.data.params["layer"]), "l2": float(c.data.params["l2"])}) and c.info.status == "FINISHED"
+    assert {c.info.run_name for c in by_features["raw_pixels"]} == {"pixels l2=0.01", "pixels l2=1"}
     assert {c.data.params["layer"] for c in by_features["raw_pixels"]} == {"-1"}
     assert max(c.data.metrics["val_acc"] for c in by_features["raw_pixels"]) == pytest.approx(
         base["raw_pixels"]["val_acc"])
+
+
+def test_trial_names_are_short_and_tell_trials_apart():
+    assert trial_name("", {"layer": 3, "l2": 0.01}) == "L3 l2=0.01"
+    assert trial_name("pixels", {"layer": -1, "l2": 0.0001}) == "pixels l2=1e-4"
+    assert trial_name("random", {"layer": 12, "l2": 1.0}) == "random L12 l2=1"
+    assert trial_name("", {"lr": 0.003, "lam": 0.5, "epochs": 2}) == "lr=3e-3 lam=0.5 epochs=2"
