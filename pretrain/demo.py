@@ -4,6 +4,11 @@ palette (k-means 512) → token shards with a 10% validation split → DeepSpeed
 bounded number of steps → export → ``eval nll`` / ``sample`` / ``probe --baselines`` → a summary
 with the quality bar (probe beats raw pixels and a random network; bits/pixel well below 9).
 Every stage is skipped when its output is already complete, so a rerun continues where it stopped.
+
+CIFAR-10 comes from ``--source``, else ``../shared/data/cifar10-train`` beside the checkout, else the
+cache (``--data-cache``), else the official binary archive, downloaded, md5-checked and converted
+into the cache (``data_pipeline.cifar10``). The console gets a few dozen lines: the training log is
+kept whole in ``RUN_DIR/train.log`` and thinned on screen, Ray Tune's tables only with ``--verbose``.
 """
 from __future__ import annotations
 
@@ -11,15 +16,25 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.manifest import write_text_atomic
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CIFAR_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10-train"
+CIFAR_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10-train"  # the first local copy looked for
 CIFAR_CLASSES = "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"
+STEP_LINE = re.compile(r"^step\s+(\d+)/(\d+) \|")  # the training's per-window log line
+SHOWN_STEP_LINES = 8  # of them on screen; all are in RUN_DIR/train.log
+EXPERIMENT = "igpt-demo"  # the MLflow experiment of the training and the evals
+
+
+class StageFailed(RuntimeError):
+    """A stage's child process failed; its output is on screen and in its log."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +42,7 @@ class DemoSettings:
     """The embedded defaults of the main job (sized for ≤ 10 training minutes on 2 CPU cores)."""
 
     workdir: str = "runs/demo"
-    source: str = str(CIFAR_DIR / "cifar10-train-{000000..000009}.tar")
+    source: str | None = None  # raw-image CIFAR-10 tars; None: found or downloaded (resolve_source)
     resolution: int = 16
     val_fraction: float = 0.1
     limit: int | None = None  # only the first N images (the shortened job in tests)
@@ -36,6 +51,32 @@ class DemoSettings:
     eval_limit: int | None = 5000  # images per split for nll and the probes
     probe_layers: str = "all"
     probe_l2: str = "[0.0001,0.001,0.01,0.1,1.0]"
+    verbose: bool = False  # every training log line and Ray Tune's tables
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where CIFAR-10 comes from when no ``--source`` is given (see the module docstring)."""
+
+    cache: str | None = None  # default: data_pipeline.cifar10.default_cache_dir()
+    url: str | None = None  # given: download from here even when a local copy exists
+    md5: str | None = None  # default: the official archive's
+
+
+def resolve_source(data: DataOptions) -> str:
+    """Raw-image CIFAR-10 tars: ``../shared``'s copy unless a URL is given, else the cached or downloaded one."""
+    from data_pipeline.cifar10 import MD5, URL, DownloadError, default_cache_dir, ensure_cifar10
+
+    if data.url is None and CIFAR_DIR.is_dir():
+        _log(f"data: CIFAR-10 from {CIFAR_DIR}")
+        return str(CIFAR_DIR / "cifar10-train-*.tar")
+    cache = data.cache or default_cache_dir()
+    try:
+        return ensure_cifar10(cache, data.url or URL, data.md5 or MD5, log=_log)
+    except DownloadError as e:
+        raise DownloadError(f"{e}. To use CIFAR-10 you already have, point --source at its raw-image tars "
+                            f"(e.g. --source 'DIR/cifar10-train-*.tar'), or --data-cache at a folder holding a "
+                            "converted copy") from e
 
 
 GPU_RECIPE = dict(workdir="runs/demo-gpu", resolution=32, train_config=str(REPO_ROOT / "configs" / "cifar10-gpu-recipe.yaml"),
@@ -72,10 +113,31 @@ def shard_stage(s: DemoSettings, work: Path, palette: Path) -> Path:
 
     for resolution in sorted({32, s.resolution}):
         out = work / f"tokens{resolution}"
-        _log(f"shards: {out}")
-        shard_dataset([s.source], out, palette, resolution, val_fraction=s.val_fraction, shard_size=1000,
-                      limit=s.limit, class_names=CIFAR_CLASSES.split(","), progress=False)
+        m = shard_dataset([s.source], out, palette, resolution, val_fraction=s.val_fraction, shard_size=1000,
+                          limit=s.limit, class_names=CIFAR_CLASSES.split(","))
+        counts = ", ".join(f"{v['num_samples']:,} {k}" for k, v in m["splits"].items())
+        _log(f"shards: {out} ({counts})")
     return out.with_name(f"tokens{s.resolution}")
+
+
+def _relay(cmd: list[str], log_path: Path, env: dict[str, str], verbose: bool) -> int:
+    """Run ``cmd``, writing its output whole to ``log_path`` and to stderr thinned: of the per-step training
+    lines only SHOWN_STEP_LINES evenly spaced ones (every line with ``verbose``). Returns the exit code."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      text=True, env=env, cwd=REPO_ROOT) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            m = STEP_LINE.match(line)
+            if verbose or m is None or _shown(int(m.group(1)), int(m.group(2))):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+    return proc.returncode
+
+
+def _shown(step: int, total: int) -> bool:
+    return step == total or step % max(1, total // SHOWN_STEP_LINES) == 0
 
 
 def train_stage(s: DemoSettings, work: Path, data: Path, tracking_uri: str) -> Path:
@@ -90,16 +152,24 @@ def train_stage(s: DemoSettings, work: Path, data: Path, tracking_uri: str) -> P
         _log(f"train: reusing {release}")
         return release
     overrides = [f"data.dir={data}", f"train.run_dir={run_dir}", f"logging.tracking_uri={tracking_uri}",
-                 *s.train_overrides]
-    load_config(s.train_config, overrides)  # a bad key fails here, before a process is started
+                 f"logging.experiment={EXPERIMENT}", *s.train_overrides]
+    cfg = load_config(s.train_config, overrides)  # a bad key fails here, before a process is started
     cmd = [sys.executable, "-m", "pretrain.cli", "train", s.train_config, *overrides, "--resume", "auto"]
-    _log("train: " + " ".join(cmd))
-    env = dict(os.environ)
+    log = run_dir / "train.log"
+    _log(f"train: {cfg['train']['steps']} steps of {Path(s.train_config).name}; full log in {log}")
+    env = {**os.environ, "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING")}
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise look for CUDA
-    subprocess.run(cmd, check=True, env=env, cwd=REPO_ROOT)
-    subprocess.run([sys.executable, "-m", "pretrain.cli", "export", str(run_dir), "--out", str(release)],
-                   check=True, env=env, cwd=REPO_ROOT)
+    code = _relay(cmd, log, env, s.verbose)
+    if code:
+        hint = "; rerun to resume" if code == cfg["checkpoint"]["preempt_exit_code"] else ""
+        raise StageFailed(f"training exited with code {code} (log: {log}){hint}")
+    export = [sys.executable, "-m", "pretrain.cli", "export", str(run_dir), "--out", str(release)]
+    done = subprocess.run(export, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    if done.returncode:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise StageFailed(f"export exited with code {done.returncode}")
+    _log(f"export: {release}")
     return release
 
 
@@ -110,7 +180,8 @@ def eval_stage(s: DemoSettings, work: Path, data: Path, release: Path, tracking_
 
     def run(name: str) -> EvalRun:
         return EvalRun(checkpoint=str(release), data=str(data), out=str(work / "evals" / name),
-                       limit=s.eval_limit, tracking_uri=tracking_uri, experiment="igpt-demo", run_name=name)
+                       limit=s.eval_limit, tracking_uri=tracking_uri, experiment=EXPERIMENT, run_name=name,
+                       verbose=s.verbose)
 
     results: dict[str, Any] = {}
     jobs = {
@@ -148,10 +219,12 @@ def quality_bar(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_demo(s: DemoSettings) -> dict[str, Any]:
+def run_demo(s: DemoSettings, data: DataOptions = DataOptions()) -> dict[str, Any]:
     """Run every stage (reusing finished ones); write and return the summary."""
     work = Path(s.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if s.source is None:
+        s = replace(s, source=resolve_source(data))
     db = work / "mlflow.db"
     tracking_uri = f"sqlite:///{db}"
     palette = palette_stage(s, work)
@@ -167,10 +240,17 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
             "probe_per_layer_plot": str(work / "evals" / "probe" / "probe_accuracy_per_layer.png"),
         },
         "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1",
+        "mlflow_url": f"http://127.0.0.1:5000/#/experiments/{_experiment_id(tracking_uri)}?workflowType=machine_learning",
         "evals": {k: {kk: v for kk, v in r.items() if kk != "confusion_matrix"} for k, r in results.items()},
     }
-    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(json.dumps(summary, indent=2), work / "summary.json")
     return summary
+
+
+def _experiment_id(tracking_uri: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(EXPERIMENT).experiment_id
 
 
 def format_report(summary: dict[str, Any]) -> str:
@@ -187,6 +267,7 @@ def format_report(summary: dict[str, Any]) -> str:
         "  artifacts:",
         *[f"    {k}: {v}" for k, v in summary["artifacts"].items()],
         f"  open MLflow: {summary['mlflow_ui']}",
+        f"    then {summary['mlflow_url']} (the training runs, evals with their trials nested)",
     ]
     return "\n".join(lines)
 
@@ -199,8 +280,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.quick:
         s = replace(s, **QUICK)
     given = {"workdir": args.workdir, "source": args.source, "resolution": args.resolution}
-    s = replace(s, **{k: v for k, v in given.items() if v is not None})
-    summary = run_demo(s)
+    s = replace(s, verbose=args.verbose, **{k: v for k, v in given.items() if v is not None})
+    if s.resolution < 1:
+        raise ValueError(f"--resolution must be positive, got {s.resolution}")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO lines about creating the store
+    try:
+        summary = run_demo(s, DataOptions(cache=args.data_cache, url=args.data_url, md5=args.data_md5))
+    except StageFailed as e:
+        print(f"igpt demo: error: {e}", file=sys.stderr)
+        return 1
     print(format_report(summary))
     return 0
 
@@ -211,7 +299,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu",
                    help="cpu: ~10 training minutes on 2 cores at 16x16; gpu: ~6 minutes on one GPU at 32x32")
     p.add_argument("--workdir", default=None, help="where every stage writes (rerun to resume; default runs/demo[-gpu])")
-    p.add_argument("--source", default=None, help="raw-image CIFAR-10 WebDataset tars (default ../shared/data/...)")
+    p.add_argument("--source", default=None,
+                   help="local raw-image CIFAR-10 WebDataset tars, e.g. 'DIR/cifar10-train-*.tar' (default: "
+                        "../shared/data/cifar10-train if present, else downloaded into --data-cache)")
+    p.add_argument("--data-cache", default=None,
+                   help="where the downloaded CIFAR-10 is converted and kept (default ~/.cache/igpt/cifar10)")
+    p.add_argument("--data-url", default=os.environ.get("IGPT_CIFAR10_URL"),
+                   help="download the CIFAR-10 binary archive from here, even if a local copy exists "
+                        "(default $IGPT_CIFAR10_URL, else the official URL when no local copy is found)")
+    p.add_argument("--data-md5", default=os.environ.get("IGPT_CIFAR10_MD5"),
+                   help="md5 the archive must have (default $IGPT_CIFAR10_MD5, else the official archive's)")
     p.add_argument("--quick", action="store_true", help="a shortened job (2,000 images, a few steps) for smoke tests")
     p.add_argument("--resolution", type=int, default=None, help="training image side in pixels")
+    p.add_argument("--verbose", action="store_true", help="every training log line and Ray Tune's status tables")
     p.set_defaults(func=_cmd_demo)

@@ -4,6 +4,9 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ try:
 except ImportError:  # pragma: no cover - torch is a hard dependency
     pass
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 # The first 4,000 samples of ../shared's CIFAR-10 train shards (scripts/make_cifar10_sample.py), so that
 # the tests run in any clone; the tests that would need all 50,000 images have been sized to the sample.
 CIFAR_SAMPLE = Path(__file__).resolve().parent / "data" / "cifar10-sample.tar.gz"
@@ -65,3 +69,37 @@ def cifar_tokens(tmp_path_factory, cifar_dir) -> Path:
 def cifar_tokens32(tmp_path_factory, cifar_dir) -> Path:
     """As ``cifar_tokens`` at 32x32 (1,024 tokens per sample)."""
     return _cifar_token_dir(tmp_path_factory.getbasetemp() / "cifar_tokens", cifar_dir, 32)
+
+
+@dataclass
+class QuickDemo:
+    """``igpt demo --quick`` in ``work``, run once by the ``quick_demo`` fixture (``first``); ``run()`` reruns it."""
+
+    work: Path
+    args: list[str]
+    first: subprocess.CompletedProcess
+
+    def run(self) -> subprocess.CompletedProcess:
+        return _run_demo(self.args)
+
+
+def _run_demo(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", "import sys; from igpt_cli import main; sys.exit(main())", "demo",
+                           "--quick", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def quick_demo(cifar_dir, tmp_path_factory) -> QuickDemo:
+    """The shortened main job, on CIFAR-10 downloaded from a local HTTP server: an archive in the official
+    binary format made from the sample (so no ../shared and no internet are involved)."""
+    from cifar_archive import ArchiveServer, sample_images, write_archive
+
+    root = tmp_path_factory.mktemp("quick_demo")
+    images, labels = sample_images(cifar_dir / "cifar10-train-000000.tar", 4000)
+    md5 = write_archive(root / "cifar-10-binary.tar.gz", images, labels)
+    with ArchiveServer((root / "cifar-10-binary.tar.gz").read_bytes()) as server:
+        args = ["--workdir", str(root / "work"), "--data-url", server.url, "--data-md5", md5,
+                "--data-cache", str(root / "cache")]
+        first = _run_demo(args)
+    return QuickDemo(root / "work", args, first)

@@ -1,34 +1,25 @@
-"""The main job end to end, shortened (`igpt demo --quick`): every stage runs for real and a rerun reuses them."""
+"""The main job end to end, shortened (`igpt demo --quick`): CIFAR-10 downloaded from a local server, every stage
+run for real, a rerun reuses them, and the console stays short."""
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _demo(workdir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", "import sys; from igpt_cli import main; sys.exit(main())",
-                           "demo", "--quick", "--workdir", str(workdir)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-
 
 @pytest.mark.slow
-def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path: Path, cifar_dir: Path) -> None:
+def test_quick_demo_runs_every_stage_and_reuses_them(quick_demo) -> None:
     from mlflow.tracking import MlflowClient
 
-    work = tmp_path / "demo"
-    first = _demo(work)
+    work, first = quick_demo.work, quick_demo.first
     assert first.returncode == 0, first.stderr[-4000:]
+    assert "cifar10: downloading http://127.0.0.1:" in first.stderr
+    assert "md5" in first.stderr and "verified" in first.stderr
     assert "open MLflow: mlflow ui --backend-store-uri sqlite:///" in first.stdout
+    assert "Traceback" not in first.stderr and "Configuration for experiment" not in first.stderr  # no Tune tables
+    assert len((first.stdout + first.stderr).splitlines()) <= 40
 
     summary = json.loads((work / "summary.json").read_text())
     bar = summary["quality_bar"]
@@ -42,17 +33,21 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path: Path, cifar_dir: 
     assert json.loads((work / "tokens32" / "manifest.json").read_text())["resolution"] == 32
     completions = Image.open(summary["artifacts"]["completions"])
     assert completions.width > 16 * 4 and completions.height > 16 * 4
+    assert "step 12/12" in " ".join((work / "run" / "train.log").read_text().split())  # the whole log is kept
 
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
-    runs = {r.info.run_name: r for e in client.search_experiments()
-            for r in client.search_runs([e.experiment_id])}
+    exp = client.get_experiment_by_name("igpt-demo")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.artifact_location == (work / "mlartifacts").as_uri()
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert {"nll", "sample", "probe"} <= set(runs)
     assert all(r.info.status == "FINISHED" for r in runs.values())
     train_runs = [r for r in runs.values() if "loss" in r.data.metrics]
     assert train_runs, "the pretraining run is missing from the MLflow store"
     assert "completions.png" in {a.path for a in client.list_artifacts(runs["sample"].info.run_id)}
+    assert list((work / "mlartifacts").glob("*/artifacts/samples/*.png"))  # training sample grids beside the store
 
-    second = _demo(work)
+    second = quick_demo.run()
     assert second.returncode == 0, second.stderr[-4000:]
-    assert second.stderr.count("reusing") >= 4
+    assert second.stderr.count("reusing") >= 4 and "downloading" not in second.stderr
     assert json.loads((work / "summary.json").read_text())["quality_bar"] == bar
