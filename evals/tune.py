@@ -113,15 +113,16 @@ def _short(value: Any) -> str:
 
 
 def trial_name(kind: str, config: dict[str, Any]) -> str:
-    """A trial's MLflow run name, short enough for the UI's runs table, where it sits under its eval's run:
-    ``L3 l2=0.01`` (model features), ``pixels l2=1e-4``, ``random L3 l2=1``, ``lr=3e-3 lam=0.5 epochs=2``."""
-    parts = [kind] if kind else []
+    """A trial's MLflow run name, under its eval's run in the UI's runs table, whose narrow name column
+    keeps about 14 characters: the values first, then the kind of features if not the model's:
+    ``L3 l2=0.01``, ``l2=1e-4 (pixels)``, ``L3 l2=1 (random)``, ``lr=3e-3 lam=0.5 epochs=2``."""
+    parts = []
     for key, value in config.items():
         if key == "layer":
             parts += [] if value == PIXEL_LAYER else [f"L{value}"]
         else:
             parts.append(f"{key}={_short(value)}")
-    return " ".join(parts)
+    return " ".join(parts + ([f"({kind})"] if kind else []))
 
 
 def _trial_label(kind: str, trial: Any) -> str:

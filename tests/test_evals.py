@@ -421,7 +421,7 @@ def test_probe_baselines_in_the_same_run(ray_session, releases, cifar_tokens, tm
         for c in runs:
             assert c.info.run_name == trial_name(TRIAL_KIND.get(name, ""), {
                 "layer": int(c.data.params["layer"]), "l2": float(c.data.params["l2"])}) and c.info.status == "FINISHED"
-    assert {c.info.run_name for c in by_features["raw_pixels"]} == {"pixels l2=0.01", "pixels l2=1"}
+    assert {c.info.run_name for c in by_features["raw_pixels"]} == {"l2=0.01 (pixels)", "l2=1 (pixels)"}
     assert {c.data.params["layer"] for c in by_features["raw_pixels"]} == {"-1"}
     assert max(c.data.metrics["val_acc"] for c in by_features["raw_pixels"]) == pytest.approx(
         base["raw_pixels"]["val_acc"])
@@ -429,6 +429,6 @@ def test_probe_baselines_in_the_same_run(ray_session, releases, cifar_tokens, tm
 
 def test_trial_names_are_short_and_tell_trials_apart():
     assert trial_name("", {"layer": 3, "l2": 0.01}) == "L3 l2=0.01"
-    assert trial_name("pixels", {"layer": -1, "l2": 0.0001}) == "pixels l2=1e-4"
-    assert trial_name("random", {"layer": 12, "l2": 1.0}) == "random L12 l2=1"
+    assert trial_name("pixels", {"layer": -1, "l2": 0.0001}) == "l2=1e-4 (pixels)"
+    assert trial_name("random", {"layer": 12, "l2": 1.0}) == "L12 l2=1 (random)"
     assert trial_name("", {"lr": 0.003, "lam": 0.5, "epochs": 2}) == "lr=3e-3 lam=0.5 epochs=2"
