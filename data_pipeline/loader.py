@@ -10,16 +10,25 @@ a batch never mixes workers). The rank's batches come from its workers strictly 
 skipping finished workers. Hence every sample of the split appears exactly once per epoch over
 all ranks, and the whole stream is a pure function of (seed, world size, workers, batch size).
 
-Resume guarantee: ``state_dict()`` holds the epoch, the batches taken in it and the total
-batches taken. ``load_state_dict`` on a stream with the same seed, world size, worker count and
-batch size continues exactly where the saved stream stopped: the rest of that epoch, with no
-sample repeated and none skipped (the workers fast-forward through their consumed batches
-without collating them). A rank that loads another rank's state (data-parallel ranks consume
-batches in lockstep) finds its own position from the total. If the layout changed, exact
-continuation is impossible; the stream starts the next epoch, so nothing repeats within an
-epoch but the rest of the interrupted epoch is not seen. Resampled mode draws shards with
-replacement forever; it has no epochs, and a resumed stream is re-seeded by the total batches
-taken so it does not replay the batches already seen.
+Resume guarantee: ``state_dict()`` holds the epoch, the batches taken in it, the total batches
+taken and the layout (seed, world size, workers, batch size, shuffle buffer). ``load_state_dict``
+on a stream with the same layout continues exactly where the saved stream stopped: the rest of
+that epoch, with no sample repeated and none skipped (the workers fast-forward through their
+consumed batches without collating them). A rank that loads another rank's state (data-parallel
+ranks consume batches in lockstep) finds its own position from the total.
+
+Re-split (``resume_from`` with the states of every rank of the saved run, when the world size,
+workers or batch size changed): a sample is (shard, position in the shard), and the saved
+layout's order is a pure function of its state, so the samples every old rank had consumed are
+recomputed exactly (no shard is read). The new layout restarts the oldest unfinished epoch with
+those samples excluded (and the next epoch too, where a rank had already begun it). Within an
+epoch no sample repeats and none is skipped; only the epoch's order differs from an
+uninterrupted run's. Resampled mode draws shards with replacement forever; it has no epochs, and
+a resumed stream is re-seeded by the total batches taken so it does not replay the batches
+already seen.
+
+``with_keys`` adds each sample's WebDataset key to its batch (``batch["keys"]``), to tell which
+samples a run has seen.
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ import signal
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,19 +60,36 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "big")
 
 
+class Sample(NamedTuple):
+    index: int  # position in its shard
+    key: str
+    tokens: np.ndarray  # uint16 view, (R*R,)
+    label: int | None
+
+
 def read_shard(path: str, resolution: int, part: int = 0, parts: int = 1) -> Iterator[tuple[np.ndarray, int | None]]:
     """(tokens uint16 view, label or None) for the samples j of a token shard with j % parts == part."""
+    for sample in read_samples(path, resolution, part, parts):
+        yield sample.tokens, sample.label
+
+
+def read_samples(path: str, resolution: int, part: int = 0, parts: int = 1,
+                 excluded: np.ndarray | None = None) -> Iterator[Sample]:
+    """The samples j of a token shard with j % parts == part and not ``excluded[j]``."""
     with open(path, "rb") as f:
         data = f.read()
     header = _header(resolution)
     hlen, ntok = len(header), resolution * resolution
     key, tokens, label, j = None, None, None, 0
+    def wanted(j: int) -> bool:
+        return j % parts == part and (excluded is None or not excluded[j])
+
     for name, offset, size in iter_members(data, path):
         k, _, ext = name.partition(".")
         if k != key:
             if tokens is not None:
-                if j % parts == part:
-                    yield tokens, label
+                if wanted(j):
+                    yield Sample(j, key, tokens, label)
                 j += 1
             key, tokens, label = k, None, None
         if ext == "tokens.npy":
@@ -72,8 +99,8 @@ def read_shard(path: str, resolution: int, part: int = 0, parts: int = 1) -> Ite
                 raise ValueError(f"{path}:{name} is not a uint16 token array of the manifest's resolution")
         elif ext == "cls":
             label = int(data[offset : offset + size])
-    if tokens is not None and j % parts == part:
-        yield tokens, label
+    if tokens is not None and wanted(j):
+        yield Sample(j, key, tokens, label)
 
 
 def deal_units(shards: list[dict], data_dir: Path, slots: int, seed: int, epoch: int) -> list[list[Unit]]:
@@ -88,20 +115,21 @@ def deal_units(shards: list[dict], data_dir: Path, slots: int, seed: int, epoch:
     return [units[s::slots] for s in range(slots)]
 
 
-def _batches(samples: Iterator[tuple[np.ndarray, int | None]], batch_size: int, labels: bool):
+def _batches(samples: Iterator[Sample], batch_size: int, labels: bool, keys: bool = False):
     buf = []
     for sample in samples:
         buf.append(sample)
         if len(buf) == batch_size:
-            yield _collate(buf, labels)
+            yield _collate(buf, labels, keys)
             buf = []
     if buf:
-        yield _collate(buf, labels)
+        yield _collate(buf, labels, keys)
 
 
-def _collate(buf: list, labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    tokens = np.stack([t for t, _ in buf])
-    return tokens, (np.array([lab for _, lab in buf], dtype=np.int64) if labels else None)
+def _collate(buf: list[Sample], labels: bool, keys: bool) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    tokens = np.stack([s.tokens for s in buf])
+    return (tokens, np.array([s.label for s in buf], dtype=np.int64) if labels else None,
+            [s.key for s in buf] if keys else None)
 
 
 def _shuffled(samples: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -133,14 +161,14 @@ class _SlotStream(IterableDataset):
             units = deal_units(s.shards, s.data_dir, s.world_size * workers, s.seed, self.epoch)[slot]
         else:
             units = _resampled_units(s, worker, self.epoch)
-        rng = random.Random(_seed(s.seed, self.epoch, s.rank, worker))
-        samples = (x for path, p, n, _ in units for x in read_shard(path, s.resolution, p, n))
-        if s.shuffle_buffer > 1:
-            samples = _shuffled(samples, s.shuffle_buffer, rng)
+        excluded = s.excluded.get(self.epoch, {})
+        samples = (x for path, p, n, _ in units
+                   for x in read_samples(path, s.resolution, p, n, excluded.get(s.shard_index[path])))
+        samples = s.shuffled(samples, self.epoch, worker)
         # fast-forward past the batches a resumed run already consumed, without collating them
         samples = itertools.islice(samples, self.skips[worker] * s.batch_size, None)
-        for tokens, labels in _batches(samples, s.batch_size, s.with_labels):
-            yield worker, tokens, labels
+        for batch in _batches(samples, s.batch_size, s.with_labels, s.with_keys):
+            yield worker, *batch
 
 
 def _resampled_units(s: "TokenStream", worker: int, resume: int) -> Iterator[Unit]:
@@ -162,8 +190,20 @@ def _ignore_preemption_signals(worker_id: int) -> None:
 
 
 def _to_torch(item):
-    worker, tokens, labels = item
-    return worker, torch.from_numpy(tokens), None if labels is None else torch.from_numpy(labels)
+    worker, tokens, labels, keys = item
+    return worker, torch.from_numpy(tokens), None if labels is None else torch.from_numpy(labels), keys
+
+
+Masks = dict[int, np.ndarray]  # shard index → bool mask over the shard's samples
+
+
+def _pack(excluded: dict[int, Masks]) -> dict:
+    return {e: {i: (len(m), np.packbits(m).tobytes()) for i, m in masks.items()} for e, masks in excluded.items()}
+
+
+def _unpack(packed: dict) -> dict[int, Masks]:
+    return {int(e): {int(i): np.unpackbits(np.frombuffer(b, np.uint8), count=n).astype(bool) for i, (n, b) in m.items()}
+            for e, m in packed.items()}
 
 
 class TokenStream:
@@ -184,6 +224,7 @@ class TokenStream:
         mode: str = "epoch",
         with_labels: bool = False,
         pin_memory: bool = False,
+        with_keys: bool = False,
     ):
         if mode not in ("epoch", "resampled"):
             raise ValueError(f"mode must be 'epoch' or 'resampled', got {mode!r}")
@@ -204,7 +245,10 @@ class TokenStream:
         self.split, self.shards, self.num_samples = split, info["shards"], info["num_samples"]
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
-        self.mode, self.with_labels, self.pin_memory = mode, with_labels, pin_memory
+        self.mode, self.with_labels, self.pin_memory, self.with_keys = mode, with_labels, pin_memory, with_keys
+        self.shard_index = {str(self.data_dir / sh["file"]): i for i, sh in enumerate(self.shards)}
+        # epoch → samples already seen in it before a re-split (see resume_from); empty otherwise
+        self.excluded: dict[int, Masks] = {}
         self.resolution = self.manifest["resolution"]
         self.palette_sha256 = self.manifest["palette_sha256"]
         self.epoch = 0
@@ -212,11 +256,28 @@ class TokenStream:
         self.total_batches = 0
 
     # -- schedule -------------------------------------------------------------------------
+    def _units(self, epoch: int, worker: int) -> list[Unit]:
+        slots = deal_units(self.shards, self.data_dir, self.world_size * max(self.num_workers, 1), self.seed, epoch)
+        return slots[worker * self.world_size + self.rank]
+
+    def _unit_indices(self, unit: Unit, epoch: int) -> np.ndarray:
+        """Positions in its shard of a unit's samples that this epoch reads."""
+        path, part, parts, _ = unit
+        shard = self.shard_index[path]
+        j = np.arange(part, self.shards[shard]["num_samples"], parts)
+        mask = self.excluded.get(epoch, {}).get(shard)
+        return j if mask is None else j[~mask[j]]
+
+    def shuffled(self, samples: Iterator, epoch: int, worker: int) -> Iterator:
+        """A worker's samples (or their ids) in the epoch's order: the seeded shuffle buffer."""
+        if self.shuffle_buffer <= 1:
+            return samples
+        return _shuffled(samples, self.shuffle_buffer, random.Random(_seed(self.seed, epoch, self.rank, worker)))
+
     def worker_batches(self, epoch: int) -> list[int]:
         """Batches each of this rank's workers yields in an epoch (epoch mode)."""
-        workers = max(self.num_workers, 1)
-        slots = deal_units(self.shards, self.data_dir, self.world_size * workers, self.seed, epoch)
-        sizes = [sum(u[3] for u in slots[w * self.world_size + self.rank]) for w in range(workers)]
+        sizes = [sum(len(self._unit_indices(u, epoch)) for u in self._units(epoch, w))
+                 for w in range(max(self.num_workers, 1))]
         return [-(-n // self.batch_size) for n in sizes]
 
     def batches_per_epoch(self, epoch: int | None = None) -> int:
@@ -235,7 +296,7 @@ class TokenStream:
         return iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_to_torch, prefetch_factor=4,
                                worker_init_fn=_ignore_preemption_signals))
 
-    def _emit(self, tokens: torch.Tensor, labels: torch.Tensor | None) -> dict:
+    def _emit(self, tokens: torch.Tensor, labels: torch.Tensor | None, keys: list[str] | None) -> dict:
         self.batches_in_epoch += 1
         self.total_batches += 1
         tokens = tokens.long()
@@ -243,6 +304,8 @@ class TokenStream:
         out = {"tokens": tokens.pin_memory() if self.pin_memory else tokens}
         if labels is not None:
             out["labels"] = labels
+        if keys is not None:
+            out["keys"] = keys
         return out
 
     def iter_epoch(self) -> Iterator[dict]:
@@ -259,16 +322,17 @@ class TokenStream:
                 got = next(source, None)
                 if got is None:
                     raise RuntimeError(f"{self.data_dir}: shards hold fewer samples than the manifest says")
-                worker, tokens, labels = got
-                pending.setdefault(worker, []).append((tokens, labels))
+                worker, *batch = got
+                pending.setdefault(worker, []).append(batch)
             yield self._emit(*pending[want].pop(0))
+        self.excluded.pop(self.epoch, None)
         self.epoch += 1
         self.batches_in_epoch = 0
 
     def __iter__(self) -> Iterator[dict]:
         if self.mode == "resampled":
-            for _, tokens, labels in self._loader(self.total_batches, [0] * max(self.num_workers, 1)):
-                yield self._emit(tokens, labels)
+            for _, *batch in self._loader(self.total_batches, [0] * max(self.num_workers, 1)):
+                yield self._emit(*batch)
         else:
             while True:
                 yield from self.iter_epoch()
@@ -282,17 +346,25 @@ class TokenStream:
             "num_workers": max(self.num_workers, 1),
             "batch_size": self.batch_size,
             "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
         }
 
     def state_dict(self) -> dict:
-        """The position: epoch, batches taken in it, total batches, and the layout it is valid for."""
+        """The position: epoch, batches taken in it, total batches, the samples a re-split excluded from the
+        current epochs, and the layout it is valid for."""
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "total_batches": self.total_batches,
-                "rank": self.rank, **self._layout()}
+                "rank": self.rank, "excluded": _pack(self.excluded), **self._layout()}
+
+    def _same_layout(self, state: dict) -> bool:
+        return all(state.get(k, self.shuffle_buffer if k == "shuffle_buffer" else None) == v
+                   for k, v in self._layout().items())
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position (see the module docstring for the guarantee)."""
+        """Continue from a saved position (see the module docstring for the guarantee). With another
+        layout and only this one state, the stream starts the next epoch: use ``resume_from``."""
         self.total_batches = state["total_batches"]
-        same = all(state.get(k) == v for k, v in self._layout().items())
+        self.excluded = _unpack(state.get("excluded", {}))
+        same = self._same_layout(state)
         if self.mode == "resampled":
             self.epoch, self.batches_in_epoch = 0, 0
         elif not same:
@@ -307,6 +379,56 @@ class TokenStream:
             self.batches_in_epoch = left
 
 
+    def resume_from(self, states: list[dict]) -> str:
+        """Continue from the states of every rank of a saved run (index = saved rank): exactly, with the
+        same layout; else re-split (module docstring). Returns what happened, for the log."""
+        if len(states) == self.world_size and all(self._same_layout(s) for s in states):
+            self.load_state_dict(states[self.rank])
+            return "same layout: exact continuation"
+        if self.mode == "resampled":
+            self.load_state_dict(states[0])
+            return "resampled stream re-seeded"
+        first = min(s["epoch"] for s in states)
+        self.excluded = self._seen_by(states, first)
+        self.epoch, self.batches_in_epoch = first, 0
+        self.total_batches = max(s["total_batches"] for s in states)
+        seen = int(sum(m.sum() for m in self.excluded.get(first, {}).values()))
+        old = states[0]
+        return (f"re-split from {len(states)} rank(s) x {old['num_workers']} worker(s), batch {old['batch_size']}: "
+                f"epoch {first} continues without its {seen} samples already seen")
+
+    def _seen_by(self, states: list[dict], first: int) -> dict[int, Masks]:
+        """Samples each epoch from ``first`` on had given out, over every saved rank (recomputed, no I/O)."""
+        seen: dict[int, Masks] = {}
+
+        def mark(epoch: int, shard: int, indices: np.ndarray) -> None:
+            masks = seen.setdefault(epoch, {})
+            if shard not in masks:
+                masks[shard] = np.zeros(self.shards[shard]["num_samples"], bool)
+            masks[shard][indices] = True
+
+        for rank, state in enumerate(states):
+            old = TokenStream(self.data_dir, self.split, state["batch_size"], rank=rank, world_size=len(states),
+                              num_workers=state["num_workers"], seed=state["seed"],
+                              shuffle_buffer=state.get("shuffle_buffer", self.shuffle_buffer))
+            old.excluded = _unpack(state.get("excluded", {}))
+            for epoch in range(first, state["epoch"] + 1):
+                for shard, masks in old.excluded.get(epoch, {}).items():
+                    mark(epoch, shard, np.flatnonzero(masks))
+                taken = old._schedule(epoch)
+                if epoch == state["epoch"]:
+                    taken = taken[: state["batches_in_epoch"]]
+                for worker in range(max(old.num_workers, 1)):
+                    ids = [(old.shard_index[u[0]], int(j)) for u in old._units(epoch, worker)
+                           for j in old._unit_indices(u, epoch)]
+                    ids = list(old.shuffled(iter(ids), epoch, worker))[: taken.count(worker) * old.batch_size]
+                    if ids:
+                        shards, positions = np.array(ids).T
+                        for shard in np.unique(shards):
+                            mark(epoch, int(shard), positions[shards == shard])
+        return seen
+
+
 def iterate_split(data_dir: str | Path, split: str, batch_size: int, with_labels: bool = False) -> Iterator[dict]:
     """One ordered, finite pass over a split (shards in manifest order, no shuffling), in this process."""
     data_dir = Path(data_dir)
@@ -314,8 +436,8 @@ def iterate_split(data_dir: str | Path, split: str, batch_size: int, with_labels
     shards = split_info(manifest, split)["shards"]
     if with_labels and not manifest.get("labelled"):
         raise ValueError(f"{data_dir} has no class labels (with_labels=True)")
-    samples = (x for sh in shards for x in read_shard(str(data_dir / sh["file"]), manifest["resolution"]))
-    for tokens, labels in _batches(samples, batch_size, with_labels):
+    samples = (x for sh in shards for x in read_samples(str(data_dir / sh["file"]), manifest["resolution"]))
+    for tokens, labels, _ in _batches(samples, batch_size, with_labels):
         out = {"tokens": torch.from_numpy(tokens).long()}
         if labels is not None:
             out["labels"] = torch.from_numpy(labels)

@@ -10,6 +10,15 @@ Client state (saved by DeepSpeed beside the model states): step, tokens seen, wo
 ``loader_states`` and ``rng_states`` (lists indexed by rank, gathered from every rank, so each rank
 restores its own), the resolved config and the palette sha256.
 
+Elastic resume (``plan_resume``): at the same world size and ZeRO stage a checkpoint loads as saved,
+bit-exactly. ZeRO-0 checkpoints hold the whole module and optimizer state in one file, so they
+load at any world size as they are. A ZeRO-1/2/3 checkpoint resumed at another world size or
+stage is first converted to DeepSpeed's universal format (``ds_to_universal``, per-parameter fp32
+weights and Adam moments) in ``TAG/universal``, written under a temporary name and renamed when
+complete (a kill during the conversion leaves the original untouched, and the next resume
+converts again), then loaded with ``checkpoint.load_universal``. The data stream re-splits
+(``data_pipeline.loader.TokenStream.resume_from``). Moving between ZeRO-0 and ZeRO-1/2/3 is refused.
+
 Preemption: SIGTERM, SIGINT or ``checkpoint.preempt_signal`` (default SIGUSR1) sets a flag; the loop
 agrees on it across ranks within a step, saves a checkpoint and exits with
 ``checkpoint.preempt_exit_code`` (default 124), which a launcher or SLURM ``--requeue`` wrapper treats
@@ -26,6 +35,7 @@ import re
 import shutil
 import signal
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +47,7 @@ from data_pipeline.manifest import write_json_atomic
 
 MARKER = "COMPLETE.json"
 TAG_RE = re.compile(r"^step_(\d{8,})$")
+UNIVERSAL = "universal"  # the universal-format copy of a tag, inside the tag dir
 
 
 def tag_for(step: int) -> str:
@@ -171,18 +182,85 @@ def save(engine, run_dir: str | os.PathLike, step: int, client_state: dict[str, 
     return root / tag
 
 
-def load(engine, tag_dir: Path) -> dict[str, Any]:
-    """Load a verified checkpoint into ``engine``; restore this rank's RNG; return the client state."""
-    path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+@dataclass(frozen=True)
+class ResumePlan:
+    """Which checkpoint a run resumes from and how: ``load_dir`` / ``load_tag`` is what DeepSpeed loads
+    (``TAG`` itself, or ``TAG/universal`` when ``universal``)."""
+
+    tag_dir: Path
+    saved_world: int
+    saved_stage: int
+    universal: bool
+
+    @property
+    def load_dir(self) -> Path:
+        return self.tag_dir / UNIVERSAL if self.universal else self.tag_dir
+
+    def describe(self, world: int, stage: int) -> str:
+        if not (self.saved_world != world or self.saved_stage != stage):
+            return "same world size and ZeRO stage"
+        how = "through its universal checkpoint" if self.universal else "as saved (ZeRO-0 holds everything in one file)"
+        return f"world size {self.saved_world} → {world}, ZeRO-{self.saved_stage} → ZeRO-{stage}, {how}"
+
+
+def plan_resume(tag_dir: Path, world: int, stage: int) -> ResumePlan:
+    """How to resume from the verified checkpoint ``tag_dir`` at ``world`` ranks and ZeRO ``stage``."""
+    info = json.loads((tag_dir / MARKER).read_text())
+    saved_world, saved_stage = int(info["world_size"]), int(info["zero_stage"])
+    if (saved_stage == 0) != (stage == 0):
+        raise ValueError(f"{tag_dir} was saved at ZeRO-{saved_stage}; resuming at ZeRO-{stage} is not supported "
+                         "(between ZeRO-0 and ZeRO-1/2/3 the optimizer state has no common format): "
+                         f"set deepspeed.zero_stage={saved_stage}")
+    universal = saved_stage > 0 and (saved_world != world or saved_stage != stage)
+    return ResumePlan(tag_dir, saved_world, saved_stage, universal)
+
+
+def convert_to_universal(tag_dir: Path) -> Path:
+    """``TAG/universal`` (DeepSpeed's universal format) of a ZeRO-1/2/3 checkpoint, converted if not there
+    yet: into a temporary dir that is renamed when complete, so a kill leaves nothing that looks done."""
+    out = tag_dir / UNIVERSAL
+    if (out / MARKER).is_file():
+        return out
+    import argparse
+    import contextlib
+    import io
+    import tempfile
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    for stale in [out, *tag_dir.glob(f".{UNIVERSAL}.*")]:  # left by a conversion that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=tag_dir, prefix=f".{UNIVERSAL}."))
+    try:
+        args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter
+            ds_to_universal(args)
+        write_marker(tmp, {"source": tag_dir.name})
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def prepare_resume(plan: ResumePlan) -> None:
+    """Collective: rank 0 writes the universal copy the plan needs while the others wait."""
+    if plan.universal and (not dist.is_initialized() or dist.get_rank() == 0):
+        convert_to_universal(plan.tag_dir)
+    _barrier()
+
+
+def load(engine, plan: ResumePlan) -> dict[str, Any]:
+    """Load a planned checkpoint into ``engine`` (built with ``load_universal`` when the plan says so);
+    restore this rank's RNG (rank r of a re-split run takes saved rank r mod the old world's); return the
+    client state."""
+    path, client_state = engine.load_checkpoint(str(plan.load_dir.parent), tag=plan.load_dir.name,
                                                 load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if client_state["world_size"] != world:
-        raise RuntimeError(f"{tag_dir} was written by {client_state['world_size']} ranks; this run has {world} "
-                           "(the data-loader positions are per rank)")
+        raise RuntimeError(f"DeepSpeed could not load {plan.load_dir}")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    set_rng_state(client_state["rng_states"][rank])
+    set_rng_state(client_state["rng_states"][rank % len(client_state["rng_states"])])
     return client_state
 
 

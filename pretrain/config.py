@@ -50,6 +50,7 @@ class DataSection:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     seed: int = 0
+    record_keys: bool = False  # append each micro-batch's step, epoch and sample keys to RUN_DIR/data_keys.rankR.jsonl
 
 
 @dataclass

@@ -146,6 +146,9 @@ class Trainer:
         self.ds_config = build_deepspeed_config(cfg, self.device)
         self.precision = resolve_precision(cfg["train"]["precision"], self.device)
         zero3 = self.ds_config["zero_optimization"]["stage"] == 3
+        self.plan = self._plan_resume(resume) if resume is not None else None
+        if self.plan is not None and self.plan.universal:
+            self.ds_config["checkpoint"] = {"load_universal": True}
         _seed_everything(cfg["train"]["seed"])  # identical initial weights on every rank
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
             self.model = IGPT(self.model_cfg)  # ZeRO-3: each rank materialises only its partition
@@ -173,24 +176,26 @@ class Trainer:
         self.stream = TokenStream(data_dir, cfg["data"]["train_split"], t["micro_batch_size"], rank=self.rank,
                                   world_size=self.world, num_workers=cfg["data"]["num_workers"],
                                   seed=cfg["data"]["seed"], shuffle_buffer=cfg["data"]["shuffle_buffer"],
-                                  pin_memory=self.device == "cuda")
+                                  pin_memory=self.device == "cuda", with_keys=cfg["data"]["record_keys"])
         self.step = 0
         self.tokens_seen = 0
         self.nonfinite_total = 0
         self.consecutive_nonfinite = 0
         self.resumed_from: str | None = None
-        if resume is not None:
-            self._resume(resume)
+        if self.plan is not None:
+            self._resume(self.plan)
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
         self.tracker = open_tracker(cfg, self.run_dir, self.rank)
         self.peak = peak_flops(self.device, cfg["logging"]["peak_tflops"])
         self.preempt = ckpt.PreemptionFlag(cfg["checkpoint"]["preempt_signal"])
         self.losses_file: Any = None  # RUN_DIR/losses.jsonl, open on rank 0 while run() runs
+        self.keys_file: Any = None  # RUN_DIR/data_keys.rankR.jsonl with data.record_keys, open while run() runs
 
     # ------------------------------------------------------------ resume
-    def _resume(self, resume: str) -> None:
-        """Load the newest complete checkpoint (``auto``) or the given tag dir; all ranks load the same one."""
+    def _plan_resume(self, resume: str) -> ckpt.ResumePlan | None:
+        """The checkpoint to resume from (``auto``: the newest complete one; else the given tag dir) and how,
+        the same on every rank (rank 0 chooses), with its universal copy written when the plan needs one."""
         check = self.cfg["checkpoint"]["verify_sha256"]
         candidates: list[Path] = []
         if resume != "auto":  # every rank checks, so a bad path fails everywhere and no rank waits
@@ -201,19 +206,32 @@ class Trainer:
         candidates = ckpt.gather_per_rank([str(c) for c in candidates])[0]
         if not candidates:
             _log(self.rank, f"resume auto: no complete checkpoint in {self.run_dir}, starting from step 0")
-            return
-        client = ckpt.load(self.engine, Path(candidates[0]))
+            return None
+        plan = ckpt.plan_resume(Path(candidates[0]), self.world, self.ds_config["zero_optimization"]["stage"])
+        ckpt.prepare_resume(plan)
+        return plan
+
+    def _resume(self, plan: ckpt.ResumePlan) -> None:
+        """Load the planned checkpoint; re-split the data stream when the layout changed."""
+        client = ckpt.load(self.engine, plan)
         if client["palette_sha256"] != self.palette_sha256:
-            raise ValueError(f"checkpoint {candidates[0]} was trained with palette {client['palette_sha256']}, "
+            raise ValueError(f"checkpoint {plan.tag_dir} was trained with palette {client['palette_sha256']}, "
                              f"the data uses {self.palette_sha256}")
         changed = [k for k in MODEL_FIELDS if client["config"]["model"][k] != self.cfg["model"][k]]
         if changed:
-            raise ValueError(f"checkpoint {candidates[0]} has a different model ({changed}); cannot resume")
+            raise ValueError(f"checkpoint {plan.tag_dir} has a different model ({changed}); cannot resume")
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
         self.nonfinite_total = client.get("nonfinite_total", 0)
-        self.stream.load_state_dict(client["loader_states"][self.rank])
-        self.resumed_from = candidates[0]
-        _log(self.rank, f"resumed from {candidates[0]} at step {self.step} ({self.tokens_seen} tokens seen)")
+        data = self.stream.resume_from(client["loader_states"])
+        self.resumed_from = str(plan.tag_dir)
+        _log(self.rank, f"resumed from {plan.tag_dir} at step {self.step} ({self.tokens_seen} tokens seen)")
+        if plan.saved_world != self.world or plan.saved_stage != self.zero_stage:
+            saved = client["config"]["train"]
+            before = saved["micro_batch_size"] * saved["grad_accum"] * plan.saved_world
+            now = self.cfg["train"]["micro_batch_size"] * self.cfg["train"]["grad_accum"] * self.world
+            batch = f"global batch {before} → {now} sequences" + ("" if before == now else
+                                                                   " (set train.grad_accum to keep it)")
+            _log(self.rank, f"elastic resume: {plan.describe(self.world, self.zero_stage)}; {batch}; data: {data}")
 
     # ------------------------------------------------------------ pieces
     def _client_state(self) -> dict[str, Any]:
@@ -327,7 +345,11 @@ class Trainer:
         accum = self.cfg["train"]["grad_accum"]
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
-            tokens = next(batches)["tokens"].to(self.device, non_blocking=True)
+            batch = next(batches)
+            if self.keys_file is not None:
+                self.keys_file.write(json.dumps({"step": self.step + 1, "epoch": self.stream.epoch,
+                                                 "keys": batch["keys"]}) + "\n")
+            tokens = batch["tokens"].to(self.device, non_blocking=True)
             self.tokens_seen += tokens.numel() * self.world
             loss = self.engine(tokens, self._mask_generator(micro))
             self.engine.backward(loss)
@@ -385,7 +407,10 @@ class Trainer:
         window = MetricsWindow(self.flops_per_token, self.world, self.peak, t["steps"])
         status = "FAILED"
         try:
-            with open(self.run_dir / LOSSES_FILE, "a") if self.rank == 0 else nullcontext() as self.losses_file:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            keys_path = self.run_dir / f"data_keys.rank{self.rank}.jsonl"
+            with open(self.run_dir / LOSSES_FILE, "a") if self.rank == 0 else nullcontext() as self.losses_file, \
+                    open(keys_path, "a") if self.cfg["data"]["record_keys"] else nullcontext() as self.keys_file:
                 clock = time.perf_counter()
                 while self.step < t["steps"]:
                     lr = lr_at(self.step, lr=self.cfg["optim"]["lr"], warmup_steps=self.cfg["optim"]["warmup_steps"],
@@ -417,7 +442,7 @@ class Trainer:
             self.tracker.set_tags({"preempted_at_step": self.step})
             return c["preempt_exit_code"]
         finally:
-            self.losses_file = None
+            self.losses_file = self.keys_file = None
             self.tracker.close(status)
             self.preempt.restore()
 

@@ -151,3 +151,59 @@ def test_bad_arguments_are_clear(cifar_tokens, tmp_path):
 def test_32px_fixture(cifar_tokens32):
     b = next(iter(TokenStream(cifar_tokens32, "train", 4, num_workers=0)))
     assert b["tokens"].shape == (4, 1024)
+
+
+def _keys_of(stream: TokenStream, batches: int | None = None) -> list[str]:
+    it = stream.iter_epoch() if batches is None else itertools.islice(iter(stream), batches)
+    return [k for b in it for k in b["keys"]]
+
+
+@pytest.mark.parametrize("old, new", [
+    ((2, 2, 16), (1, 2, 16)),  # 2 ranks → 1, same micro-batch (the global batch kept by grad_accum)
+    ((1, 2, 16), (2, 2, 16)),
+    ((3, 1, 8), (2, 0, 24)),   # workers and batch size change too
+])
+def test_resplit_on_another_layout_sees_every_sample_of_the_epoch_once(cifar_tokens, old, new):
+    (w0, n0, b0), (w1, n1, b1) = old, new
+    everything = _all_keys(cifar_tokens)
+    ranks = [TokenStream(cifar_tokens, "train", b0, rank=r, world_size=w0, num_workers=n0, seed=7,
+                         shuffle_buffer=64, with_keys=True) for r in range(w0)]
+    taken = 5  # lockstep batches per rank before the "checkpoint"
+    seen = Counter(k for s in ranks for k in _keys_of(s, taken))
+    states = [s.state_dict() for s in ranks]
+    rest = Counter()
+    for r in range(w1):
+        s = TokenStream(cifar_tokens, "train", b1, rank=r, world_size=w1, num_workers=n1, seed=7, shuffle_buffer=64,
+                        with_keys=True)
+        assert "re-split" in s.resume_from(states)
+        assert s.epoch == 0
+        rest.update(_keys_of(s))
+        assert s.epoch == 1 and not s.excluded
+    assert max((seen + rest).values()) == 1  # nothing twice within the epoch
+    assert seen + rest == everything  # and nothing skipped
+
+
+def test_resplit_when_a_rank_had_begun_the_next_epoch(cifar_tokens):
+    ranks = [TokenStream(cifar_tokens, "train", 32, rank=r, world_size=2, num_workers=1, seed=3, shuffle_buffer=32,
+                         with_keys=True) for r in range(2)]
+    per_epoch = [s.batches_per_epoch(0) for s in ranks]
+    ahead = int(np.argmin(per_epoch))
+    assert per_epoch[0] != per_epoch[1]  # whole shards per slot: the ranks' epochs differ in length
+    taken = min(per_epoch) + 1  # the shorter rank has begun epoch 1
+    seen = [Counter(), Counter()]  # per epoch
+    for s in ranks:
+        for b in itertools.islice(iter(s), taken):
+            seen[s.epoch].update(b["keys"])
+    assert ranks[ahead].epoch == 1 and ranks[1 - ahead].epoch == 0
+    resumed = TokenStream(cifar_tokens, "train", 32, world_size=1, num_workers=2, seed=3, shuffle_buffer=32,
+                          with_keys=True)
+    resumed.resume_from([s.state_dict() for s in ranks])
+    everything = _all_keys(cifar_tokens)
+    for epoch in (0, 1):
+        rest = Counter(_keys_of(resumed))
+        assert max((seen[epoch] + rest).values()) == 1 and seen[epoch] + rest == everything, epoch
+
+
+def _all_keys(data_dir) -> Counter:
+    s = TokenStream(data_dir, "train", 256, num_workers=0, with_keys=True)
+    return Counter(_keys_of(s))

@@ -31,12 +31,12 @@ def run_overrides(data_dir: Path, run_dir: Path, **extra: object) -> list[str]:
 
 
 def launch(overrides: list[str], nprocs: int = 2, resume: str | None = None, env: dict | None = None,
-           log: Path | None = None, torchrun: bool = False) -> list[subprocess.Popen]:
-    """Start ``nprocs`` ranks of ``python -m pretrain.cli train`` in one new process group, setting
-    RANK/WORLD_SIZE/MASTER_* as torchrun would (rank 0 leads the group, so ``os.killpg`` reaches every
-    rank), or with ``torchrun`` itself (one process returned: the launcher)."""
+           log: Path | None = None, torchrun: bool = False, program: list[str] | None = None) -> list[subprocess.Popen]:
+    """Start ``nprocs`` ranks of ``python -m pretrain.cli train`` (or of ``program CONFIG OVERRIDES``) in one
+    new process group, setting RANK/WORLD_SIZE/MASTER_* as torchrun would (rank 0 leads the group, so
+    ``os.killpg`` reaches every rank), or with ``torchrun`` itself (one process returned: the launcher)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "pretrain.cli", "train", str(TINY), *overrides]
+    cmd = [*(program or [sys.executable, "-m", "pretrain.cli", "train"]), str(TINY), *overrides]
     if resume:
         cmd += ["--resume", resume]
     if torchrun:
