@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
+from data_pipeline.progress import bar
 from evals.baselines import PIXEL_LAYER
 from evals.config import FinetuneSearch, ProbeSearch, Resources
 from evals.finetune import FinetuneHistory, finetune
@@ -125,12 +127,37 @@ def trial_name(kind: str, config: dict[str, Any]) -> str:
     return " ".join(parts + ([f"({kind})"] if kind else []))
 
 
+def _grid_size(param_space: dict[str, Any]) -> int:
+    return math.prod(len(v["grid_search"]) for v in param_space.values() if isinstance(v, dict) and "grid_search" in v)
+
+
 def _trial_label(kind: str, trial: Any) -> str:
     return trial_name(kind, trial.config)
 
 
 def _trial_dirname(prefix: str, trial: Any) -> str:
     return f"{prefix}_{trial.trial_id}"
+
+
+class _TrialProgress(tune.Callback):
+    """A progress bar over a grid's trials (Tune's own status tables are shown only with ``verbose``)."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self._bar = total, desc, None
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune saves its callbacks; the bar stays out
+        return {**self.__dict__, "_bar": None}
+
+    def setup(self, **info: Any) -> None:
+        self._bar = bar(total=self.total, desc=self.desc, unit="trial")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._bar.update()
+
+    on_trial_error = on_trial_complete
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._bar.close()
 
 
 @contextlib.contextmanager
@@ -178,7 +205,8 @@ def _run(
             trial_dirname_creator=functools.partial(_trial_dirname, name),
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=str(Path(storage_path).resolve()), callbacks=[callback], verbose=0,
+            name=name, storage_path=str(Path(storage_path).resolve()), verbose=0,
+            callbacks=[callback, _TrialProgress(_grid_size(param_space), f"{name} trials")],
             checkpoint_config=checkpoint_config, failure_config=tune.FailureConfig(max_failures=0),
         ),
     )

@@ -30,7 +30,9 @@ CIFAR_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10-train"  # the first 
 CIFAR_CLASSES = "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"
 STEP_LINE = re.compile(r"^step\s+(\d+)/(\d+) \|")  # the training's per-window log line
 SHOWN_STEP_LINES = 8  # of them on screen; all are in RUN_DIR/train.log
+CHECKPOINT_LINE = re.compile(r"^checkpoint \S+ \(")  # only in the log (with --verbose on screen too)
 EXPERIMENT = "igpt-demo"  # the MLflow experiment of the training and the evals
+TRAINING_VIEW = "workflowType=machine_learning"  # MLflow 3's UI opens on its GenAI side without it
 
 
 class StageFailed(RuntimeError):
@@ -69,7 +71,7 @@ def resolve_source(data: DataOptions) -> str:
 
     if data.url is None and CIFAR_DIR.is_dir():
         _log(f"data: CIFAR-10 from {CIFAR_DIR}")
-        return str(CIFAR_DIR / "cifar10-train-*.tar")
+        return str(CIFAR_DIR / "cifar10-train-{000000..000009}.tar")  # as before: earlier shards stay reusable
     cache = data.cache or default_cache_dir()
     try:
         return ensure_cifar10(cache, data.url or URL, data.md5 or MD5, log=_log)
@@ -111,18 +113,19 @@ def shard_stage(s: DemoSettings, work: Path, palette: Path) -> Path:
     resolution; returns the latter (the sharder itself resumes)."""
     from data_pipeline.shard import shard_dataset
 
-    for resolution in sorted({32, s.resolution}):
-        out = work / f"tokens{resolution}"
-        m = shard_dataset([s.source], out, palette, resolution, val_fraction=s.val_fraction, shard_size=1000,
-                          limit=s.limit, class_names=CIFAR_CLASSES.split(","))
-        counts = ", ".join(f"{v['num_samples']:,} {k}" for k, v in m["splits"].items())
-        _log(f"shards: {out} ({counts})")
-    return out.with_name(f"tokens{s.resolution}")
+    resolutions = sorted({32, s.resolution})
+    for r in resolutions:
+        m = shard_dataset([s.source], work / f"tokens{r}", palette, r, val_fraction=s.val_fraction,
+                          shard_size=1000, limit=s.limit, class_names=CIFAR_CLASSES.split(","))
+    counts = ", ".join(f"{v['num_samples']:,} {k}" for k, v in m["splits"].items())
+    _log(f"shards: {' and '.join(f'tokens{r}' for r in resolutions)} in {work} ({counts} images each)")
+    return work / f"tokens{s.resolution}"
 
 
 def _relay(cmd: list[str], log_path: Path, env: dict[str, str], verbose: bool) -> int:
     """Run ``cmd``, writing its output whole to ``log_path`` and to stderr thinned: of the per-step training
-    lines only SHOWN_STEP_LINES evenly spaced ones (every line with ``verbose``). Returns the exit code."""
+    lines only SHOWN_STEP_LINES evenly spaced ones, no checkpoint lines (every line with ``verbose``).
+    Returns the exit code."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                       text=True, env=env, cwd=REPO_ROOT) as proc:
@@ -130,7 +133,8 @@ def _relay(cmd: list[str], log_path: Path, env: dict[str, str], verbose: bool) -
             log.write(line)
             log.flush()
             m = STEP_LINE.match(line)
-            if verbose or m is None or _shown(int(m.group(1)), int(m.group(2))):
+            shown = _shown(int(m.group(1)), int(m.group(2))) if m else not CHECKPOINT_LINE.match(line)
+            if verbose or shown:
                 sys.stderr.write(line)
                 sys.stderr.flush()
     return proc.returncode
@@ -219,12 +223,12 @@ def quality_bar(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_demo(s: DemoSettings, data: DataOptions = DataOptions()) -> dict[str, Any]:
+def run_demo(s: DemoSettings, cifar: DataOptions = DataOptions()) -> dict[str, Any]:
     """Run every stage (reusing finished ones); write and return the summary."""
     work = Path(s.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     if s.source is None:
-        s = replace(s, source=resolve_source(data))
+        s = replace(s, source=resolve_source(cifar))
     db = work / "mlflow.db"
     tracking_uri = f"sqlite:///{db}"
     palette = palette_stage(s, work)
@@ -240,7 +244,7 @@ def run_demo(s: DemoSettings, data: DataOptions = DataOptions()) -> dict[str, An
             "probe_per_layer_plot": str(work / "evals" / "probe" / "probe_accuracy_per_layer.png"),
         },
         "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1",
-        "mlflow_url": f"http://127.0.0.1:5000/#/experiments/{_experiment_id(tracking_uri)}?workflowType=machine_learning",
+        "mlflow_url": f"http://127.0.0.1:5000/#/experiments/{_experiment_id(tracking_uri)}?{TRAINING_VIEW}",
         "evals": {k: {kk: v for kk, v in r.items() if kk != "confusion_matrix"} for k, r in results.items()},
     }
     write_text_atomic(json.dumps(summary, indent=2), work / "summary.json")
