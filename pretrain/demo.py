@@ -77,8 +77,8 @@ def resolve_source(data: DataOptions) -> str:
         return ensure_cifar10(cache, data.url or URL, data.md5 or MD5, log=_log)
     except DownloadError as e:
         raise DownloadError(f"{e}. To use CIFAR-10 you already have, point --source at its raw-image tars "
-                            f"(e.g. --source 'DIR/cifar10-train-*.tar'), or --data-cache at a folder holding a "
-                            "converted copy") from e
+                            "(e.g. --source 'DIR/cifar10-train-*.tar'), --data-url at the archive "
+                            "(file:///PATH/cifar-10-binary.tar.gz) or --data-cache at a converted copy") from e
 
 
 GPU_RECIPE = dict(workdir="runs/demo-gpu", resolution=32, train_config=str(REPO_ROOT / "configs" / "cifar10-gpu-recipe.yaml"),
