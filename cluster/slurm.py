@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,9 +21,11 @@ from pathlib import Path
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # The exit code that means "checkpointed after a signal, requeue me": the default of the training's
 # `checkpoint.preempt_exit_code` (tests/test_cluster_slurm.py checks that they agree). torchrun
-# reports any failed rank as 1, so each node's task turns "stopped non-zero after USR1" into this
-# code, which srun passes on to the batch script.
+# reports any failed rank as 1 (and exits 1 after forwarding a TERM), so each node's task turns
+# "stopped non-zero after the preemption signal or TERM" into this code, which srun passes on to the
+# batch script.
 REQUEUE_EXIT_CODE = 124
+_UNCATCHABLE = ("KILL", "STOP")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$|^UNLIMITED$|^INFINITE$")
 _FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -47,6 +50,7 @@ class SlurmJob:
     workdir: str = "."  # the job's working directory (relative paths in the command resolve here)
     setup: str = ""  # shell lines run before anything else (module load, venv, container)
     python: str = field(default_factory=lambda: sys.executable)
+    preempt_signal: str = "USR1"  # the training's `checkpoint.preempt_signal`, sent signal_seconds before the limit
     signal_seconds: int = 90
     requeue_exit_code: int = REQUEUE_EXIT_CODE
     sbatch_args: list[str] = field(default_factory=list)  # extra `#SBATCH` options, e.g. --qos=high
@@ -63,6 +67,15 @@ def render_template(template: str, values: dict[str, object]) -> str:
         raise ValueError(f"template placeholders missing values: {sorted(missing)}, "
                          f"values without placeholder: {sorted(unused)}")
     return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), template)
+
+
+def signal_name(name: str) -> str:
+    """``usr2``, ``SIGUSR2`` → ``USR2`` (the form ``#SBATCH --signal`` and ``trap`` take); a ValueError for
+    an unknown signal or one that cannot be caught."""
+    key = name.strip().upper().removeprefix("SIG")
+    if "SIG" + key not in signal.Signals.__members__ or key in _UNCATCHABLE:
+        raise ValueError(f"preemption signal {name!r} is not a signal the job can catch; e.g. USR1, USR2")
+    return key
 
 
 def _check(job: SlurmJob) -> None:
@@ -112,6 +125,9 @@ def render_sbatch(job: SlurmJob) -> str:
         values["ray_gpus"] = f"--num-gpus={job.gpus_per_node}" if job.gpus_per_node else ""
     else:
         name = "sbatch.sh.tmpl"
+        preempt = signal_name(job.preempt_signal)
+        values["preempt_signal"] = preempt
+        values["trapped_signals"] = " ".join(dict.fromkeys((preempt, "TERM")))
         values["signal_seconds"] = job.signal_seconds
         values["requeue_exit_code"] = job.requeue_exit_code
         values["procs_per_node"] = job.procs_per_node or max(job.gpus_per_node, 1)

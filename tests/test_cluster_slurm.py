@@ -67,6 +67,64 @@ def test_dry_run_renders_multinode_gpu_script(capsys, tmp_path):
     assert not (tmp_path / "logs").exists(), "--dry-run must not write or submit anything"
 
 
+def test_preempt_signal_follows_the_config(capsys, tmp_path):
+    """checkpoint.preempt_signal=USR2 (where NCCL catches USR1): SLURM sends USR2 before the limit, and the
+    node task traps USR2 and TERM; the default stays USR1."""
+    args = _parse(["launch", "slurm", "configs/cifar10-cpu-tiny.yaml", "checkpoint.preempt_signal=SIGUSR2",
+                   "--signal-seconds", "90", "--log-dir", str(tmp_path), "--dry-run"])
+    assert args.func(args) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --signal=USR2@90" in script and "USR1" not in script
+    assert 'PREEMPT_SIGNAL=USR2\nTRAPPED_SIGNALS="USR2 TERM"' in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+    assert "#SBATCH --signal=USR1@90" in render_sbatch(SlurmJob(command=["x"]))
+    assert 'TRAPPED_SIGNALS="TERM"' in render_sbatch(SlurmJob(command=["x"], preempt_signal="term"))
+
+
+def _node_task(script: str) -> str:
+    """The per-node task (a bash program run by srun) embedded in a rendered sbatch script."""
+    return script.split("<<'IGPT_NODE_TASK'\n", 1)[1].split("\nIGPT_NODE_TASK\n", 1)[0]
+
+
+# Stands in for torchrun: reports whether it started with USR2 ignored, exits 1 on TERM after a grace
+# period (as torchrun does once its workers stopped), or 1 when told to through the flag file.
+FAKE_TORCHRUN = """
+import os, signal, sys, time
+print("USR2 ignored" if signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN else "USR2 default", flush=True)
+signal.signal(signal.SIGTERM, lambda *_: (time.sleep(0.5), sys.exit(1)))
+open(sys.argv[1], "w").close()
+while os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("sig", ["USR2", "TERM", None])
+def test_node_task_maps_a_stop_after_the_signal_to_the_requeue_code(sig, tmp_path):
+    """Sent to the whole step like slurmstepd does, USR2 (configured) or TERM reaches the node task, which
+    outlives the stopping training and exits with the requeue code; without a signal the failure stays."""
+    script = render_sbatch(SlurmJob(command=["x"], preempt_signal="USR2"))
+    flag = tmp_path / "running"
+    env = dict(os.environ, REQUEUE_EXIT_CODE=str(REQUEUE_EXIT_CODE), PREEMPT_SIGNAL="USR2",
+               TRAPPED_SIGNALS="USR2 TERM", SLURM_NODEID="0")
+    proc = subprocess.Popen(["bash", "-c", _node_task(script), "igpt-node", sys.executable, "-c", FAKE_TORCHRUN,
+                             str(flag)], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not flag.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if sig is not None:
+        os.killpg(proc.pid, getattr(signal, "SIG" + sig))
+        time.sleep(0.3)
+    flag.unlink()
+    out, _ = proc.communicate(timeout=30)
+    assert out.startswith("USR2 ignored"), out
+    if sig is None:
+        assert proc.returncode == 1 and "stopped by" not in out, out
+    else:
+        assert proc.returncode == REQUEUE_EXIT_CODE, (proc.returncode, out)
+        assert f"node 0: training stopped by {sig} (exit 1)" in out, out
+
+
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="--nodes"):
         render_sbatch(SlurmJob(command=["x"], nodes=0))
@@ -74,6 +132,12 @@ def test_bad_input_is_named():
         render_sbatch(SlurmJob(command=["x"], time="tomorrow"))
     with pytest.raises(ValueError, match="partition"):
         render_sbatch(SlurmJob(command=["x"], partition="gpu a100"))
+    for bad in ("KILL", "BOGUS"):
+        with pytest.raises(ValueError, match=f"preemption signal '{bad}'"):
+            render_sbatch(SlurmJob(command=["x"], preempt_signal=bad))
+    args = _parse(["launch", "slurm", "configs/cifar10-cpu-tiny.yaml", "checkpoint.preempt_signal=BOGUS", "--dry-run"])
+    with pytest.raises(ValueError, match="checkpoint.preempt_signal"):
+        args.func(args)
     args = _parse(["launch", "slurm", "notaconfig", "--dry-run"])
     with pytest.raises(ValueError, match="neither a CONFIG.yaml"):
         args.func(args)
