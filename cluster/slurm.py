@@ -74,7 +74,8 @@ def signal_name(name: str) -> str:
     an unknown signal or one that cannot be caught."""
     key = name.strip().upper().removeprefix("SIG")
     if "SIG" + key not in signal.Signals.__members__ or key in _UNCATCHABLE:
-        raise ValueError(f"preemption signal {name!r} is not a signal the job can catch; e.g. USR1, USR2")
+        raise ValueError(f"preemption signal {name!r} (checkpoint.preempt_signal) is not a signal the job can catch; "
+                         "e.g. USR1, USR2")
     return key
 
 
@@ -87,6 +88,8 @@ def _check(job: SlurmJob) -> None:
         raise ValueError(f"--procs-per-node must be >= 1, got {job.procs_per_node}")
     if not _TIME.match(job.time):
         raise ValueError(f"--time {job.time!r} is not a SLURM time (MM, HH:MM:SS, D-HH:MM:SS)")
+    if not 0 <= job.signal_seconds <= 65535:
+        raise ValueError(f"--signal-seconds must be in 0..65535, got {job.signal_seconds}")
     if not 1 <= job.requeue_exit_code <= 255:
         raise ValueError(f"requeue exit code must be in 1..255, got {job.requeue_exit_code}")
     for name in ("job_name", "log_dir", "workdir", "partition", "account", "mem"):
