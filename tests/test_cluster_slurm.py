@@ -271,7 +271,7 @@ def test_ray_cluster_inside_slurm_runs_a_probe_eval(preempted_training, slurm, c
              "--dashboard-port", str(dashboard_port), "--follow", "--",
              "eval", "probe", "--checkpoint", str(run_dir), "--data", str(cifar_tokens), "--out", str(tmp / "probe"),
              "--device", "cpu", "--limit", "200", "--layers", "mid", "--tracking-uri", store,
-             "--set", "probe.l2=[0.01]", "--set", "probe.max_iter=50"],
+             "--set", "probe.l2=[0.01]", "--set", "probe.max_iter=50", "--verbose"],  # Ray's INFO lines
             cwd=REPO, env=dict(slurm.env, RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled"),
             capture_output=True, text=True, timeout=600)
     finally:
