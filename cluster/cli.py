@@ -40,7 +40,8 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--setup", default="", help="shell lines run first on the batch host (module load, venv …)")
     p.add_argument("--setup-file", type=Path, default=None, help="a file whose lines are the set-up hook")
     p.add_argument("--python", default=sys.executable, help="interpreter on the nodes (default: this one)")
-    p.add_argument("--signal-seconds", type=int, default=90, help="send checkpoint.preempt_signal (default USR1) this long before the time limit")
+    p.add_argument("--signal-seconds", type=int, default=90,
+                   help="send the config's checkpoint.preempt_signal (default USR1) this long before the time limit")
     p.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH option (repeatable)")
     p.add_argument("--srun-arg", action="append", default=[], help="extra srun option, e.g. --container-image=…")
     p.add_argument("--ray-cluster", action="store_true",
