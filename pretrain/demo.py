@@ -261,6 +261,8 @@ def format_report(summary: dict[str, Any]) -> str:
     """The few lines a person reads at the end of the job."""
     q = summary["quality_bar"]
     mark = {True: "PASS", False: "FAIL"}
+    work = Path(summary["artifacts"]["run_dir"]).parent
+    rel = {k: os.path.relpath(v, work) for k, v in summary["artifacts"].items()}
     lines = [
         "iGPT demo on CIFAR-10 — summary",
         f"  validation bits/pixel: {q['val_bits_per_pixel']:.3f} (untrained: {q['untrained_bits_per_pixel']:.1f})"
@@ -268,8 +270,10 @@ def format_report(summary: dict[str, Any]) -> str:
         f"  linear probe accuracy: {q['probe_accuracy']:.3f}",
         f"    vs raw pixels:       {q['raw_pixels_accuracy']:.3f}  [{mark[q['beats_raw_pixels']]}]",
         f"    vs random network:   {q['random_init_accuracy']:.3f}  [{mark[q['beats_random_init']]}]",
-        "  artifacts:",
-        *[f"    {k}: {v}" for k, v in summary["artifacts"].items()],
+        f"  artifacts in {work}:",
+        f"    {rel.pop('palette')}, {rel.pop('token_shards')}/, {rel.pop('run_dir')}/ (train.log, checkpoints), "
+        f"{rel.pop('release')}/",
+        *[f"    {k}: {v}" for k, v in rel.items()],
         f"  open MLflow: {summary['mlflow_ui']}",
         f"    then {summary['mlflow_url']} (the training runs, evals with their trials nested)",
     ]
