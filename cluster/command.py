@@ -53,7 +53,7 @@ def check_command(args: list[str]) -> list[str]:
         from pretrain.config import load_config
 
         cfg = load_config(ns.config, ns.overrides)
-        paths["data.dir"] = cfg["data"]["dir"]
+        paths["data.dir"] = cfg.data.dir
         if ns.resume not in (None, "auto"):
             paths["--resume"] = ns.resume
     for name, label in PATH_OPTIONS.items():

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from data_pipeline.grid import chunk_rows, image_grid, save_png
-from data_pipeline.manifest import write_text_atomic
+from data_pipeline.io import write_text_atomic
 from data_pipeline.palette import load_palette
 from evals.baselines import PIXEL_LAYER, RANDOM_INIT, RAW_PIXELS, pixel_features, random_init_cache
 from evals.config import EvalSearchConfig

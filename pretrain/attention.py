@@ -9,12 +9,12 @@ as keys) and for KV-cache decoding (fewer queries than keys: the queries are the
 - ``triton``: our fused kernel (``kernels.flash_attention``) for self-attention, SDPA for decoding.
 - ``reference``: the plain float32 implementation (``kernels.reference``), for tests and debugging.
 
-A new backend is one more entry of ``BACKENDS``.
+A new backend is one more entry of ``BACKENDS`` and of the ``AttnBackend`` choices, both here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.reference import attention_reference
 
+AttnBackend = Literal["sdpa", "triton", "reference"]  # the config's choices (IGPTConfig.attn_backend)
 Attend = Callable[..., Tensor]  # (q, k, v, *, causal) -> out
 _DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -68,6 +69,7 @@ BACKENDS = {
     "triton": AttentionBackend("triton", _triton, _sdpa_decode),
     "reference": AttentionBackend("reference", _reference, _reference),
 }
+assert tuple(BACKENDS) == get_args(AttnBackend)
 
 
 def attention_backend(name: str) -> AttentionBackend:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.manifest import write_text_atomic
+from data_pipeline.io import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CIFAR_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10-train"  # the first local copy looked for
@@ -160,13 +160,13 @@ def train_stage(s: DemoSettings, work: Path, data: Path, tracking_uri: str) -> P
     cfg = load_config(s.train_config, overrides)  # a bad key fails here, before a process is started
     cmd = [sys.executable, "-m", "pretrain.cli", "train", s.train_config, *overrides, "--resume", "auto"]
     log = run_dir / "train.log"
-    _log(f"train: {cfg['train']['steps']} steps of {Path(s.train_config).name}; full log in {log}")
+    _log(f"train: {cfg.train.steps} steps of {Path(s.train_config).name}; full log in {log}")
     env = {**os.environ, "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING")}
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise look for CUDA
     code = _relay(cmd, log, env, s.verbose)
     if code:
-        hint = "; rerun to resume" if code == cfg["checkpoint"]["preempt_exit_code"] else ""
+        hint = "; rerun to resume" if code == cfg.checkpoint.preempt_exit_code else ""
         raise StageFailed(f"training exited with code {code} (log: {log}){hint}")
     export = [sys.executable, "-m", "pretrain.cli", "export", str(run_dir), "--out", str(release)]
     done = subprocess.run(export, env=env, cwd=REPO_ROOT, capture_output=True, text=True)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from data_pipeline.progress import bar
+from data_pipeline.io import atomic_dir
 from pretrain import checkpoint as ckpt
 from pretrain.config import load_config, save_config
 
@@ -60,8 +60,8 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None =
         tag_dir = resolve_tag(run_dir, tag)
         info = ckpt.verify(tag_dir, check_sha256=False)
         cfg = load_config(run_dir / "config.yaml")
-        palette = Path(cfg["data"]["dir"]) / "palette.npy"
-        from data_pipeline.palette import file_sha256
+        palette = Path(cfg.data.dir) / "palette.npy"
+        from data_pipeline.io import file_sha256
 
         if not palette.is_file() or file_sha256(palette) != info["palette_sha256"]:
             raise FileNotFoundError(f"palette {palette} is missing or is not the one the run trained with "
@@ -71,18 +71,10 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None =
         state = consolidated_state_dict(tag_dir)
         steps.set_description("export: write release")
         steps.update()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-        try:
+        with atomic_dir(out) as tmp:
             save_file(state, tmp / "model.safetensors", metadata={
                 "palette_sha256": info["palette_sha256"], "step": str(info["step"]), "source": str(tag_dir.resolve())})
             save_config(cfg, tmp / "config.yaml")
             shutil.copyfile(palette, tmp / "palette.npy")
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         steps.update()
     return out

@@ -10,44 +10,56 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.attention import BACKENDS, attention_backend
+from pretrain.attention import AttnBackend, attention_backend
 
-OBJECTIVES = ("ar", "bert")
+Objective = Literal["ar", "bert"]
 
 
 @dataclass
 class IGPTConfig:
-    """Model hyper-parameters; the defaults are iGPT-S at 32x32 resolution."""
+    """Model hyper-parameters; the defaults are iGPT-S at 32x32 resolution. A training config's ``model``
+    section is this class (plus the preset it starts from, ``pretrain.config.ModelSection``)."""
 
     vocab_size: int = 512
+    """Palette size: tokens are palette indices (training takes it from the token shards when unset)."""
     n_ctx: int = 1024
+    """Context: pixels per image, resolution² (training takes it from the token shards when unset)."""
     n_layer: int = 24
+    """Transformer blocks."""
     n_head: int = 8
+    """Attention heads per block; must divide ``n_embd``."""
     n_embd: int = 512
-    attn_backend: str = "sdpa"
-    objective: str = "ar"
+    """Width of the residual stream."""
+    attn_backend: AttnBackend = "sdpa"
+    """Attention implementation (``pretrain.attention``): sdpa, triton or reference."""
+    objective: Objective = "ar"
+    """``ar``: next-pixel prediction behind a start token; ``bert``: masked-pixel prediction."""
     mask_prob: float = 0.15
+    """BERT objective: the probability that a pixel is masked."""
     activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (memory for time)."""
     init_std: float = 0.02
+    """Standard deviation of the GPT-2 initialisation."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
+            if value is None and name in ("vocab_size", "n_ctx"):
+                continue  # unresolved: a training run fills it from its token shards
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"IGPTConfig.{name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"IGPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"IGPTConfig.attn_backend={self.attn_backend!r}; choose one of {tuple(BACKENDS)}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"IGPTConfig.objective={self.objective!r}; choose one of {OBJECTIVES}")
+        for name, kind in (("attn_backend", AttnBackend), ("objective", Objective)):
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(f"IGPTConfig.{name}={getattr(self, name)!r}; choose one of {get_args(kind)}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"IGPTConfig.mask_prob must be in (0, 1), got {self.mask_prob!r}")
         if not self.init_std > 0.0:
@@ -136,6 +148,8 @@ class Block(nn.Module):
 class IGPT(nn.Module):
     def __init__(self, cfg: IGPTConfig) -> None:
         super().__init__()
+        if cfg.n_ctx is None or cfg.vocab_size is None:
+            raise ValueError("IGPTConfig.n_ctx and vocab_size must be set (a training run takes them from its data)")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.n_ctx, cfg.n_embd)

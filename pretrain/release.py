@@ -12,13 +12,13 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pretrain.config import igpt_config, load_config
+from pretrain.config import TrainConfig, load_config
 from pretrain.model import IGPT
 
 
-def load_model(path: str | os.PathLike) -> tuple[IGPT, dict, str]:
+def load_model(path: str | os.PathLike) -> tuple[IGPT, TrainConfig, str]:
     """(model in eval mode on CPU, resolved training config, palette sha256) from a release or run dir."""
-    from data_pipeline.palette import file_sha256
+    from data_pipeline.io import file_sha256
 
     path = Path(path)
     if (path / "model.safetensors").is_file():
@@ -38,6 +38,10 @@ def load_model(path: str | os.PathLike) -> tuple[IGPT, dict, str]:
         sha = ckpt.verify(tag_dir, check_sha256=False)["palette_sha256"]
     else:
         raise FileNotFoundError(f"{path} is neither a release dir (model.safetensors) nor a run dir (checkpoints/)")
-    model = IGPT(igpt_config(cfg))
+    if cfg.model.n_ctx is None:  # a config that left the data-given sizes unset: the weights know them
+        cfg.model.n_ctx = state["wpe.weight"].shape[0]
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = state["wte.weight"].shape[0]
+    model = IGPT(cfg.model)
     model.load_state_dict(state, strict=True)
     return model.eval(), cfg, sha

@@ -14,8 +14,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pretrain import checkpoint as ckpt
-from pretrain.train import FAULT_KILL_ENV
-from test_train_support import REPO, all_logs, launch, read_log, run_overrides, step_losses, train_ranks, wait_all
+from test_train_support import (REPO, all_logs, killed_after_checkpoint, launch, read_log, run_overrides,
+                                step_losses, train_ranks, wait_all)
 
 pytestmark = pytest.mark.slow
 N = 4  # steps before the kill; the reference run trains 2N
@@ -34,7 +34,7 @@ def test_loss_falls_and_exact_resume_after_sigkill(cifar_tokens, tmp_path, stage
     assert last < first - 0.1, expected
 
     cut_args = run_overrides(cifar_tokens, cut, checkpoint__every=N, **common)
-    codes = train_ranks(cut_args, cut, env={FAULT_KILL_ENV: str(N)})
+    codes = train_ranks(cut_args, cut, program=killed_after_checkpoint(N))
     assert codes == [-signal.SIGKILL, -signal.SIGKILL], all_logs(cut)
     assert [p.name for p in ckpt.find_resumable(cut)] == [ckpt.tag_for(N)]
     assert max(step_losses(cut)) == N
