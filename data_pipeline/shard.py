@@ -30,6 +30,7 @@ from .progress import bar
 from .quantize import Quantizer
 from .sources import Item, find_images, read_item
 from .tario import tar_bytes
+from .token_shards import check_palette
 
 RECORDS_DIR = ".records"
 _STATE: dict = {}  # per worker process: quantizer, resolution, out dir, open tar fds
@@ -166,8 +167,9 @@ def shard_dataset(
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
         raise ValueError(f"{out} holds shards made with other settings ({settings_file}); use a new directory")
     write_json_atomic(settings, settings_file)
-    if (out / PALETTE_FILE).exists() and load_palette(out / PALETTE_FILE)[1] != sha:
-        raise ValueError(f"{out / PALETTE_FILE} is a different palette; use a new directory")
+    if (out / PALETTE_FILE).exists():
+        check_palette(load_palette(out / PALETTE_FILE)[1], sha, f"{out / PALETTE_FILE} is a different palette than "
+                      f"{palette_path}; use a new directory")
     copy_atomic(palette_path, out / PALETTE_FILE)
 
     plan = _plan(items, val_fraction, shard_size, seed)

@@ -11,7 +11,6 @@ import torch
 
 from data_pipeline.grid import chunk_rows, image_grid, save_png
 from data_pipeline.io import write_text_atomic
-from data_pipeline.palette import load_palette
 from evals.baselines import PIXEL_LAYER, RANDOM_INIT, RAW_PIXELS, pixel_features, random_init_cache
 from evals.config import EvalSearchConfig
 from evals.features import FeatureCache
@@ -92,7 +91,7 @@ class SampleOptions:
 def run_sample(run: EvalRun, opt: SampleOptions) -> dict[str, Any]:
     """Unconditional samples (samples.png) and bottom-half completions of real images (completions.png)."""
     data, model, sha = run.open()
-    palette, _ = load_palette(Path(data.path) / "palette.npy")
+    palette = data.palette
     device = pick_device(run.device)
     gen = torch.Generator(device=device).manual_seed(opt.seed)
     R = data.resolution

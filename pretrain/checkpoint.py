@@ -259,6 +259,8 @@ def preemption_signals(configured: str) -> tuple[signal.Signals, ...]:
 def signal_from_name(name: str) -> signal.Signals:
     """``USR1`` or ``SIGUSR1`` → signal.SIGUSR1; a ValueError naming the choices otherwise."""
     key = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
+    if key in ("SIGKILL", "SIGSTOP"):
+        raise ValueError(f"{name!r} cannot be caught, so it cannot ask for a checkpoint; e.g. USR1 or USR2")
     try:
         return signal.Signals[key]
     except KeyError:

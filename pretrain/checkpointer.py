@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from data_pipeline.token_shards import check_palette
 from pretrain import checkpoint as ckpt
 from pretrain.config import MODEL_DEFAULTS, TrainConfig, to_dict
 from pretrain.state import TrainState
@@ -72,9 +73,7 @@ class Checkpointer:
         """Load the planned checkpoint into ``engine``, ``state`` and ``stream`` after checking that it fits
         this run (palette, model); the data stream re-splits when the layout changed."""
         client = ckpt.load(engine, plan)
-        if client["palette_sha256"] != palette_sha256:
-            raise ValueError(f"checkpoint {plan.tag_dir} was trained with palette {client['palette_sha256']}, "
-                             f"the data uses {palette_sha256}")
+        check_palette(client["palette_sha256"], palette_sha256, f"checkpoint {plan.tag_dir} and the training data")
         changed = [k for k, default in MODEL_DEFAULTS.items() if client["config"]["model"].get(k, default) != getattr(self.cfg.model, k)]
         if changed:
             raise ValueError(f"checkpoint {plan.tag_dir} has a different model ({changed}); cannot resume")

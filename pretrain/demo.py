@@ -95,9 +95,9 @@ def _log(msg: str) -> None:
 def palette_stage(s: DemoSettings, work: Path) -> Path:
     """k-means 512 palette fitted on the source images (kept if present)."""
     from data_pipeline.fit import fit_palette_from_sources
-    from data_pipeline.palette import save_palette
+    from data_pipeline.palette import PALETTE_FILE, save_palette
 
-    path = work / "palette.npy"
+    path = work / PALETTE_FILE
     if path.is_file():
         _log(f"palette: reusing {path}")
         return path
@@ -149,10 +149,11 @@ def train_stage(s: DemoSettings, work: Path, data: Path, tracking_uri: str) -> P
     import torch
 
     from pretrain.config import load_config
+    from pretrain.release import WEIGHTS_FILE
 
     run_dir = work / "run"
     release = work / "release"
-    if (release / "model.safetensors").is_file():
+    if (release / WEIGHTS_FILE).is_file():
         _log(f"train: reusing {release}")
         return release
     overrides = [f"data.dir={data}", f"train.run_dir={run_dir}", f"logging.tracking_uri={tracking_uri}",

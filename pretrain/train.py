@@ -154,15 +154,10 @@ class Trainer:
 
     def _open_data(self) -> None:
         """The token shards' manifest and palette (checked against each other); the model section resolved."""
-        from data_pipeline.manifest import load_manifest
-        from data_pipeline.palette import load_palette
+        from data_pipeline.token_shards import TokenShards
 
-        data_dir = self.cfg.data.dir
-        self.manifest = load_manifest(data_dir)
-        self.palette, self.palette_sha256 = load_palette(Path(data_dir) / self.manifest["palette_file"])
-        if self.palette_sha256 != self.manifest["palette_sha256"]:
-            raise ValueError(f"palette beside {data_dir} has sha256 {self.palette_sha256}, the manifest says "
-                             f"{self.manifest['palette_sha256']}")
+        shards = TokenShards.open(self.cfg.data.dir)
+        self.manifest, self.palette, self.palette_sha256 = shards.manifest, shards.palette, shards.palette_sha256
         resolve_model_section(self.cfg, self.manifest)
         self.model_cfg = self.cfg.model
         with torch.device("meta"):  # shapes only: the counts without memory (ZeRO-3 partitions the real ones)

@@ -44,6 +44,8 @@ def test_overrides_win_over_the_yaml_and_types_are_converted():
     ("checkpoint.keep_last=0", "checkpoint.keep_last"),
     ("train.precision=fp16", "train.precision"),
     ("train.val_batches=0", "train.val_batches"),
+    ("checkpoint.preempt_signal=KILL", "checkpoint.preempt_signal"),
+    ("checkpoint.preempt_signal=BOGUS", "checkpoint.preempt_signal"),
     ("deepspeed.offload_param=cpu", "deepspeed.offload_param"),
 ])
 def test_bad_keys_and_values_are_errors_that_name_the_key(override, key):
