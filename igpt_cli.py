@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     prog = getattr(args, "command_prog", "igpt")
     if getattr(args, "progress", False):
         os.environ["IGPT_PROGRESS"] = "1"  # inherited by the stages' child processes
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not "Creating initial MLflow database tables..."
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -23,8 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_slurm(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("slurm", help="render an sbatch script (torchrun on every node) and submit it",
                        description="Train on N nodes: one task per node runs torchrun with a c10d rendezvous on "
-                                   "the first node. USR1 (the time limit is near) makes the training checkpoint; "
-                                   "the job then requeues itself and resumes with --resume auto.")
+                                   "the first node. The config's checkpoint.preempt_signal (default USR1, sent "
+                                   "when the time limit is near) or TERM (preemption) makes the training "
+                                   "checkpoint; the job then requeues itself and resumes with --resume auto.")
     p.add_argument("command", nargs="*", help="CONFIG.yaml [key=value …], or after -- an igpt subcommand")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU training")
@@ -39,7 +40,8 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--setup", default="", help="shell lines run first on the batch host (module load, venv …)")
     p.add_argument("--setup-file", type=Path, default=None, help="a file whose lines are the set-up hook")
     p.add_argument("--python", default=sys.executable, help="interpreter on the nodes (default: this one)")
-    p.add_argument("--signal-seconds", type=int, default=90, help="send USR1 this long before the time limit")
+    p.add_argument("--signal-seconds", type=int, default=90,
+                   help="send the config's checkpoint.preempt_signal (default USR1) this long before the time limit")
     p.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH option (repeatable)")
     p.add_argument("--srun-arg", action="append", default=[], help="extra srun option, e.g. --container-image=…")
     p.add_argument("--ray-cluster", action="store_true",
@@ -70,14 +72,16 @@ def _add_ray(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_ray)
 
 
-def _checked(command: list[str], launcher: str, resume: str | None = "auto") -> list[str]:
-    """``igpt_args`` of ``command``, validated here first (config loaded); warnings for paths not seen here."""
+def _checked(command: list[str], launcher: str, resume: str | None = "auto") -> tuple[list[str], dict | None]:
+    """``igpt_args`` of ``command``, validated here first, and its training config (None for eval/export);
+    warnings for paths not seen here."""
     from cluster.command import check_command, igpt_args
 
     argv = igpt_args(command, resume=resume)
-    for warning in check_command(argv):
+    checked = check_command(argv)
+    for warning in checked.warnings:
         print(f"igpt launch {launcher}: warning: {warning}", file=sys.stderr, flush=True)
-    return argv
+    return argv, checked.config
 
 
 def _run_slurm(args: argparse.Namespace) -> int:
@@ -87,16 +91,20 @@ def _run_slurm(args: argparse.Namespace) -> int:
     setup = args.setup
     if args.setup_file is not None:
         setup = args.setup_file.read_text() + "\n" + setup
+    preempt_signal = SlurmJob.preempt_signal
     if args.ray_cluster:
-        command = python_igpt(args.python, _checked(args.command, "slurm", resume=None)) if args.command else []
+        command = python_igpt(args.python, _checked(args.command, "slurm", resume=None)[0]) if args.command else []
     else:
-        command = python_igpt(args.python, _checked(args.command, "slurm"))
+        argv, cfg = _checked(args.command, "slurm")
+        command = python_igpt(args.python, argv)
+        if cfg is not None:
+            preempt_signal = cfg.checkpoint.preempt_signal
     job = SlurmJob(command=command, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                    procs_per_node=args.procs_per_node, cpus_per_task=args.cpus_per_task, mem=args.mem,
                    time=args.time, partition=args.partition, account=args.account, job_name=args.job_name,
-                   log_dir=args.log_dir, setup=setup, python=args.python, signal_seconds=args.signal_seconds,
-                   sbatch_args=args.sbatch_arg, srun_args=args.srun_arg, ray_cluster=args.ray_cluster,
-                   dashboard_port=args.dashboard_port)
+                   log_dir=args.log_dir, setup=setup, python=args.python, preempt_signal=preempt_signal,
+                   signal_seconds=args.signal_seconds, sbatch_args=args.sbatch_arg, srun_args=args.srun_arg,
+                   ray_cluster=args.ray_cluster, dashboard_port=args.dashboard_port)
     if args.dry_run:
         print(render_sbatch(job), end="")
         return 0

@@ -1,7 +1,12 @@
 """The `igpt` command line a cluster job runs, as an argv list."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the config module imports torch: only when a command is checked
+    from pretrain.config import TrainConfig
 
 # Runs the `igpt` console script's entry point with a given interpreter (no PATH lookup needed).
 IGPT_ENTRY = "import sys; from igpt_cli import main; sys.exit(main())"
@@ -33,11 +38,19 @@ PATH_OPTIONS = {"checkpoint": "--checkpoint", "data": "--data", "test_data": "--
                 "run_dir": "RUN_DIR"}
 
 
-def check_command(args: list[str]) -> list[str]:
+@dataclass
+class CheckedCommand:
+    """What ``check_command`` found: warnings about local paths, and a training command's resolved config."""
+
+    warnings: list[str]
+    config: "TrainConfig | None"  # None unless the command is `train`
+
+
+def check_command(args: list[str]) -> CheckedCommand:
     """Validate the igpt command line ``args`` (as ``igpt_args`` returns it) before a job is rendered or submitted.
 
     A bad option, a missing or invalid training config is an error (ValueError); inputs that do not exist
-    here only give warnings (returned), since the cluster's nodes may see paths this host does not.
+    here only give warnings, since the cluster's nodes may see paths this host does not.
     """
     from igpt_cli import all_parsers, build_parser
 
@@ -49,6 +62,7 @@ def check_command(args: list[str]) -> list[str]:
         p.error = refuse  # type: ignore[method-assign]  # argparse would print usage and exit
     ns = parser.parse_args(args)
     paths: dict[str, str] = {}
+    cfg = None
     if args[0] == "train":
         from pretrain.config import load_config
 
@@ -59,5 +73,6 @@ def check_command(args: list[str]) -> list[str]:
     for name, label in PATH_OPTIONS.items():
         if getattr(ns, name, None):
             paths[label] = getattr(ns, name)
-    return [f"{key} {value} does not exist on this host (fine if the cluster's nodes see it)"
-            for key, value in paths.items() if not Path(value).exists()]
+    warnings = [f"{key} {value} does not exist on this host (fine if the cluster's nodes see it)"
+                for key, value in paths.items() if not Path(value).exists()]
+    return CheckedCommand(warnings, cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -19,9 +20,11 @@ from pathlib import Path
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # The exit code that means "checkpointed after a signal, requeue me": the default of the training's
 # `checkpoint.preempt_exit_code` (tests/test_cluster_slurm.py checks that they agree). torchrun
-# reports any failed rank as 1, so each node's task turns "stopped non-zero after USR1" into this
-# code, which srun passes on to the batch script.
+# reports any failed rank as 1 (and exits 1 after forwarding a TERM), so each node's task turns
+# "stopped non-zero after the preemption signal or TERM" into this code, which srun passes on to the
+# batch script.
 REQUEUE_EXIT_CODE = 124
+_UNCATCHABLE = ("KILL", "STOP")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$|^UNLIMITED$|^INFINITE$")
 _FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -46,6 +49,7 @@ class SlurmJob:
     workdir: str = "."  # the job's working directory (relative paths in the command resolve here)
     setup: str = ""  # shell lines run before anything else (module load, venv, container)
     python: str = field(default_factory=lambda: sys.executable)
+    preempt_signal: str = "USR1"  # the training's `checkpoint.preempt_signal`, sent signal_seconds before the limit
     signal_seconds: int = 90
     requeue_exit_code: int = REQUEUE_EXIT_CODE
     sbatch_args: list[str] = field(default_factory=list)  # extra `#SBATCH` options, e.g. --qos=high
@@ -64,6 +68,16 @@ def render_template(template: str, values: dict[str, object]) -> str:
     return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), template)
 
 
+def signal_name(name: str) -> str:
+    """``usr2``, ``SIGUSR2`` → ``USR2`` (the form ``#SBATCH --signal`` and ``trap`` take); a ValueError for
+    an unknown signal or one that cannot be caught."""
+    key = name.strip().upper().removeprefix("SIG")
+    if "SIG" + key not in signal.Signals.__members__ or key in _UNCATCHABLE:
+        raise ValueError(f"preemption signal {name!r} (checkpoint.preempt_signal) is not a signal the job can catch; "
+                         "e.g. USR1, USR2")
+    return key
+
+
 def _check(job: SlurmJob) -> None:
     if job.nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {job.nodes}")
@@ -73,6 +87,8 @@ def _check(job: SlurmJob) -> None:
         raise ValueError(f"--procs-per-node must be >= 1, got {job.procs_per_node}")
     if not _TIME.match(job.time):
         raise ValueError(f"--time {job.time!r} is not a SLURM time (MM, HH:MM:SS, D-HH:MM:SS)")
+    if not 0 <= job.signal_seconds <= 65535:
+        raise ValueError(f"--signal-seconds must be in 0..65535, got {job.signal_seconds}")
     if not 1 <= job.requeue_exit_code <= 255:
         raise ValueError(f"requeue exit code must be in 1..255, got {job.requeue_exit_code}")
     for name in ("job_name", "log_dir", "workdir", "partition", "account", "mem"):
@@ -111,6 +127,9 @@ def render_sbatch(job: SlurmJob) -> str:
         values["ray_gpus"] = f"--num-gpus={job.gpus_per_node}" if job.gpus_per_node else ""
     else:
         name = "sbatch.sh.tmpl"
+        preempt = signal_name(job.preempt_signal)
+        values["preempt_signal"] = preempt
+        values["trapped_signals"] = " ".join(dict.fromkeys((preempt, "TERM")))
         values["signal_seconds"] = job.signal_seconds
         values["requeue_exit_code"] = job.requeue_exit_code
         values["procs_per_node"] = job.procs_per_node or max(job.gpus_per_node, 1)

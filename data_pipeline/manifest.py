@@ -34,8 +34,14 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
     return manifest
 
 
+class UnknownSplit(ValueError, KeyError):
+    """A split the manifest does not have (a ValueError for the CLI's one-line errors, a KeyError as before)."""
+
+    __str__ = ValueError.__str__  # the message as is, not quoted like a KeyError's
+
+
 def split_info(manifest: dict, split: str) -> dict:
     """The manifest entry of one split, with a clear error naming the splits that exist."""
     if split not in manifest["splits"]:
-        raise KeyError(f"split {split!r} not in the manifest (has {sorted(manifest['splits'])})")
+        raise UnknownSplit(f"split {split!r} not in the manifest (has {sorted(manifest['splits'])})")
     return manifest["splits"][split]

@@ -91,6 +91,8 @@ class SampleOptions:
 def run_sample(run: EvalRun, opt: SampleOptions) -> dict[str, Any]:
     """Unconditional samples (samples.png) and bottom-half completions of real images (completions.png)."""
     data, model, sha = run.open()
+    if opt.num_images > 0:
+        data.num_samples(opt.split)  # a bad split is refused before the MLflow run starts
     palette = data.palette
     device = pick_device(run.device)
     gen = torch.Generator(device=device).manual_seed(opt.seed)

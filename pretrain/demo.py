@@ -162,7 +162,7 @@ def train_stage(s: DemoSettings, work: Path, data: Path, tracking_uri: str) -> P
     cmd = [sys.executable, "-m", "pretrain.cli", "train", s.train_config, *overrides, "--resume", "auto"]
     log = run_dir / "train.log"
     _log(f"train: {cfg.train.steps} steps of {Path(s.train_config).name}; full log in {log}")
-    env = {**os.environ, "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING")}
+    env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise look for CUDA
     code = _relay(cmd, log, env, s.verbose)
@@ -288,7 +288,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     s = replace(s, verbose=args.verbose, **{k: v for k, v in given.items() if v is not None})
     if s.resolution < 1:
         raise ValueError(f"--resolution must be positive, got {s.resolution}")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO lines about creating the store
     try:
         summary = run_demo(s, DataOptions(cache=args.data_cache, url=args.data_url, md5=args.data_md5))
     except StageFailed as e:

@@ -62,6 +62,7 @@ CASES = [
     ("data shard", "data shard {images} --out {tokens} --palette {other} --resolution 4 --val-fraction 0.25",
      "other settings"),  # a palette that does not match the shards already there
     ("data inspect", "data inspect {missing}", "no manifest.json"),
+    ("data inspect", "data inspect {tokens} --split bogus", "split 'bogus' not in the manifest"),
     ("train", f"train {TINY} model.bogus=1", "config key 'model.bogus'"),
     ("train", f"train {TINY} train.steps=-3", "'train.steps' must be >= 1"),
     ("train", "train {missing}.yaml", "config file not found"),

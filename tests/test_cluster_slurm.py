@@ -67,6 +67,64 @@ def test_dry_run_renders_multinode_gpu_script(capsys, tmp_path):
     assert not (tmp_path / "logs").exists(), "--dry-run must not write or submit anything"
 
 
+def test_preempt_signal_follows_the_config(capsys, tmp_path):
+    """checkpoint.preempt_signal=USR2 (where NCCL catches USR1): SLURM sends USR2 before the limit, and the
+    node task traps USR2 and TERM; the default stays USR1."""
+    args = _parse(["launch", "slurm", "configs/cifar10-cpu-tiny.yaml", "checkpoint.preempt_signal=SIGUSR2",
+                   "--signal-seconds", "90", "--log-dir", str(tmp_path), "--dry-run"])
+    assert args.func(args) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --signal=USR2@90" in script and "USR1" not in script
+    assert 'PREEMPT_SIGNAL=USR2\nTRAPPED_SIGNALS="USR2 TERM"' in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+    assert "#SBATCH --signal=USR1@90" in render_sbatch(SlurmJob(command=["x"]))
+    assert 'TRAPPED_SIGNALS="TERM"' in render_sbatch(SlurmJob(command=["x"], preempt_signal="term"))
+
+
+def _node_task(script: str) -> str:
+    """The per-node task (a bash program run by srun) embedded in a rendered sbatch script."""
+    return script.split("<<'IGPT_NODE_TASK'\n", 1)[1].split("\nIGPT_NODE_TASK\n", 1)[0]
+
+
+# Stands in for torchrun: reports whether it started with USR2 ignored, exits 1 on TERM after a grace
+# period (as torchrun does once its workers stopped), or 1 when told to through the flag file.
+FAKE_TORCHRUN = """
+import os, signal, sys, time
+print("USR2 ignored" if signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN else "USR2 default", flush=True)
+signal.signal(signal.SIGTERM, lambda *_: (time.sleep(0.5), sys.exit(1)))
+open(sys.argv[1], "w").close()
+while os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("sig", ["USR2", "TERM", None])
+def test_node_task_maps_a_stop_after_the_signal_to_the_requeue_code(sig, tmp_path):
+    """Sent to the whole step like slurmstepd does, USR2 (configured) or TERM reaches the node task, which
+    outlives the stopping training and exits with the requeue code; without a signal the failure stays."""
+    script = render_sbatch(SlurmJob(command=["x"], preempt_signal="USR2"))
+    flag = tmp_path / "running"
+    env = dict(os.environ, REQUEUE_EXIT_CODE=str(REQUEUE_EXIT_CODE), PREEMPT_SIGNAL="USR2",
+               TRAPPED_SIGNALS="USR2 TERM", SLURM_NODEID="0")
+    proc = subprocess.Popen(["bash", "-c", _node_task(script), "igpt-node", sys.executable, "-c", FAKE_TORCHRUN,
+                             str(flag)], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not flag.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if sig is not None:
+        os.killpg(proc.pid, getattr(signal, "SIG" + sig))
+        time.sleep(0.3)
+    flag.unlink()
+    out, _ = proc.communicate(timeout=30)
+    assert out.startswith("USR2 ignored"), out
+    if sig is None:
+        assert proc.returncode == 1 and "stopped by" not in out, out
+    else:
+        assert proc.returncode == REQUEUE_EXIT_CODE, (proc.returncode, out)
+        assert f"node 0: training stopped by {sig} (exit 1)" in out, out
+
+
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="--nodes"):
         render_sbatch(SlurmJob(command=["x"], nodes=0))
@@ -74,6 +132,14 @@ def test_bad_input_is_named():
         render_sbatch(SlurmJob(command=["x"], time="tomorrow"))
     with pytest.raises(ValueError, match="partition"):
         render_sbatch(SlurmJob(command=["x"], partition="gpu a100"))
+    with pytest.raises(ValueError, match="--signal-seconds"):
+        render_sbatch(SlurmJob(command=["x"], signal_seconds=-1))
+    for bad in ("KILL", "BOGUS"):
+        with pytest.raises(ValueError, match=f"preemption signal '{bad}'"):
+            render_sbatch(SlurmJob(command=["x"], preempt_signal=bad))
+    args = _parse(["launch", "slurm", "configs/cifar10-cpu-tiny.yaml", "checkpoint.preempt_signal=BOGUS", "--dry-run"])
+    with pytest.raises(ValueError, match="checkpoint.preempt_signal"):
+        args.func(args)
     args = _parse(["launch", "slurm", "notaconfig", "--dry-run"])
     with pytest.raises(ValueError, match="neither a CONFIG.yaml"):
         args.func(args)
@@ -113,26 +179,25 @@ def _wait_for(pred, timeout: float, what: str, log: Path, cluster) -> None:
     raise TimeoutError(f"timed out waiting for {what}\n{log.read_text() if log.exists() else ''}\n{cluster.logs()}")
 
 
-@pytest.fixture(scope="module")
-def preempted_training(slurm, cifar_tokens, tmp_path_factory) -> dict:
+def _train_and_signal(slurm, cifar_tokens, tmp: Path, sig: str, name: str, overrides: list[str]) -> dict:
     """`igpt launch slurm --follow`: 2 nodes x 1 torchrun task train the tiny CPU config; once it logs
-    steps, `scancel --signal=USR1`. Returns what the tests below check."""
-    tmp = tmp_path_factory.mktemp("e2e")
+    steps, `scancel --signal=SIG` (to every process of the job's steps, as SLURM does). Returns what the
+    tests below check."""
     run_dir, logs = tmp / "run", tmp / "logs"
     launcher = subprocess.Popen(
         [sys.executable, "-c", IGPT_ENTRY, "launch", "slurm", str(REPO / "configs" / "cifar10-cpu-tiny.yaml"),
          f"data.dir={cifar_tokens}", f"train.run_dir={run_dir}", "train.steps=30", "train.log_every=2",
-         "train.val_every=1000", "train.sample_every=1000", "checkpoint.every=1000",
-         "--nodes", "2", "--cpus-per-task", "1", "--time", "20:00", "--job-name", "e2e",
+         "train.val_every=1000", "train.sample_every=1000", "checkpoint.every=1000", *overrides,
+         "--nodes", "2", "--cpus-per-task", "1", "--time", "20:00", "--job-name", name,
          "--log-dir", str(logs), "--follow"],
         cwd=REPO, env=slurm.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         job_id = launcher.stdout.readline().strip()
         assert job_id.isdigit(), job_id + launcher.stdout.read()
-        log, losses = logs / f"e2e-{job_id}.out", run_dir / "losses.jsonl"
+        log, losses = logs / f"{name}-{job_id}.out", run_dir / "losses.jsonl"
         _wait_for(lambda: losses.exists() and len(losses.read_text().splitlines()) >= 3, 300,
                   "the first run to log training steps", log, slurm)
-        slurm.cmd("scancel", "--signal=USR1", job_id)
+        slurm.cmd("scancel", f"--signal={sig}", job_id)
         follow_out, _ = launcher.communicate(timeout=600)
     finally:
         launcher.kill()
@@ -140,13 +205,18 @@ def preempted_training(slurm, cifar_tokens, tmp_path_factory) -> dict:
             "returncode": launcher.returncode, "info": slurm.job_info(job_id), "tmp": tmp}
 
 
-@pytest.mark.slow
-def test_two_node_training_checkpoints_requeues_on_usr1_and_resumes(preempted_training, slurm):
-    """USR1 makes the training checkpoint, the job requeues itself (its BeginTime hold released by
-    --follow) and finishes from that checkpoint; job id, run dir and MLflow run are linked."""
+@pytest.fixture(scope="module")
+def preempted_training(slurm, cifar_tokens, tmp_path_factory) -> dict:
+    """The configured preemption signal: checkpoint.preempt_signal=USR2 and `scancel --signal=USR2`."""
+    return _train_and_signal(slurm, cifar_tokens, tmp_path_factory.mktemp("e2e"), "USR2", "e2e",
+                             ["checkpoint.preempt_signal=USR2"])
+
+
+def _assert_requeued_and_resumed(r: dict, sig: str, slurm) -> None:
+    """The training checkpointed on ``sig`` within its steps, the job requeued itself once (its BeginTime hold
+    released by --follow) and finished from that checkpoint; job id, run dir and MLflow run are linked."""
     from mlflow.tracking import MlflowClient
 
-    r = preempted_training
     job_id, run_dir, text = r["job_id"], r["run_dir"], r["log"]
     assert r["returncode"] == 0, r["follow_out"] + text + slurm.logs()
     assert r["info"]["JobState"] == "COMPLETED" and r["info"]["Restarts"] == "1", r["info"]
@@ -157,13 +227,29 @@ def test_two_node_training_checkpoints_requeues_on_usr1_and_resumes(preempted_tr
     preempted = int(run.data.tags["preempted_at_step"])
     assert 0 < preempted < 30 and run.data.tags["slurm_job_id"] == job_id
     assert run.info.status == "FINISHED"
-    assert "2 rank(s)" in text and "preemption (SIGUSR1) – saving a checkpoint" in text
+    assert "2 rank(s)" in text and f"preemption (SIG{sig}) – saving a checkpoint" in text, text
+    assert f"training stopped by {sig}" in text, text
     assert f"step_{preempted:08d} at step {preempted}" in text, text  # the second run resumed from it
     assert "requeueing job" in text and f"job {job_id} restart 1" in text
     loss_steps = [int(m.step) for m in client.get_metric_history(run.info.run_id, "loss")]
     assert max(loss_steps) == 30 and min(loss_steps) <= preempted
     complete = json.loads((run_dir / "checkpoints" / "step_00000030" / "COMPLETE.json").read_text())
-    assert complete["world_size"] == 2, complete
+    assert complete["world_size"] == 2 and complete["step"] == 30, complete
+
+
+@pytest.mark.slow
+def test_two_node_training_checkpoints_requeues_on_the_configured_signal_and_resumes(preempted_training, slurm):
+    """USR2, configured as checkpoint.preempt_signal, is what SLURM's --signal sends before the time limit."""
+    _assert_requeued_and_resumed(preempted_training, "USR2", slurm)
+
+
+@pytest.mark.slow
+def test_two_node_training_survives_term_from_slurmctld(slurm, cifar_tokens, tmp_path):
+    """TERM (SLURM preemption, scancel) through the real slurmctld, with 2 DataLoader workers per rank: torchrun
+    forwards it and exits 1, the ranks checkpoint, the node tasks map the stop to the requeue code."""
+    r = _train_and_signal(slurm, cifar_tokens, tmp_path, "TERM", "term", ["data.num_workers=2"])
+    _assert_requeued_and_resumed(r, "TERM", slurm)
+    assert "Received 15 death signal, shutting down workers" in r["log"], r["log"]  # torchrun's own handler
 
 
 @pytest.mark.slow
@@ -185,7 +271,7 @@ def test_ray_cluster_inside_slurm_runs_a_probe_eval(preempted_training, slurm, c
              "--dashboard-port", str(dashboard_port), "--follow", "--",
              "eval", "probe", "--checkpoint", str(run_dir), "--data", str(cifar_tokens), "--out", str(tmp / "probe"),
              "--device", "cpu", "--limit", "200", "--layers", "mid", "--tracking-uri", store,
-             "--set", "probe.l2=[0.01]", "--set", "probe.max_iter=50"],
+             "--set", "probe.l2=[0.01]", "--set", "probe.max_iter=50", "--verbose"],  # Ray's INFO lines
             cwd=REPO, env=dict(slurm.env, RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled"),
             capture_output=True, text=True, timeout=600)
     finally:

@@ -4,9 +4,33 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 
 import pytest
 from PIL import Image
+
+from pretrain.demo import _relay
+
+FAKE_TRAINING = """
+for s in range(1, 801):
+    if s % 20 == 0:
+        print(f"step {s:>6}/800 | loss 1.0 | ETA 1s")
+    if s % 200 == 0:
+        print(f"checkpoint /run/checkpoints/step_{s:08d} (0.1 s)")
+print("done")
+"""
+
+
+def test_training_log_is_kept_whole_and_thinned_on_screen(tmp_path, capsys):
+    assert _relay([sys.executable, "-c", FAKE_TRAINING], tmp_path / "train.log", dict(os.environ), False) == 0
+    err = capsys.readouterr().err
+    assert [line.split("|")[0].split()[1] for line in err.splitlines() if line.startswith("step")] == \
+        [f"{s}/800" for s in range(100, 801, 100)]
+    assert "checkpoint" not in err and err.endswith("done\n")
+    assert len((tmp_path / "train.log").read_text().splitlines()) == 40 + 4 + 1
+    assert _relay([sys.executable, "-c", FAKE_TRAINING], tmp_path / "v.log", dict(os.environ), True) == 0
+    assert len(capsys.readouterr().err.splitlines()) == 45  # --verbose: every line
 
 
 @pytest.mark.slow
