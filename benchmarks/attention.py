@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data_pipeline.io import write_json_atomic  # noqa: E402
 from kernels import flash_attention  # noqa: E402
 from kernels.flash_attention import tuned_configs  # noqa: E402
 from kernels.reference import attention_reference  # noqa: E402
@@ -333,9 +334,7 @@ def ratio_table(results: dict, ours: str) -> list[str]:
 
 def write_json(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)
+    write_json_atomic(report, path)
 
 
 def main() -> None:

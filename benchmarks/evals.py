@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
 import platform
 import sys
 import time
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
+from data_pipeline.io import write_json_atomic
 from data_pipeline.palette import uniform9_palette
 from data_pipeline.quantize import Quantizer
 from evals.probe import fit_probe
@@ -164,9 +163,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    write_json_atomic(result, out)
     fe = result["feature_extraction"]
     print(f"device {result['device']} ({result['device_name']}), preset {args.preset}, layer {layer}")
     print(f"feature extraction: {fe['features_images_per_s']:.1f} images/s, "

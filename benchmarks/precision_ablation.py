@@ -30,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pretrain.config import TrainConfig  # noqa: E402
+
 CPU_ROWS = ["plain-fp32", "plain-bf16", "engine-fp32-sdpa", "engine-bf16-sdpa", "engine-bf16-module-sdpa",
             "engine-bf16-reference"]
 GPU_ROWS = ["plain-bf16", "engine-bf16-sdpa", "engine-bf16-module-sdpa", "engine-bf16-triton",
@@ -54,18 +56,17 @@ def row_overrides(args: argparse.Namespace, row: str, run_dir: Path) -> list[str
             f"checkpoint.keep_last={args.steps // args.eval_every + 1}", *args.overrides]
 
 
-def evaluate_state(state: dict, cfg: dict, data: str, device: str) -> float:
+def evaluate_state(state: dict, cfg: TrainConfig, data: str, device: str) -> float:
     """Val nats/token of fp32 ``state`` over the whole val split, in the evaluation numerics."""
     import torch
 
     from evals.inputs import EvalData
     from evals.nll import evaluate_nll
-    from pretrain.config import igpt_config
     from pretrain.model import IGPT
 
-    model = IGPT(igpt_config(cfg))
+    model = IGPT(cfg.model)
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    result = evaluate_nll(model, EvalData.open(data), cfg["data"]["val_split"], batch_size=64, device=device)
+    result = evaluate_nll(model, EvalData.open(data), cfg.data.val_split, batch_size=64, device=device)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -78,7 +79,7 @@ def plain_row(args: argparse.Namespace, row: str, run_dir: Path) -> dict:
 
     from data_pipeline.loader import TokenStream
     from data_pipeline.manifest import load_manifest
-    from pretrain.config import igpt_config, load_config
+    from pretrain.config import load_config
     from pretrain.model import IGPT
     from pretrain.precision import training_autocast
     from pretrain.schedule import lr_at
@@ -87,27 +88,27 @@ def plain_row(args: argparse.Namespace, row: str, run_dir: Path) -> dict:
     _, precision, _ = parse_row(row)
     cfg = load_config(args.config, row_overrides(args, row, run_dir))
     resolve_model_section(cfg, load_manifest(args.data))
-    t, o, dev = cfg["train"], cfg["optim"], args.device
-    _seed_everything(t["seed"])
-    model = IGPT(igpt_config(cfg)).to(dev)
-    adam = torch.optim.Adam(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-                            weight_decay=o["weight_decay"], fused=True)
-    _seed_everything(t["seed"])
-    stream = iter(TokenStream(args.data, cfg["data"]["train_split"], t["micro_batch_size"], num_workers=cfg["data"]["num_workers"],
-                              seed=cfg["data"]["seed"], shuffle_buffer=cfg["data"]["shuffle_buffer"], pin_memory=dev == "cuda"))
+    t, o, dev = cfg.train, cfg.optim, args.device
+    _seed_everything(t.seed)
+    model = IGPT(cfg.model).to(dev)
+    adam = torch.optim.Adam(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                            weight_decay=o.weight_decay, fused=True)
+    _seed_everything(t.seed)
+    stream = iter(TokenStream(args.data, cfg.data.train_split, t.micro_batch_size, num_workers=cfg.data.num_workers,
+                              seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=dev == "cuda"))
     curve, t0 = {}, time.perf_counter()
-    for step in range(t["steps"]):
+    for step in range(t.steps):
         for group in adam.param_groups:
-            group["lr"] = lr_at(step, lr=o["lr"], warmup_steps=o["warmup_steps"], total_steps=t["steps"], min_lr=o["min_lr"])
-        for _ in range(t["grad_accum"]):
+            group["lr"] = lr_at(step, lr=o.lr, warmup_steps=o.warmup_steps, total_steps=t.steps, min_lr=o.min_lr)
+        for _ in range(t.grad_accum):
             tokens = next(stream)["tokens"].to(dev, non_blocking=True)
             with training_autocast(precision, dev):
-                loss = model.loss(tokens) / t["grad_accum"]
+                loss = model.loss(tokens) / t.grad_accum
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"], foreach=True)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip, foreach=True)
         adam.step()
         adam.zero_grad(set_to_none=True)
-        if (step + 1) % args.eval_every == 0 or step + 1 == t["steps"]:
+        if (step + 1) % args.eval_every == 0 or step + 1 == t.steps:
             seconds = time.perf_counter() - t0
             curve[step + 1] = evaluate_state(model.state_dict(), cfg, args.data, dev)
             t0 = time.perf_counter() - seconds
@@ -134,7 +135,7 @@ def engine_row(args: argparse.Namespace, row: str, run_dir: Path) -> dict:
         step = int(ckpt.TAG_RE.match(tag.name).group(1))
         curve[step] = evaluate_state(consolidated_state_dict(tag), cfg, args.data, args.device)
     metrics = [json.loads(line) for line in (run_dir / "tracking" / "metrics.jsonl").read_text().splitlines()]
-    own = next(m["val_loss"] for m in reversed(metrics) if "val_loss" in m)
+    own = next(m.val_loss for m in reversed(metrics) if "val_loss" in m)
     return {"val_nll": curve, "training_val_loss": own, "process_s": seconds}
 
 
@@ -186,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, row_overrides(args, "plain-fp32", args.out / "x"))
     resolve_model_section(cfg, load_manifest(args.data))
-    m, t = cfg["model"], cfg["train"]
-    results = {"device": args.device, "steps": args.steps, "seed": t["seed"], "config": args.config,
+    m, t = cfg.model, cfg.train
+    results = {"device": args.device, "steps": args.steps, "seed": t.seed, "config": args.config,
                "overrides": args.overrides, "shape": f"{m['n_layer']}x{m['n_embd']} ({m['n_head']} heads), ctx {m['n_ctx']}",
-               "tokens_per_step": t["micro_batch_size"] * t["grad_accum"] * m["n_ctx"], "torch": torch.__version__,
+               "tokens_per_step": t.micro_batch_size * t.grad_accum * m.n_ctx, "torch": torch.__version__,
                "rows": {}}
     stem = args.results or REPO / "benchmarks" / "results" / f"precision_ablation_{args.device}.json"
     for row in args.rows or (GPU_ROWS if args.device == "cuda" else CPU_ROWS):

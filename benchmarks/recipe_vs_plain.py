@@ -29,6 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from data_pipeline.io import write_json_atomic  # noqa: E402
+from pretrain.config import TrainConfig  # noqa: E402
+
 DEFAULT_REFERENCE = REPO.parent / "shared" / "reference" / "plain_igpt.py"
 
 
@@ -61,7 +64,7 @@ def our_throughput(run_dir: Path, tokens_per_step: int, log_every: int) -> dict[
             "mfu_last_window": next(r["mfu"] for r in reversed(rows) if "mfu" in r)}
 
 
-def run_ours(args: argparse.Namespace, cfg: dict, steps: int, out: Path, env: dict[str, str]) -> dict:
+def run_ours(args: argparse.Namespace, cfg: TrainConfig, steps: int, out: Path, env: dict[str, str]) -> dict:
     from pretrain.release import load_model
     from evals.score import score_model
 
@@ -72,9 +75,9 @@ def run_ours(args: argparse.Namespace, cfg: dict, steps: int, out: Path, env: di
                  *args.overrides]
     _run([sys.executable, "-m", "pretrain.cli", "train", args.config, *overrides], out / "ours.log", env)
     _run([sys.executable, "-m", "pretrain.cli", "export", str(run_dir), "--out", str(release)], out / "ours.log", env)
-    t = cfg["train"]
-    tokens_per_step = t["micro_batch_size"] * t["grad_accum"] * cfg["model"]["n_ctx"]
-    result = our_throughput(run_dir, tokens_per_step, t["log_every"])
+    t = cfg.train
+    tokens_per_step = t.micro_batch_size * t.grad_accum * cfg.model.n_ctx
+    result = our_throughput(run_dir, tokens_per_step, t.log_every)
     model, _, sha = load_model(release)
     result.update(score_model(model, sha, args.data, layers=range(model.cfg.n_layer + 1), device=args.device,
                               l2_grid=args.l2))
@@ -83,11 +86,11 @@ def run_ours(args: argparse.Namespace, cfg: dict, steps: int, out: Path, env: di
     return result
 
 
-def run_reference(args: argparse.Namespace, cfg: dict, out: Path, env: dict[str, str]) -> dict:
-    m, t = cfg["model"], cfg["train"]
-    cmd = [sys.executable, str(args.reference), args.data, "--tokens", str(args.tokens), "--layers", str(m["n_layer"]),
-           "--width", str(m["n_embd"]), "--heads", str(m["n_head"]), "--batch", str(t["micro_batch_size"] * t["grad_accum"]),
-           "--lr", str(cfg["optim"]["lr"]), "--warmup", str(cfg["optim"]["warmup_steps"]), "--device", args.device,
+def run_reference(args: argparse.Namespace, cfg: TrainConfig, out: Path, env: dict[str, str]) -> dict:
+    m, t = cfg.model, cfg.train
+    cmd = [sys.executable, str(args.reference), args.data, "--tokens", str(args.tokens), "--layers", str(m.n_layer),
+           "--width", str(m.n_embd), "--heads", str(m.n_head), "--batch", str(t.micro_batch_size * t.grad_accum),
+           "--lr", str(cfg.optim.lr), "--warmup", str(cfg.optim.warmup_steps), "--device", args.device,
            "--out", str(out / "plain.json")]
     if args.reference_compile:
         cmd.append("--compile")
@@ -125,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args.config, [f"data.dir={args.data}", f"train.device={args.device}", *args.overrides])
     resolve_model_section(cfg, load_manifest(args.data))
-    t = cfg["train"]
-    steps = max(1, int(args.tokens // (t["micro_batch_size"] * t["grad_accum"] * cfg["model"]["n_ctx"])))
+    t = cfg.train
+    steps = max(1, int(args.tokens // (t.micro_batch_size * t.grad_accum * cfg.model.n_ctx)))
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # each side is a plain single process
     results: dict = {"device": args.device, "tokens": args.tokens, "steps": steps, "config": args.config,
-                     "overrides": args.overrides, "shape": {k: cfg["model"][k] for k in ("n_layer", "n_embd", "n_head", "n_ctx")},
-                     "precision": t["precision"], "zero_stage": cfg["deepspeed"]["zero_stage"]}
+                     "overrides": args.overrides, "shape": {k: getattr(cfg.model, k) for k in ("n_layer", "n_embd", "n_head", "n_ctx")},
+                     "precision": t.precision, "zero_stage": cfg.deepspeed.zero_stage}
     results["ours"] = run_ours(args, cfg, steps, args.out, env)
     if not args.skip_reference:
         ref_args = argparse.Namespace(**{**vars(args), "tokens": args.reference_tokens or args.tokens})
@@ -144,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     path = args.json or args.out / "recipe_vs_plain.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(results, path)
     print(f"wrote {path}")
     return 0
 

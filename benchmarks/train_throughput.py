@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data_pipeline.io import write_json_atomic  # noqa: E402
 from pretrain.model import IGPT  # noqa: E402
 from pretrain.presets import model_config  # noqa: E402
 from pretrain.tracking import device_label, peak_flops  # noqa: E402
@@ -98,14 +98,14 @@ def our_step(data: str, preset: str, batch: int, device: str, backend: str, comp
         records = StepRecords(device)
 
         def step() -> None:
-            records.push(trainer.step, 1e-4, trainer.train_step(batches, 1e-4))
+            records.push(trainer.state.step, 1e-4, trainer.train_step(batches, 1e-4))
             records.pop()
 
         try:
             return _time(step, device, warmup, steps)
         finally:
             trainer.tracker.close("FINISHED")
-            trainer.preempt.restore()
+            trainer.checkpointer.close()
             trainer.engine.destroy()
 
 
@@ -172,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"MFU {100 * r['mfu']:.2f}%{ratio}, warm-up {r['warmup_s']:.1f} s", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out)
+    write_json_atomic(results, out)
     print(f"wrote {out}")
     return 0
 

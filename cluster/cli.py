@@ -98,7 +98,7 @@ def _run_slurm(args: argparse.Namespace) -> int:
         argv, cfg = _checked(args.command, "slurm")
         command = python_igpt(args.python, argv)
         if cfg is not None:
-            preempt_signal = cfg["checkpoint"]["preempt_signal"]
+            preempt_signal = cfg.checkpoint.preempt_signal
     job = SlurmJob(command=command, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                    procs_per_node=args.procs_per_node, cpus_per_task=args.cpus_per_task, mem=args.mem,
                    time=args.time, partition=args.partition, account=args.account, job_name=args.job_name,

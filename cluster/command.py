@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the config module imports torch: only when a command is checked
+    from pretrain.config import TrainConfig
 
 # Runs the `igpt` console script's entry point with a given interpreter (no PATH lookup needed).
 IGPT_ENTRY = "import sys; from igpt_cli import main; sys.exit(main())"
@@ -40,7 +43,7 @@ class CheckedCommand:
     """What ``check_command`` found: warnings about local paths, and a training command's resolved config."""
 
     warnings: list[str]
-    config: dict[str, Any] | None  # None unless the command is `train`
+    config: "TrainConfig | None"  # None unless the command is `train`
 
 
 def check_command(args: list[str]) -> CheckedCommand:
@@ -64,7 +67,7 @@ def check_command(args: list[str]) -> CheckedCommand:
         from pretrain.config import load_config
 
         cfg = load_config(ns.config, ns.overrides)
-        paths["data.dir"] = cfg["data"]["dir"]
+        paths["data.dir"] = cfg.data.dir
         if ns.resume not in (None, "auto"):
             paths["--resume"] = ns.resume
     for name, label in PATH_OPTIONS.items():

@@ -13,7 +13,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,13 +138,12 @@ def render_sbatch(job: SlurmJob) -> str:
 
 def _write_script(script: str, log_dir: str, job_name: str) -> Path:
     """Keep the rendered script beside the logs (temp name, then rename)."""
+    from data_pipeline.io import write_text_atomic
+
     directory = Path(log_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{job_name}-", suffix=".sh", dir=directory)
-    with os.fdopen(fd, "w") as f:
-        f.write(script)
     path = directory / f"{job_name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.sbatch.sh"
-    os.replace(tmp, path)
+    write_text_atomic(script, path)
     return path
 
 

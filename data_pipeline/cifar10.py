@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from .manifest import write_json_atomic
+from .io import write_bytes_atomic, write_json_atomic
 from .progress import bar
 from .tario import tar_bytes
 
@@ -173,9 +173,7 @@ def convert(archive: Path, out_dir: Path, log: Log, per_tar: int = PER_TAR) -> d
         for index in range(-(-n // per_tar)):
             chunk = list(itertools.islice(samples, per_tar))
             name = f"cifar10-train-{index:06d}.tar"
-            tmp = out_dir / f".{name}.tmp{os.getpid()}"
-            tmp.write_bytes(tar_bytes(m for pair in chunk for m in pair))
-            os.replace(tmp, out_dir / name)
+            write_bytes_atomic(tar_bytes(m for pair in chunk for m in pair), out_dir / name)
             files.append(name)
             b.update(len(chunk))
     marker = {"images": n, "class_names": names, "files": files, "archive_md5": file_md5(archive)}

@@ -1,11 +1,12 @@
 """Tiling uint8 RGB images into one grid, and writing it as a PNG (the data, training and eval stages' pictures)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .io import atomic_path
 
 
 def image_grid(rows: list[list[np.ndarray]], scale: int = 1, pad: int = 2, background: int = 255) -> np.ndarray:
@@ -32,8 +33,6 @@ def chunk_rows(images: np.ndarray, ncols: int) -> list[list[np.ndarray]]:
 
 def save_png(array: np.ndarray, path: str | Path) -> str:
     """Write an RGB array as PNG via a temporary name."""
-    path = str(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+    return str(path)

@@ -10,7 +10,7 @@ from PIL import Image
 from .grid import chunk_rows, image_grid
 from .loader import read_shard
 from .manifest import load_manifest, split_info
-from .palette import load_palette
+from .token_shards import TokenShards
 from .quantize import dequantize
 
 
@@ -39,12 +39,9 @@ def summary(manifest: dict) -> str:
 
 def sample_grid(data_dir: str | Path, split: str = "train", count: int = 64, scale: int | None = None) -> Image.Image:
     """The first ``count`` samples of a split, dequantised with the directory's palette, in a square grid."""
-    data_dir = Path(data_dir)
-    manifest = load_manifest(data_dir)
-    palette, sha = load_palette(data_dir / manifest["palette_file"])
-    if sha != manifest["palette_sha256"]:
-        raise ValueError(f"{data_dir / manifest['palette_file']} does not match the manifest's palette sha256")
-    r = manifest["resolution"]
+    shards = TokenShards.open(data_dir)
+    data_dir, manifest, palette = shards.path, shards.manifest, shards.palette
+    r = shards.resolution
     tokens = []
     for shard in split_info(manifest, split)["shards"]:
         for t, _ in read_shard(str(data_dir / shard["file"]), r):

@@ -20,19 +20,6 @@ REQUIRED_KEYS = (
 )
 
 
-def write_text_atomic(text: str, path: str | os.PathLike) -> None:
-    """Write ``text`` to a temporary name in the same directory, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj: object, path: str | os.PathLike) -> None:
-    """Write JSON (indent 1, final newline) atomically, like ``write_text_atomic``."""
-    write_text_atomic(json.dumps(obj, indent=1) + "\n", path)
-
-
 def load_manifest(data_dir: str | os.PathLike) -> dict:
     """Read and check ``DATA_DIR/manifest.json``; shard paths stay relative to ``data_dir``."""
     path = Path(data_dir) / MANIFEST_FILE

@@ -5,13 +5,13 @@ sha256 of the file bytes. Token i means "the colour palette[i]".
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .io import atomic_path, file_sha256
 from .progress import bar
 
 PALETTE_FILE = "palette.npy"
@@ -22,15 +22,6 @@ def uniform9_palette() -> np.ndarray:
     levels = np.round(np.arange(8) * 255.0 / 7.0).astype(np.uint8)
     r, g, b = np.meshgrid(levels, levels, levels, indexing="ij")
     return np.stack([r.ravel(), g.ravel(), b.ravel()], axis=1)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_palette(palette: np.ndarray) -> np.ndarray:
@@ -47,10 +38,8 @@ def save_palette(palette: np.ndarray, path: str | os.PathLike) -> str:
     palette = _check_palette(palette)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, palette, allow_pickle=False)
-    os.replace(tmp, path)
     return file_sha256(path)
 
 

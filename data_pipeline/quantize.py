@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import atomic_path
 from .palette import _check_palette, load_palette
 from .progress import bar
 
@@ -109,13 +110,11 @@ def _load_or_build_lut(palette: np.ndarray, cache: Path | None, progress: bool =
             pass  # unreadable cache: rebuild below
     lut = build_lut(palette, progress)
     if cache is not None:
-        tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
         try:
-            with open(tmp, "wb") as f:
+            with atomic_path(cache) as tmp, open(tmp, "wb") as f:
                 np.save(f, lut, allow_pickle=False)
-            os.replace(tmp, cache)
         except OSError:  # read-only location: keep the in-memory table
-            tmp.unlink(missing_ok=True)
+            pass
     return lut
 
 

@@ -15,7 +15,6 @@ import io
 import json
 import multiprocessing as mp
 import os
-import shutil
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -24,12 +23,14 @@ import numpy as np
 from tqdm import tqdm
 
 from .decode import SkipImage, decode_image
-from .manifest import FORMAT_VERSION, MANIFEST_FILE, write_json_atomic
+from .io import copy_atomic, write_bytes_atomic, write_json_atomic
+from .manifest import FORMAT_VERSION, MANIFEST_FILE
 from .palette import PALETTE_FILE, load_palette
 from .progress import bar
 from .quantize import Quantizer
 from .sources import Item, find_images, read_item
 from .tario import tar_bytes
+from .token_shards import check_palette
 
 RECORDS_DIR = ".records"
 _STATE: dict = {}  # per worker process: quantizer, resolution, out dir, open tar fds
@@ -92,9 +93,7 @@ def _write_shard(task: tuple[str, list[tuple[str, Item]]]) -> dict:
         "skipped": skipped,
     }
     if kept:
-        tmp = out_dir / f".{name}.tar.tmp{os.getpid()}"
-        tmp.write_bytes(tar_bytes(members))
-        os.replace(tmp, out_dir / f"{name}.tar")
+        write_bytes_atomic(tar_bytes(members), out_dir / f"{name}.tar")
     write_json_atomic(record, out_dir / RECORDS_DIR / f"{name}.json")
     return record
 
@@ -168,10 +167,10 @@ def shard_dataset(
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
         raise ValueError(f"{out} holds shards made with other settings ({settings_file}); use a new directory")
     write_json_atomic(settings, settings_file)
-    if (out / PALETTE_FILE).exists() and load_palette(out / PALETTE_FILE)[1] != sha:
-        raise ValueError(f"{out / PALETTE_FILE} is a different palette; use a new directory")
-    shutil.copyfile(palette_path, out / ".palette.tmp")
-    os.replace(out / ".palette.tmp", out / PALETTE_FILE)
+    if (out / PALETTE_FILE).exists():
+        check_palette(load_palette(out / PALETTE_FILE)[1], sha, f"{out / PALETTE_FILE} is a different palette than "
+                      f"{palette_path}; use a new directory")
+    copy_atomic(palette_path, out / PALETTE_FILE)
 
     plan = _plan(items, val_fraction, shard_size, seed)
     todo = [task for tasks in plan.values() for task in tasks if not (out / RECORDS_DIR / f"{task[0]}.json").exists()]

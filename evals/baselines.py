@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.palette import load_palette
 from data_pipeline.quantize import dequantize
 from evals.features import FeatureCache, checkpoint_identity
 from evals.inputs import EvalData
@@ -27,7 +26,7 @@ def pixel_features(
     data: EvalData, split: str, *, batch_size: int = 256, limit: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Dequantised RGB of a labelled split: features (N, R*R*3) float32 in [0, 1] and labels (N,)."""
-    palette, _ = load_palette(Path(data.path) / "palette.npy")
+    palette = data.palette
     xs, ys = [], []
     for batch in data.batches(split, batch_size, labels=True, limit=limit):
         rgb = dequantize(batch["tokens"].numpy(), palette)

@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 from data_pipeline.grid import chunk_rows, image_grid, save_png
-from data_pipeline.manifest import write_text_atomic
-from data_pipeline.palette import load_palette
+from data_pipeline.io import write_text_atomic
 from evals.baselines import PIXEL_LAYER, RANDOM_INIT, RAW_PIXELS, pixel_features, random_init_cache
 from evals.config import EvalSearchConfig
 from evals.features import FeatureCache
@@ -94,7 +93,7 @@ def run_sample(run: EvalRun, opt: SampleOptions) -> dict[str, Any]:
     data, model, sha = run.open()
     if opt.num_images > 0:
         data.num_samples(opt.split)  # a bad split is refused before the MLflow run starts
-    palette, _ = load_palette(Path(data.path) / "palette.npy")
+    palette = data.palette
     device = pick_device(run.device)
     gen = torch.Generator(device=device).manual_seed(opt.seed)
     R = data.resolution

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 
 class SearchConfigError(ValueError):
@@ -56,18 +54,7 @@ class EvalSearchConfig:
 
 
 def load_search_config(path: str | None = None, overrides: list[str] | None = None) -> EvalSearchConfig:
-    """Defaults ← YAML file ← ``key=value`` overrides; unknown keys are errors."""
-    bad = [o for o in overrides or [] if "=" not in o]
-    if bad:
-        raise SearchConfigError(f"search overrides must be key=value, got {bad}")
-    try:
-        cfg = OmegaConf.structured(EvalSearchConfig)
-        if path:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-        return OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        msg = str(getattr(e, "msg", None) or e).splitlines()[0]
-        raise SearchConfigError(f"search config key {key!r}: {msg}" if key else f"search config: {msg}") from e
+    """Defaults ← YAML file ← ``key=value`` overrides; unknown keys are errors (``pretrain.config.load_structured``)."""
+    from pretrain.config import load_structured
+
+    return load_structured(EvalSearchConfig, path, overrides or [], error=SearchConfigError, label="search config")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from data_pipeline.io import atomic_path
 from evals.inputs import EvalData, check_layers
 from pretrain.model import IGPT
 from pretrain.precision import eval_autocast
@@ -39,9 +39,8 @@ def data_identity(data: EvalData, split: str) -> str:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.save(tmp, array)
 
 
 @torch.no_grad()

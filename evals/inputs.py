@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import torch
 
 from data_pipeline.loader import iterate_split
-from data_pipeline.manifest import load_manifest
+from data_pipeline.token_shards import TokenShards, check_palette
 from data_pipeline.progress import bar
 from pretrain.model import IGPT
 from pretrain.release import load_model
@@ -25,20 +25,9 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-@dataclass
-class EvalData:
-    """A token-shard directory and its manifest."""
-
-    path: Path
-    manifest: dict[str, Any]
-
-    @classmethod
-    def open(cls, path: str | Path) -> "EvalData":
-        return cls(Path(path), load_manifest(path))
-
-    @property
-    def resolution(self) -> int:
-        return int(self.manifest["resolution"])
+@dataclass(frozen=True)
+class EvalData(TokenShards):
+    """A token-shard directory (``TokenShards``: manifest, checked palette) and what the evals read of it."""
 
     @property
     def class_names(self) -> list[str] | None:
@@ -117,12 +106,8 @@ def load_checked(checkpoint: str | Path, data: EvalData) -> tuple[IGPT, dict[str
 
 def check_compatible(model: IGPT, palette_sha: str, data: EvalData, checkpoint: str | Path = "checkpoint") -> None:
     """Palette sha256, vocabulary and context length of the model against the shards' manifest."""
-    shard_sha = data.manifest.get("palette_sha256")
-    if palette_sha != shard_sha:
-        raise EvalInputError(
-            f"palette mismatch: checkpoint {checkpoint} was trained with palette sha256 {palette_sha}, "
-            f"but the shards in {data.path} use {shard_sha}"
-        )
+    check_palette(palette_sha, data.palette_sha256, f"checkpoint {checkpoint} against the shards in {data.path}",
+                  error=EvalInputError)
     cfg = model.cfg
     vocab = data.manifest.get("vocab_size")
     if vocab is not None and vocab > cfg.vocab_size:

@@ -1,7 +1,6 @@
 """PNG figures for eval reports: probe accuracy per layer and a confusion matrix."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -10,14 +9,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from data_pipeline.io import atomic_path  # noqa: E402
+
 
 def _save(fig: "plt.Figure", path: str | Path) -> str:
-    path = str(path)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return str(path)
 
 
 def plot_layer_accuracy(per_layer: dict[int, dict[str, float]], path: str | Path, eval_split: str,

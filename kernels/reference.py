@@ -1,4 +1,5 @@
-"""Plain-PyTorch attention: the numerical reference for the Triton kernel and the model's `reference` backend."""
+"""Plain-PyTorch attention: the numerical reference for the Triton kernel and the model's ``reference`` backend
+(``pretrain.attention``), the one plain implementation of the project."""
 from __future__ import annotations
 
 import math
@@ -6,8 +7,10 @@ import math
 import torch
 
 
-def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
-    """Raise ValueError unless q, k, v are (B, H, S, D) tensors that attention can take."""
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                           fewer_queries: bool = False) -> None:
+    """Raise ValueError unless q, k, v are (B, H, S, D) tensors that attention can take; with
+    ``fewer_queries``, causal attention may have fewer queries than keys (the last positions)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"attention expects (batch, heads, seq, head_dim) tensors; {name} has shape {tuple(t.shape)}")
@@ -17,7 +20,7 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
         raise ValueError(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head_dim"
         )
-    if causal and q.shape[2] != k.shape[2]:
+    if causal and q.shape[2] != k.shape[2] and not (fewer_queries and q.shape[2] < k.shape[2]):
         raise ValueError(
             f"causal attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]} "
             "(for KV-cache decoding of the newest token use causal=False)"
@@ -36,15 +39,16 @@ def attention_reference(
     """softmax(q kᵀ · sm_scale, causal mask) v, computed in float32 (float64 for float64 inputs).
 
     Same convention as torch SDPA: (B, H, S, D) tensors, sm_scale defaults to 1/sqrt(D), the causal
-    mask lets query i see keys 0..i. Returns a tensor in q's dtype.
+    mask lets query i see keys 0..i. With fewer queries than keys (KV-cache decoding) the queries are
+    the last positions. Returns a tensor in q's dtype.
     """
-    check_attention_inputs(q, k, v, causal)
+    check_attention_inputs(q, k, v, causal, fewer_queries=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * scale
     if causal:
-        s = q.shape[2]
-        keep = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        sq, sk = q.shape[2], k.shape[2]
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
         scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, v.to(compute)).to(q.dtype)

@@ -27,7 +27,6 @@ to the whole process group reaches the ranks without killing their loaders.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.manifest import write_json_atomic
+from data_pipeline.io import atomic_dir, file_sha256, write_json_atomic
 
 MARKER = "COMPLETE.json"
 TAG_RE = re.compile(r"^step_(\d{8,})$")
@@ -90,19 +89,11 @@ def _barrier() -> None:
 
 
 # ---------------------------------------------------------------- completeness marker
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_marker(tag_dir: Path, info: dict[str, Any]) -> None:
     """Record every file of ``tag_dir`` (size, sha256) in COMPLETE.json, written last and atomically."""
     files = {}
     for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MARKER):
-        files[str(path.relative_to(tag_dir))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        files[str(path.relative_to(tag_dir))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     write_json_atomic({**info, "files": files}, tag_dir / MARKER)
 
 
@@ -121,7 +112,7 @@ def verify(tag_dir: Path, check_sha256: bool = True) -> dict[str, Any]:
             raise ValueError(f"{tag_dir} is corrupt: {rel} is missing")
         if path.stat().st_size != meta["size"]:
             raise ValueError(f"{tag_dir} is corrupt: {rel} has {path.stat().st_size} bytes, expected {meta['size']}")
-        if check_sha256 and _sha256(path) != meta["sha256"]:
+        if check_sha256 and file_sha256(path) != meta["sha256"]:
             raise ValueError(f"{tag_dir} is corrupt: sha256 of {rel} does not match the marker")
     return info
 
@@ -224,23 +215,17 @@ def convert_to_universal(tag_dir: Path) -> Path:
     import argparse
     import contextlib
     import io
-    import tempfile
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     for stale in [out, *tag_dir.glob(f".{UNIVERSAL}.*")]:  # left by a conversion that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=tag_dir, prefix=f".{UNIVERSAL}."))
-    try:
+    with atomic_dir(out) as tmp:
         args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
                                   num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
         with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter
             ds_to_universal(args)
         write_marker(tmp, {"source": tag_dir.name})
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -274,6 +259,8 @@ def preemption_signals(configured: str) -> tuple[signal.Signals, ...]:
 def signal_from_name(name: str) -> signal.Signals:
     """``USR1`` or ``SIGUSR1`` → signal.SIGUSR1; a ValueError naming the choices otherwise."""
     key = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
+    if key in ("SIGKILL", "SIGSTOP"):
+        raise ValueError(f"{name!r} cannot be caught, so it cannot ask for a checkpoint; e.g. USR1 or USR2")
     try:
         return signal.Signals[key]
     except KeyError:

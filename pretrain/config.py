@@ -1,43 +1,41 @@
-"""The training configuration: dataclasses are the schema, YAML files in ``configs/`` the presets.
+"""The training configuration: typed dataclasses are the schema, YAML files in ``configs/`` the presets.
 
-``load_config("configs/cifar10-cpu-tiny.yaml", ["optim.lr=1e-3", "train.steps=100"])`` merges the
-schema defaults, the YAML preset and the ``key=value`` overrides (last wins) with OmegaConf's
-structured merge, so an unknown key or a value of the wrong type is an error that names the key.
-The resolved config is a plain nested dict (``to_dict``) saved as ``config.yaml`` in the run dir.
+``load_config("configs/cifar10-cpu-tiny.yaml", ["optim.lr=1e-3", "train.steps=100"])`` merges, last
+wins: the schema defaults, the model preset that ``model.preset`` names (``pretrain.presets``), the
+YAML file and the ``key=value`` overrides, with OmegaConf's structured merge, and returns a typed
+``TrainConfig``. An unknown key, a value of the wrong type or outside its ``Literal`` choices is a
+``ConfigError`` that names the key. ``save_config`` writes the resolved config as ``config.yaml``;
+loading it gives an equal ``TrainConfig``. ``load_structured`` is the same merge for any schema
+(the evals' search config uses it too).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Sequence, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data_pipeline.io import write_text_atomic
 from pretrain.checkpoint import signal_from_name
 from pretrain.model import IGPTConfig
-from pretrain.precision import PRECISIONS
-from pretrain.presets import model_config
+from pretrain.precision import Precision
+from pretrain.presets import MODEL_PRESETS
 
 
 @dataclass
-class ModelSection:
-    """The model: a preset of ``pretrain.presets.MODEL_PRESETS`` and optional per-field overrides.
+class ModelSection(IGPTConfig):
+    """The model: ``pretrain.model.IGPTConfig``'s fields, starting from the preset ``preset`` names."""
 
-    ``n_ctx`` defaults to resolution² and ``vocab_size`` to the palette size of the token shards; other ``None`` fields keep the preset's value."""
-
-    preset: str = "igpt-tiny"
-    n_layer: Optional[int] = None
-    n_head: Optional[int] = None
-    n_embd: Optional[int] = None
     n_ctx: Optional[int] = None
+    """Context; null: resolution² of the token shards."""
     vocab_size: Optional[int] = None
-    attn_backend: str = "sdpa"
-    objective: str = "ar"
-    mask_prob: float = 0.15
-    activation_checkpointing: bool = False
+    """Palette size; null: the token shards' vocabulary."""
+    preset: str = "igpt-tiny"
+    """One of ``pretrain.presets.MODEL_PRESETS``: the layer, width and head counts the other keys override."""
 
 
 @dataclass
@@ -45,12 +43,19 @@ class DataSection:
     """Token shards written by ``igpt data shard`` (a directory with ``manifest.json``)."""
 
     dir: str = MISSING
+    """The token-shard directory."""
     train_split: str = "train"
+    """Split the model trains on."""
     val_split: str = "val"
+    """Split the training's validation and samples use."""
     num_workers: int = 2
+    """DataLoader worker processes per rank (0: read in the training process)."""
     shuffle_buffer: int = 1000
+    """Samples each worker shuffles over."""
     seed: int = 0
-    record_keys: bool = False  # append each micro-batch's step, epoch and sample keys to RUN_DIR/data_keys.rankR.jsonl
+    """Seed of the shard order and shuffling (the stream is a pure function of it and the layout)."""
+    record_keys: bool = False
+    """Append each micro-batch's step, epoch and sample keys to ``RUN_DIR/data_keys.rankR.jsonl``."""
 
 
 @dataclass
@@ -58,12 +63,19 @@ class OptimSection:
     """Adam with iGPT's betas, linear warmup then cosine decay to ``min_lr``, global-norm clipping."""
 
     lr: float = 3e-4
+    """Peak learning rate."""
     min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam's betas."""
     eps: float = 1e-8
+    """Adam's epsilon."""
     weight_decay: float = 0.0
+    """L2 weight decay."""
     warmup_steps: int = 100
+    """Steps of linear warmup from 0."""
     grad_clip: float = 1.0
+    """Global L2 norm the gradients are clipped to (0: no clipping)."""
 
 
 @dataclass
@@ -71,20 +83,35 @@ class TrainSection:
     """Loop settings. ``micro_batch_size`` is per rank; the global batch is micro × accumulation × ranks."""
 
     run_dir: str = "runs/default"
+    """Checkpoints, config.yaml, losses.jsonl and the default MLflow store."""
     steps: int = 1000
+    """Optimizer steps of the whole run."""
     micro_batch_size: int = 8
+    """Sequences per rank and forward."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step."""
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | bf16-module (pretrain.precision)
+    """Seed of the initial weights."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when there is one."""
+    precision: Precision = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | bf16-module; see pretrain/precision.py."""
     log_every: int = 10
+    """Steps between log lines and tracked metrics."""
     val_every: int = 200
-    val_batches: Optional[int] = 8  # micro-batches of the val split per rank and validation; null: all of it
+    """Steps between validations (and at the end)."""
+    val_batches: Optional[int] = 8
+    """Micro-batches of the val split per rank and validation; null: all of it."""
     sample_every: int = 1000
+    """Steps between logged sample grids."""
     sample_count: int = 8
+    """Images per sample grid."""
     sample_temperature: float = 1.0
-    max_nonfinite: int = 5  # stop after this many consecutive steps with a non-finite loss
-    compile: bool = False  # torch.compile the model through engine.compile()
+    """Sampling temperature of the grids."""
+    max_nonfinite: int = 5
+    """Stop after this many consecutive steps with a non-finite loss."""
+    compile: bool = False
+    """torch.compile the model through engine.compile()."""
 
 
 @dataclass
@@ -92,36 +119,48 @@ class CheckpointSection:
     """DeepSpeed checkpoints under ``RUN_DIR/checkpoints``; preemption exits with ``preempt_exit_code``."""
 
     every: int = 500
+    """Steps between checkpoints (and at the end)."""
     keep_last: int = 3
-    verify_sha256: bool = True  # check every file against the completeness marker before loading
+    """Complete checkpoints kept."""
+    verify_sha256: bool = True
+    """Check every file against the completeness marker before loading."""
     preempt_exit_code: int = 124
-    preempt_signal: str = "USR1"  # checkpoint and stop on it, SIGTERM and SIGINT; USR2 where NCCL catches USR1
+    """Exit code after a preemption checkpoint: "requeue me"."""
+    preempt_signal: str = "USR1"
+    """Checkpoint and stop on it, SIGTERM and SIGINT; USR2 where NCCL catches USR1."""
 
 
 @dataclass
 class LoggingSection:
-    """Tracking (rank 0): ``backend`` mlflow, or jsonl for plain files where MLflow is not installed
-    (see pretrain.tracking). ``tracking_uri`` None means ``sqlite:///RUN_DIR/mlflow.db``."""
+    """Tracking (rank 0), see pretrain.tracking."""
 
-    backend: str = "mlflow"
+    backend: Literal["mlflow", "jsonl"] = "mlflow"
+    """mlflow, or jsonl: plain files where MLflow is not installed."""
     tracking_uri: Optional[str] = None
+    """null: sqlite:///RUN_DIR/mlflow.db."""
     experiment: str = "igpt-pretrain"
+    """MLflow experiment name."""
     run_name: Optional[str] = None
-    peak_tflops: Optional[float] = None  # per device; None looks up pretrain.tracking.PEAK_TFLOPS
+    """MLflow run name (null: the run dir's name)."""
+    peak_tflops: Optional[float] = None
+    """Per device, for MFU; null looks up pretrain.tracking.PEAK_TFLOPS."""
 
 
 @dataclass
 class DeepSpeedSection:
-    """Settings turned into the DeepSpeed config by ``pretrain.deepspeed_config``.
+    """Settings turned into the DeepSpeed config by ``pretrain.deepspeed_config``."""
 
-    ``extra`` is the escape hatch: raw DeepSpeed keys deep-merged over the generated dict last, e.g.
-    ``deepspeed.extra.zero_optimization.reduce_bucket_size=50000000``."""
-
-    zero_stage: int = 0
-    offload_optimizer: str = "none"  # none | cpu | nvme
-    offload_param: str = "none"  # none | cpu | nvme (ZeRO-3 only)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage."""
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """Where ZeRO keeps the optimizer state."""
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    """Where ZeRO-3 keeps the parameters."""
     nvme_path: Optional[str] = None
+    """Directory for nvme offload."""
     extra: dict[str, Any] = field(default_factory=dict)
+    """Raw DeepSpeed keys deep-merged over the generated dict last, e.g.
+    ``deepspeed.extra.zero_optimization.reduce_bucket_size=50000000``."""
 
 
 @dataclass
@@ -139,92 +178,110 @@ class ConfigError(ValueError):
     """A config that does not match the schema; the message names the offending key."""
 
 
-_CHOICES = {
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": PRECISIONS,
-    "deepspeed.offload_optimizer": ("none", "cpu", "nvme"),
-    "deepspeed.offload_param": ("none", "cpu", "nvme"),
-    "model.attn_backend": ("sdpa", "triton", "reference"),
-    "model.objective": ("ar", "bert"),
-    "logging.backend": ("mlflow", "jsonl"),
-}
+Schema = TypeVar("Schema")
+# every model field and its default: a checkpoint saved before a field existed had its default
+MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(IGPTConfig)}
 
 
-def _describe(err: OmegaConfBaseException) -> str:
+def _describe(err: OmegaConfBaseException, label: str) -> str:
     key = getattr(err, "full_key", None) or getattr(err, "key", None)
     msg = str(getattr(err, "msg", None) or err).splitlines()[0]
-    return f"config key {key!r}: {msg}" if key else msg
+    return f"{label} key {key!r}: {msg}" if key else f"{label}: {msg}"
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """Merge schema defaults, the YAML preset at ``path`` and ``key=value`` overrides; return a plain dict."""
-    schema = OmegaConf.structured(TrainConfig)
+def load_structured(schema: type[Schema], path: str | os.PathLike | None, overrides: Sequence[str] = (), *,
+                    under: Sequence[dict] = (), error: type[ValueError] = ConfigError,
+                    label: str = "config") -> Schema:
+    """``schema``'s defaults ← ``under`` (plain dicts) ← the YAML at ``path`` ← ``key=value`` overrides,
+    as a ``schema`` instance; a bad file, key or value raises ``error`` naming the key."""
     layers: list[DictConfig] = []
     if path is not None:
         if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise error(f"{label} file not found: {path}")
         try:
             layers.append(OmegaConf.load(path))
         except Exception as err:  # yaml errors carry the line
-            raise ConfigError(f"cannot parse {path}: {err}") from err
+            raise error(f"cannot parse {path}: {err}") from err
     bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
     if bad:
-        raise ConfigError(f"overrides must look like section.key=value, got {bad}")
+        raise error(f"overrides must look like section.key=value, got {bad}")
     try:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(schema, *layers)
-        resolved = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), *under, *layers)
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise ConfigError(_describe(err)) from err
-    validate(resolved)
-    return resolved
+        raise error(_describe(err, label)) from err
+    except ValueError as err:  # a dataclass's own check (e.g. IGPTConfig's)
+        raise error(f"{label}: {err}") from err
 
 
-def validate(cfg: dict) -> None:
-    """Value checks the type system cannot express; raise ConfigError naming the key."""
-    for dotted, choices in _CHOICES.items():
-        section, key = dotted.split(".")
-        if cfg[section][key] not in choices:
-            raise ConfigError(f"config key {dotted!r} = {cfg[section][key]!r}; choose one of {choices}")
-    positive = ["train.steps", "train.micro_batch_size", "train.grad_accum", "train.log_every", "train.val_every",
-                "train.sample_every", "train.max_nonfinite", "checkpoint.every", "checkpoint.keep_last"]
-    for dotted in positive:
-        section, key = dotted.split(".")
-        if cfg[section][key] < 1:
-            raise ConfigError(f"config key {dotted!r} must be >= 1, got {cfg[section][key]}")
+def _preset_layer(path: str | os.PathLike | None, overrides: Sequence[str]) -> dict:
+    """The model preset's values, as the layer under the YAML file: the preset the overrides, else the file,
+    else the schema names."""
+    preset = ModelSection.preset
     try:
-        signal_from_name(cfg["checkpoint"]["preempt_signal"])
+        file_model = OmegaConf.load(path).get("model") or {} if path is not None and Path(path).is_file() else {}
+        preset = file_model.get("preset", preset)
+    except Exception:  # load_structured reports an unreadable file
+        pass
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "model.preset":
+            preset = value.strip()
+    if preset not in MODEL_PRESETS:
+        raise ConfigError(f"config key 'model.preset' = {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+    return {"model": MODEL_PRESETS[preset]}
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Schema defaults ← the model preset ← the YAML at ``path`` ← ``key=value`` overrides, checked."""
+    cfg = load_structured(TrainConfig, path, overrides, under=[_preset_layer(path, overrides)])
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Value checks the type system cannot express; raise ConfigError naming the key."""
+    positive = {"train.steps": cfg.train.steps, "train.micro_batch_size": cfg.train.micro_batch_size,
+                "train.grad_accum": cfg.train.grad_accum, "train.log_every": cfg.train.log_every,
+                "train.val_every": cfg.train.val_every, "train.sample_every": cfg.train.sample_every,
+                "train.max_nonfinite": cfg.train.max_nonfinite, "checkpoint.every": cfg.checkpoint.every,
+                "checkpoint.keep_last": cfg.checkpoint.keep_last}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1, got {value}")
+    try:
+        signal_from_name(cfg.checkpoint.preempt_signal)
     except ValueError as err:
         raise ConfigError(f"config key 'checkpoint.preempt_signal': {err}") from None
-    if cfg["train"]["val_batches"] is not None and cfg["train"]["val_batches"] < 1:
+    if cfg.train.val_batches is not None and cfg.train.val_batches < 1:
         raise ConfigError(f"config key 'train.val_batches' must be >= 1 or null (the whole split), "
-                          f"got {cfg['train']['val_batches']}")
-    if cfg["deepspeed"]["zero_stage"] not in (0, 1, 2, 3):
-        raise ConfigError(f"config key 'deepspeed.zero_stage' must be 0-3, got {cfg['deepspeed']['zero_stage']}")
-    if len(cfg["optim"]["betas"]) != 2 or not all(0.0 <= b < 1.0 for b in cfg["optim"]["betas"]):
-        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {cfg['optim']['betas']}")
-    if cfg["optim"]["lr"] <= 0 or cfg["optim"]["min_lr"] < 0 or cfg["optim"]["warmup_steps"] < 0:
+                          f"got {cfg.train.val_batches}")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {cfg.optim.betas}")
+    if cfg.optim.lr <= 0 or cfg.optim.min_lr < 0 or cfg.optim.warmup_steps < 0:
         raise ConfigError("config keys 'optim.lr' must be > 0, 'optim.min_lr' and 'optim.warmup_steps' >= 0")
-    if cfg["deepspeed"]["offload_param"] != "none" and cfg["deepspeed"]["zero_stage"] != 3:
+    ds = cfg.deepspeed
+    if ds.offload_param != "none" and ds.zero_stage != 3:
         raise ConfigError("config key 'deepspeed.offload_param' needs deepspeed.zero_stage=3")
-    if "nvme" in (cfg["deepspeed"]["offload_param"], cfg["deepspeed"]["offload_optimizer"]) \
-            and not cfg["deepspeed"]["nvme_path"]:
+    if "nvme" in (ds.offload_param, ds.offload_optimizer) and not ds.nvme_path:
         raise ConfigError("config key 'deepspeed.nvme_path' is required for nvme offload")
 
 
-def to_yaml(cfg: dict) -> str:
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain nested dicts and lists (what checkpoints and trackers store)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def to_yaml(cfg: TrainConfig) -> str:
     """The resolved config as YAML text."""
-    return OmegaConf.to_yaml(OmegaConf.create(cfg))
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def save_config(cfg: dict, path: str | os.PathLike) -> None:
+def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(to_yaml(cfg))
-    os.replace(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(to_yaml(cfg), path)
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
@@ -237,13 +294,3 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
-
-
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "n_ctx", "vocab_size", "attn_backend", "objective", "mask_prob",
-                "activation_checkpointing")
-
-
-def igpt_config(cfg: dict) -> IGPTConfig:
-    """The IGPTConfig of a resolved training config: ``model.preset`` plus its non-null fields."""
-    fields = {k: cfg["model"][k] for k in MODEL_FIELDS if cfg["model"].get(k) is not None}
-    return model_config(cfg["model"]["preset"], **fields)

@@ -20,14 +20,15 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from pretrain.config import TrainConfig
 from pretrain.precision import resolve_precision
 
 
-def resolve_device(cfg: dict) -> str:
+def resolve_device(cfg: TrainConfig) -> str:
     """``train.device`` with ``auto`` resolved: cuda when available, else cpu."""
     import torch
 
-    device = cfg["train"]["device"]
+    device = cfg.train.device
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -52,26 +53,26 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _offload(kind: str, cfg: dict) -> dict[str, Any]:
+def _offload(kind: str, cfg: TrainConfig) -> dict[str, Any]:
     section: dict[str, Any] = {"device": kind, "pin_memory": True}
     if kind == "nvme":
-        section["nvme_path"] = cfg["deepspeed"]["nvme_path"]
+        section["nvme_path"] = cfg.deepspeed.nvme_path
     return section
 
 
-def build_deepspeed_config(cfg: dict, device: str) -> dict[str, Any]:
+def build_deepspeed_config(cfg: TrainConfig, device: str) -> dict[str, Any]:
     """The DeepSpeed config dict for the resolved training config ``cfg`` on ``device`` (cpu|cuda)."""
-    ds = cfg["deepspeed"]
-    precision = resolve_precision(cfg["train"]["precision"], device)
-    zero: dict[str, Any] = {"stage": ds["zero_stage"]}
-    if ds["offload_optimizer"] != "none":
-        zero["offload_optimizer"] = _offload(ds["offload_optimizer"], cfg)
-    if ds["offload_param"] != "none":
-        zero["offload_param"] = _offload(ds["offload_param"], cfg)
+    ds = cfg.deepspeed
+    precision = resolve_precision(cfg.train.precision, device)
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(ds.offload_optimizer, cfg)
+    if ds.offload_param != "none":
+        zero["offload_param"] = _offload(ds.offload_param, cfg)
     out: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg["train"]["micro_batch_size"],
-        "gradient_accumulation_steps": cfg["train"]["grad_accum"],
-        "gradient_clipping": 0.0 if loop_clips_gradients(ds["zero_stage"], precision) else cfg["optim"]["grad_clip"],
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": 0.0 if loop_clips_gradients(ds.zero_stage, precision) else cfg.optim.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": precision == "bf16-module", "check_grad_overflow": True},
@@ -79,4 +80,4 @@ def build_deepspeed_config(cfg: dict, device: str) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    return deep_merge(out, ds["extra"])
+    return deep_merge(out, ds.extra)

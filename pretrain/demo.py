@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.manifest import write_text_atomic
+from data_pipeline.io import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CIFAR_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10-train"  # the first local copy looked for
@@ -95,9 +95,9 @@ def _log(msg: str) -> None:
 def palette_stage(s: DemoSettings, work: Path) -> Path:
     """k-means 512 palette fitted on the source images (kept if present)."""
     from data_pipeline.fit import fit_palette_from_sources
-    from data_pipeline.palette import save_palette
+    from data_pipeline.palette import PALETTE_FILE, save_palette
 
-    path = work / "palette.npy"
+    path = work / PALETTE_FILE
     if path.is_file():
         _log(f"palette: reusing {path}")
         return path
@@ -149,10 +149,11 @@ def train_stage(s: DemoSettings, work: Path, data: Path, tracking_uri: str) -> P
     import torch
 
     from pretrain.config import load_config
+    from pretrain.release import WEIGHTS_FILE
 
     run_dir = work / "run"
     release = work / "release"
-    if (release / "model.safetensors").is_file():
+    if (release / WEIGHTS_FILE).is_file():
         _log(f"train: reusing {release}")
         return release
     overrides = [f"data.dir={data}", f"train.run_dir={run_dir}", f"logging.tracking_uri={tracking_uri}",
@@ -160,13 +161,13 @@ def train_stage(s: DemoSettings, work: Path, data: Path, tracking_uri: str) -> P
     cfg = load_config(s.train_config, overrides)  # a bad key fails here, before a process is started
     cmd = [sys.executable, "-m", "pretrain.cli", "train", s.train_config, *overrides, "--resume", "auto"]
     log = run_dir / "train.log"
-    _log(f"train: {cfg['train']['steps']} steps of {Path(s.train_config).name}; full log in {log}")
+    _log(f"train: {cfg.train.steps} steps of {Path(s.train_config).name}; full log in {log}")
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise look for CUDA
     code = _relay(cmd, log, env, s.verbose)
     if code:
-        hint = "; rerun to resume" if code == cfg["checkpoint"]["preempt_exit_code"] else ""
+        hint = "; rerun to resume" if code == cfg.checkpoint.preempt_exit_code else ""
         raise StageFailed(f"training exited with code {code} (log: {log}){hint}")
     export = [sys.executable, "-m", "pretrain.cli", "export", str(run_dir), "--out", str(release)]
     done = subprocess.run(export, env=env, cwd=REPO_ROOT, capture_output=True, text=True)

@@ -10,16 +10,17 @@ ZeRO-1/2/3 checkpoints are consolidated with DeepSpeed's ``get_fp32_state_dict_f
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from data_pipeline.io import file_sha256
+from data_pipeline.palette import PALETTE_FILE
 from data_pipeline.progress import bar
+from data_pipeline.token_shards import check_palette
 from pretrain import checkpoint as ckpt
-from pretrain.config import load_config, save_config
+from pretrain.config import load_config
+from pretrain.release import CONFIG_FILE, write_release
 
 MODULE_PREFIX = "model."  # the training engine wraps IGPT in LossModule
 
@@ -54,35 +55,22 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None =
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a training run dir (no config.yaml)")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run dir (no {CONFIG_FILE})")
     with bar(total=3, desc="export: verify checkpoint", unit="step") as steps:
         tag_dir = resolve_tag(run_dir, tag)
         info = ckpt.verify(tag_dir, check_sha256=False)
-        cfg = load_config(run_dir / "config.yaml")
-        palette = Path(cfg["data"]["dir"]) / "palette.npy"
-        from data_pipeline.palette import file_sha256
-
-        if not palette.is_file() or file_sha256(palette) != info["palette_sha256"]:
-            raise FileNotFoundError(f"palette {palette} is missing or is not the one the run trained with "
-                                    f"(sha256 {info['palette_sha256']})")
+        cfg = load_config(run_dir / CONFIG_FILE)
+        palette = Path(cfg.data.dir) / PALETTE_FILE
+        if not palette.is_file():
+            raise FileNotFoundError(f"palette {palette} of the run's data is missing")
+        check_palette(info["palette_sha256"], file_sha256(palette), f"{palette} against the run's checkpoint")
         steps.set_description("export: consolidate weights")
         steps.update()
         state = consolidated_state_dict(tag_dir)
         steps.set_description("export: write release")
         steps.update()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-        try:
-            save_file(state, tmp / "model.safetensors", metadata={
-                "palette_sha256": info["palette_sha256"], "step": str(info["step"]), "source": str(tag_dir.resolve())})
-            save_config(cfg, tmp / "config.yaml")
-            shutil.copyfile(palette, tmp / "palette.npy")
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        metadata = {"palette_sha256": info["palette_sha256"], "step": str(info["step"]), "source": str(tag_dir.resolve())}
+        write_release(out, state, cfg, palette, metadata)
         steps.update()
     return out

@@ -10,45 +10,56 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-ATTN_BACKENDS = ("sdpa", "triton", "reference")
-OBJECTIVES = ("ar", "bert")
-_DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+from pretrain.attention import AttnBackend, attention_backend
+
+Objective = Literal["ar", "bert"]
 
 
 @dataclass
 class IGPTConfig:
-    """Model hyper-parameters; the defaults are iGPT-S at 32x32 resolution."""
+    """Model hyper-parameters; the defaults are iGPT-S at 32x32 resolution. A training config's ``model``
+    section is this class (plus the preset it starts from, ``pretrain.config.ModelSection``)."""
 
     vocab_size: int = 512
+    """Palette size: tokens are palette indices (training takes it from the token shards when unset)."""
     n_ctx: int = 1024
+    """Context: pixels per image, resolution² (training takes it from the token shards when unset)."""
     n_layer: int = 24
+    """Transformer blocks."""
     n_head: int = 8
+    """Attention heads per block; must divide ``n_embd``."""
     n_embd: int = 512
-    attn_backend: str = "sdpa"
-    objective: str = "ar"
+    """Width of the residual stream."""
+    attn_backend: AttnBackend = "sdpa"
+    """Attention implementation (``pretrain.attention``): sdpa, triton or reference."""
+    objective: Objective = "ar"
+    """``ar``: next-pixel prediction behind a start token; ``bert``: masked-pixel prediction."""
     mask_prob: float = 0.15
+    """BERT objective: the probability that a pixel is masked."""
     activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (memory for time)."""
     init_std: float = 0.02
+    """Standard deviation of the GPT-2 initialisation."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
+            if value is None and name in ("vocab_size", "n_ctx"):
+                continue  # unresolved: a training run fills it from its token shards
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"IGPTConfig.{name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"IGPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.attn_backend not in ATTN_BACKENDS:
-            raise ValueError(f"IGPTConfig.attn_backend={self.attn_backend!r}; choose one of {ATTN_BACKENDS}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"IGPTConfig.objective={self.objective!r}; choose one of {OBJECTIVES}")
+        for name, kind in (("attn_backend", AttnBackend), ("objective", Objective)):
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(f"IGPTConfig.{name}={getattr(self, name)!r}; choose one of {get_args(kind)}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"IGPTConfig.mask_prob must be in (0, 1), got {self.mask_prob!r}")
         if not self.init_std > 0.0:
@@ -62,44 +73,6 @@ class IGPTConfig:
 class IGPTOutput(NamedTuple):
     logits: Tensor  # (B, T, vocab_size)
     hidden_states: tuple[Tensor, ...] | None  # n_layer + 1 tensors (B, T, n_embd) when requested
-
-
-def attention_math(q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
-    """Plain softmax attention on (B, H, S, D) in at least fp32; the queries are the last positions of the keys."""
-    sq, sk = q.shape[-2], k.shape[-2]
-    compute = torch.promote_types(q.dtype, torch.float32)
-    scores = (q.to(compute) @ k.to(compute).transpose(-2, -1)) * q.shape[-1] ** -0.5
-    if causal:
-        allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    return (scores.softmax(dim=-1) @ v.to(compute)).to(q.dtype)
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, backend: str) -> Tensor:
-    """Scaled dot-product attention on (B, H, S, D) tensors with the chosen backend.
-
-    With fewer queries than keys (incremental decoding) the queries are the last positions. That
-    case runs on SDPA without its cuDNN path, which builds a new plan for every key length while
-    sampling (23 s against 3 s for 16 x 512 tokens of igpt-s on an H200), or on the plain math.
-    """
-    sq, sk = q.shape[-2], k.shape[-2]
-    if sq != sk:
-        if backend == "reference":
-            return attention_math(q, k, v, causal=causal)
-        allowed = None
-        if causal and sq > 1:
-            allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
-        with sdpa_kernel(_DECODE_SDPA_BACKENDS):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-    if backend == "triton":
-        from kernels import flash_attention  # imported lazily: the kernel needs triton, the rest does not
-
-        return flash_attention(q, k, v, causal=causal)
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    if backend == "reference":
-        return attention_math(q, k, v, causal=causal)
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTN_BACKENDS}")
 
 
 class KVCache:
@@ -131,7 +104,7 @@ class KVCache:
 class SelfAttention(nn.Module):
     def __init__(self, cfg: IGPTConfig, layer: int) -> None:
         super().__init__()
-        self.layer, self.n_head, self.backend = layer, cfg.n_head, cfg.attn_backend
+        self.layer, self.n_head, self.attend = layer, cfg.n_head, attention_backend(cfg.attn_backend)
         self.causal = cfg.objective == "ar"
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
@@ -141,7 +114,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = attention(q, k, v, causal=self.causal, backend=self.backend)
+        y = self.attend(q, k, v, causal=self.causal)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -175,6 +148,8 @@ class Block(nn.Module):
 class IGPT(nn.Module):
     def __init__(self, cfg: IGPTConfig) -> None:
         super().__init__()
+        if cfg.n_ctx is None or cfg.vocab_size is None:
+            raise ValueError("IGPTConfig.n_ctx and vocab_size must be set (a training run takes them from its data)")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.n_ctx, cfg.n_embd)

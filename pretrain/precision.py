@@ -25,10 +25,12 @@ Training's own validation and every ``igpt eval`` command use them, so the two a
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from typing import Literal, get_args
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "bf16-module")
+Precision = Literal["auto", "fp32", "bf16", "bf16-module"]  # the choices of train.precision
+PRECISIONS = get_args(Precision)
 
 
 def resolve_precision(requested: str, device: str) -> str:

@@ -7,37 +7,61 @@ file utilities, without an engine or process group).
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from pretrain.config import igpt_config, load_config
+from data_pipeline.io import atomic_dir, file_sha256
+from data_pipeline.palette import PALETTE_FILE
+from data_pipeline.token_shards import check_palette
+from pretrain.config import TrainConfig, load_config, save_config
 from pretrain.model import IGPT
 
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.yaml"
 
-def load_model(path: str | os.PathLike) -> tuple[IGPT, dict, str]:
+
+def write_release(out: str | os.PathLike, state: dict[str, torch.Tensor], cfg: TrainConfig, palette: Path,
+                  metadata: dict[str, str]) -> Path:
+    """Write the release dir ``out`` (must not exist or be empty): weights with ``metadata`` (the palette
+    sha256 among it), the config and the palette, all or nothing."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty")
+    with atomic_dir(out) as tmp:
+        save_file(state, tmp / WEIGHTS_FILE, metadata=metadata)
+        save_config(cfg, tmp / CONFIG_FILE)
+        shutil.copyfile(palette, tmp / PALETTE_FILE)
+    return out
+
+
+def load_model(path: str | os.PathLike) -> tuple[IGPT, TrainConfig, str]:
     """(model in eval mode on CPU, resolved training config, palette sha256) from a release or run dir."""
-    from data_pipeline.palette import file_sha256
-
     path = Path(path)
-    if (path / "model.safetensors").is_file():
-        cfg = load_config(path / "config.yaml")
-        state = load_file(path / "model.safetensors")
-        with safe_open(path / "model.safetensors", framework="pt") as f:
+    if (path / WEIGHTS_FILE).is_file():
+        cfg = load_config(path / CONFIG_FILE)
+        state = load_file(path / WEIGHTS_FILE)
+        with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
             sha = (f.metadata() or {}).get("palette_sha256")
-        if not (path / "palette.npy").is_file() or file_sha256(path / "palette.npy") != sha:
-            raise ValueError(f"{path / 'palette.npy'} is missing or does not match the weights' palette {sha}")
+        if not (path / PALETTE_FILE).is_file():
+            raise FileNotFoundError(f"{path / PALETTE_FILE} is missing: a release carries its palette")
+        check_palette(sha, file_sha256(path / PALETTE_FILE), f"{path / PALETTE_FILE} against the weights' palette")
     elif (path / "checkpoints").is_dir():
         from pretrain import checkpoint as ckpt
         from pretrain.export import consolidated_state_dict, resolve_tag
 
         tag_dir = resolve_tag(path)
-        cfg = load_config(path / "config.yaml")
+        cfg = load_config(path / CONFIG_FILE)
         state = consolidated_state_dict(tag_dir)
         sha = ckpt.verify(tag_dir, check_sha256=False)["palette_sha256"]
     else:
         raise FileNotFoundError(f"{path} is neither a release dir (model.safetensors) nor a run dir (checkpoints/)")
-    model = IGPT(igpt_config(cfg))
+    if cfg.model.n_ctx is None:  # a config that left the data-given sizes unset: the weights know them
+        cfg.model.n_ctx = state["wpe.weight"].shape[0]
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = state["wte.weight"].shape[0]
+    model = IGPT(cfg.model)
     model.load_state_dict(state, strict=True)
     return model.eval(), cfg, sha

@@ -28,8 +28,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from data_pipeline.grid import save_png
-from data_pipeline.manifest import write_json_atomic, write_text_atomic
-from pretrain.config import flatten
+from data_pipeline.io import write_json_atomic, write_text_atomic
+from pretrain.config import TrainConfig, flatten, to_dict
 from pretrain.mlflow_store import experiment_id
 
 # Dense bf16 peak per device (no sparsity), matched by substring of torch.cuda.get_device_name().
@@ -91,22 +91,22 @@ def memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def open_tracker(cfg: dict, run_dir: str | os.PathLike, rank: int) -> "MlflowTracker | JsonlTracker":
+def open_tracker(cfg: TrainConfig, run_dir: str | os.PathLike, rank: int) -> "MlflowTracker | JsonlTracker":
     """The tracker ``logging.backend`` names, for ``run_dir``; its methods are no-ops off rank 0."""
-    backend = {"mlflow": MlflowTracker, "jsonl": JsonlTracker}[cfg["logging"]["backend"]]
+    backend = {"mlflow": MlflowTracker, "jsonl": JsonlTracker}[cfg.logging.backend]
     return backend(cfg, run_dir, rank)
 
 
 class MlflowTracker:
     """The MLflow run of one training run; every method is a no-op on ranks other than 0."""
 
-    def __init__(self, cfg: dict, run_dir: str | os.PathLike, rank: int) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, rank: int) -> None:
         self.enabled = rank == 0
         self.run_id: str | None = None
         if not self.enabled:
             return
         run_dir = Path(run_dir).resolve()
-        uri = cfg["logging"]["tracking_uri"] or f"sqlite:///{run_dir / 'mlflow.db'}"
+        uri = cfg.logging.tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
         from mlflow.tracking import MlflowClient  # imported here: GPU boxes without MLflow still benchmark
 
         self.client = MlflowClient(tracking_uri=uri)
@@ -115,13 +115,13 @@ class MlflowTracker:
             self.run_id = id_file.read_text().strip()
             self.client.update_run(self.run_id, status="RUNNING")
             return
-        exp_id = experiment_id(self.client, cfg["logging"]["experiment"], uri)  # artifacts beside a sqlite store
+        exp_id = experiment_id(self.client, cfg.logging.experiment, uri)  # artifacts beside a sqlite store
         tags = {"run_dir": str(run_dir)}
         if os.environ.get("SLURM_JOB_ID"):
             tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
-        run = self.client.create_run(exp_id, run_name=cfg["logging"]["run_name"] or run_dir.name, tags=tags)
+        run = self.client.create_run(exp_id, run_name=cfg.logging.run_name or run_dir.name, tags=tags)
         self.run_id = run.info.run_id
-        params = {k: str(v)[:6000] for k, v in flatten(cfg).items()}
+        params = {k: str(v)[:6000] for k, v in flatten(to_dict(cfg)).items()}
         items = list(params.items())
         from mlflow.entities import Param
 
@@ -158,7 +158,7 @@ class JsonlTracker:
 
     A resumed run appends to the same files, like a resumed MLflow run."""
 
-    def __init__(self, cfg: dict, run_dir: str | os.PathLike, rank: int) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, rank: int) -> None:
         self.enabled = rank == 0
         self.root = Path(run_dir).resolve() / "tracking"
         if not self.enabled:
@@ -166,7 +166,7 @@ class JsonlTracker:
         self.root.mkdir(parents=True, exist_ok=True)
         params = self.root / "params.json"
         if not params.is_file():
-            write_json_atomic({k: str(v) for k, v in flatten(cfg).items()}, params)
+            write_json_atomic({k: str(v) for k, v in flatten(to_dict(cfg)).items()}, params)
         self._write_status("RUNNING")
 
     def _write_status(self, status: str) -> None:

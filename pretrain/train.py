@@ -5,7 +5,10 @@ function of the step), run ``grad_accum`` micro-batches through ``engine.backwar
 in the precision mode of ``pretrain.precision``, append the global loss to ``RUN_DIR/losses.jsonl``
 (rank 0), log every ``log_every`` steps, validate every ``val_every`` (in the evaluation's
 numerics), log sample grids every ``sample_every`` and checkpoint every ``checkpoint.every`` steps,
-at the end and on SIGTERM/SIGUSR1 (then exit with the requeue code).
+at the end and on preemption (``pretrain.checkpointer``; then exit with the requeue code). The
+pieces: ``pretrain.state.TrainState`` (what a checkpoint carries of the loop), ``pretrain.checkpointer``
+(cadence, retention, resume choice and checks, preemption), ``pretrain.metrics`` (the per-step
+records and the log window).
 
 No host sync per step: the step's loss, its non-finite verdict, the gradient norm and the
 preemption flag stay on the device and come back through ``pretrain.metrics.StepRecords`` one
@@ -27,13 +30,11 @@ import itertools
 import json
 import logging
 import math
-import os
 import random
-import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,20 +43,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pretrain import checkpoint as ckpt
-from pretrain.config import MODEL_FIELDS, igpt_config, save_config
+from data_pipeline.loader import TokenStream
+from pretrain.checkpointer import Checkpointer
+from pretrain.config import TrainConfig, save_config
 from pretrain.deepspeed_config import build_deepspeed_config, loop_clips_gradients, resolve_device
 from pretrain.distributed import setup_env, shutdown
 from pretrain.metrics import MetricsWindow, StepRecord, StepRecords
 from pretrain.model import IGPT
 from pretrain.precision import eval_autocast, resolve_precision, training_autocast
 from pretrain.schedule import lr_at
+from pretrain.state import TrainState
 from pretrain.tracking import memory_gb, open_tracker, peak_flops
 
 LOSSES_FILE = "losses.jsonl"
-# Fault injection for the exact-resume test: SIGKILL this process group right after the
-# checkpoint of the given step is complete (a real kill -9 at a known point).
-FAULT_KILL_ENV = "IGPT_FAULT_KILL_AFTER_CHECKPOINT"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,16 +80,12 @@ class LossModule(nn.Module):
             return self.model.loss(tokens, generator=generator)
 
 
-def resolve_model_section(cfg: dict, manifest: dict) -> None:
-    """Fill the model section from the preset and the data (n_ctx = resolution², vocab from the manifest)."""
-    m = cfg["model"]
-    if m.get("n_ctx") is None:
-        m["n_ctx"] = manifest["resolution"] ** 2
-    if m.get("vocab_size") is None:
-        m["vocab_size"] = manifest["vocab_size"]
-    resolved = igpt_config(cfg)
-    for k in MODEL_FIELDS:
-        m[k] = getattr(resolved, k)
+def resolve_model_section(cfg: TrainConfig, manifest: dict) -> None:
+    """Fill the model's data-given fields: n_ctx = resolution², vocab_size from the manifest."""
+    if cfg.model.n_ctx is None:
+        cfg.model.n_ctx = manifest["resolution"] ** 2
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = manifest["vocab_size"]
 
 
 def _seed_everything(seed: int) -> None:
@@ -105,147 +101,98 @@ def _device_scalar(value: Tensor | float | None, like: Tensor) -> Tensor:
     return torch.full_like(like, float("nan") if value is None else float(value))
 
 
-def _log(rank: int, msg: str) -> None:
-    if rank == 0:
-        print(msg, flush=True)
-
-
 class Trainer:
     """One training run in one rank; ``run()`` returns the process exit code."""
 
-    def __init__(self, cfg: dict, resume: str | None = None) -> None:
-        import deepspeed
+    def __init__(self, cfg: TrainConfig, resume: str | None = None) -> None:
         from deepspeed.utils import logger as ds_logger
-        from data_pipeline.loader import TokenStream
-        from data_pipeline.manifest import load_manifest
-        from data_pipeline.palette import load_palette
 
         ds_logger.setLevel(logging.WARNING)  # keep the one-line progress log readable
         warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)
-        self.env = setup_env()
-        self.rank, self.world = self.env.rank, self.env.world_size
-        self.device = resolve_device(cfg)
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.run_dir)
+        self._init_distributed()
+        self._open_data()
+        self.checkpointer = Checkpointer(cfg, self.rank, self.world, self.log)
+        self.state = TrainState()
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.ds_config = build_deepspeed_config(cfg, self.device)
+        plan = self.checkpointer.plan(resume, self.ds_config["zero_optimization"]["stage"]) if resume else None
+        if plan is not None and plan.universal:
+            self.ds_config["checkpoint"] = {"load_universal": True}
+        self._build_engine()
+        _seed_everything(cfg.train.seed + 1000 * self.rank)  # per-rank streams from here on
+        self.stream = TokenStream(cfg.data.dir, cfg.data.train_split, cfg.train.micro_batch_size,
+                                  rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers,
+                                  seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                                  pin_memory=self.device == "cuda", with_keys=cfg.data.record_keys)
+        if plan is not None:
+            self.checkpointer.restore(self.engine, plan, self.palette_sha256, self.state, self.stream)
+        if self.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.tracker = open_tracker(cfg, self.run_dir, self.rank)
+        self.peak = peak_flops(self.device, cfg.logging.peak_tflops)
+        self.consecutive_nonfinite = 0
+        self.losses_file: Any = None  # RUN_DIR/losses.jsonl, open on rank 0 while run() runs
+        self.keys_file: Any = None  # RUN_DIR/data_keys.rankR.jsonl with data.record_keys, open while run() runs
+
+    def log(self, msg: str) -> None:
+        """Print on rank 0."""
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    # ------------------------------------------------------------ set-up
+    def _init_distributed(self) -> None:
+        import deepspeed
+
+        env = setup_env()
+        self.rank, self.world = env.rank, env.world_size
+        self.device = resolve_device(self.cfg)
         if self.device == "cuda":
-            torch.cuda.set_device(self.env.local_rank)
+            torch.cuda.set_device(env.local_rank)
         deepspeed.init_distributed(dist_backend="nccl" if self.device == "cuda" else "gloo")
 
-        self.cfg = cfg
-        self.run_dir = Path(cfg["train"]["run_dir"])
-        data_dir = cfg["data"]["dir"]
-        self.manifest = load_manifest(data_dir)
-        self.palette, self.palette_sha256 = load_palette(Path(data_dir) / self.manifest["palette_file"])
-        if self.palette_sha256 != self.manifest["palette_sha256"]:
-            raise ValueError(f"palette beside {data_dir} has sha256 {self.palette_sha256}, the manifest says "
-                             f"{self.manifest['palette_sha256']}")
-        resolve_model_section(cfg, self.manifest)
+    def _open_data(self) -> None:
+        """The token shards' manifest and palette (checked against each other); the model section resolved."""
+        from data_pipeline.token_shards import TokenShards
 
-        self.model_cfg = igpt_config(cfg)
+        shards = TokenShards.open(self.cfg.data.dir)
+        self.manifest, self.palette, self.palette_sha256 = shards.manifest, shards.palette, shards.palette_sha256
+        resolve_model_section(self.cfg, self.manifest)
+        self.model_cfg = self.cfg.model
         with torch.device("meta"):  # shapes only: the counts without memory (ZeRO-3 partitions the real ones)
             counted = IGPT(self.model_cfg)
         self.num_params, self.flops_per_token = counted.num_params(), counted.flops_per_token()
-        self.ds_config = build_deepspeed_config(cfg, self.device)
-        self.precision = resolve_precision(cfg["train"]["precision"], self.device)
+
+    def _build_engine(self) -> None:
+        """The model (identical initial weights on every rank), the fused Adam and the DeepSpeed engine."""
+        import deepspeed
+
         zero3 = self.ds_config["zero_optimization"]["stage"] == 3
-        self.plan = self._plan_resume(resume) if resume is not None else None
-        if self.plan is not None and self.plan.universal:
-            self.ds_config["checkpoint"] = {"load_universal": True}
-        _seed_everything(cfg["train"]["seed"])  # identical initial weights on every rank
+        _seed_everything(self.cfg.train.seed)
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
             self.model = IGPT(self.model_cfg)  # ZeRO-3: each rank materialises only its partition
         if zero3:  # the constructor's init ran on partitioned (empty) tensors: redo it on rank 0's full copy
             with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0):
                 self.model.reset_parameters()
+        o = self.cfg.optim
         # Fused: one kernel per step, and it takes the non-finite verdict as a device tensor (found_inf).
-        self.adam = torch.optim.Adam(self.model.parameters(), lr=cfg["optim"]["lr"],
-                                     betas=tuple(cfg["optim"]["betas"]), eps=cfg["optim"]["eps"],
-                                     weight_decay=cfg["optim"]["weight_decay"], fused=True)
+        self.adam = torch.optim.Adam(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                     weight_decay=o.weight_decay, fused=True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=LossModule(self.model, self.precision, self.device), optimizer=self.adam, config=self.ds_config)
         self.zero_stage = self.engine.zero_optimization_stage()
         self.loop_clips = loop_clips_gradients(self.zero_stage, self.precision)
-        offloaded = self.cfg["deepspeed"]["offload_optimizer"] != "none"
+        offloaded = self.cfg.deepspeed.offload_optimizer != "none"
         self.optimizer_device = "cpu" if offloaded else self.device  # where the Adam step runs
-        if cfg["train"]["compile"]:
+        if self.cfg.train.compile:
             self.engine.compile()
-        if self.zero_stage == 3:
-            # The top-level forward slices wpe.weight directly instead of calling the wpe module.
+        if zero3:  # the top-level forward slices wpe.weight directly instead of calling the wpe module
             deepspeed.zero.register_external_parameter(self.model, self.model.wpe.weight)
-        _seed_everything(cfg["train"]["seed"] + 1000 * self.rank)  # per-rank streams from here on
-
-        t = cfg["train"]
-        self.stream = TokenStream(data_dir, cfg["data"]["train_split"], t["micro_batch_size"], rank=self.rank,
-                                  world_size=self.world, num_workers=cfg["data"]["num_workers"],
-                                  seed=cfg["data"]["seed"], shuffle_buffer=cfg["data"]["shuffle_buffer"],
-                                  pin_memory=self.device == "cuda", with_keys=cfg["data"]["record_keys"])
-        self.step = 0
-        self.tokens_seen = 0
-        self.nonfinite_total = 0
-        self.consecutive_nonfinite = 0
-        self.resumed_from: str | None = None
-        if self.plan is not None:
-            self._resume(self.plan)
-        if self.rank == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
-        self.tracker = open_tracker(cfg, self.run_dir, self.rank)
-        self.peak = peak_flops(self.device, cfg["logging"]["peak_tflops"])
-        self.preempt = ckpt.PreemptionFlag(cfg["checkpoint"]["preempt_signal"])
-        self.losses_file: Any = None  # RUN_DIR/losses.jsonl, open on rank 0 while run() runs
-        self.keys_file: Any = None  # RUN_DIR/data_keys.rankR.jsonl with data.record_keys, open while run() runs
-
-    # ------------------------------------------------------------ resume
-    def _plan_resume(self, resume: str) -> ckpt.ResumePlan | None:
-        """The checkpoint to resume from (``auto``: the newest complete one; else the given tag dir) and how,
-        the same on every rank (rank 0 chooses), with its universal copy written when the plan needs one."""
-        check = self.cfg["checkpoint"]["verify_sha256"]
-        candidates: list[Path] = []
-        if resume != "auto":  # every rank checks, so a bad path fails everywhere and no rank waits
-            ckpt.verify(Path(resume), check)
-            candidates = [Path(resume)]
-        elif self.rank == 0:  # rank 0 chooses (warning once about skipped tags); every rank loads its choice
-            candidates = ckpt.find_resumable(self.run_dir, check)
-        candidates = ckpt.gather_per_rank([str(c) for c in candidates])[0]
-        if not candidates:
-            _log(self.rank, f"resume auto: no complete checkpoint in {self.run_dir}, starting from step 0")
-            return None
-        plan = ckpt.plan_resume(Path(candidates[0]), self.world, self.ds_config["zero_optimization"]["stage"])
-        ckpt.prepare_resume(plan)
-        return plan
-
-    def _resume(self, plan: ckpt.ResumePlan) -> None:
-        """Load the planned checkpoint; re-split the data stream when the layout changed."""
-        client = ckpt.load(self.engine, plan)
-        if client["palette_sha256"] != self.palette_sha256:
-            raise ValueError(f"checkpoint {plan.tag_dir} was trained with palette {client['palette_sha256']}, "
-                             f"the data uses {self.palette_sha256}")
-        changed = [k for k in MODEL_FIELDS if client["config"]["model"][k] != self.cfg["model"][k]]
-        if changed:
-            raise ValueError(f"checkpoint {plan.tag_dir} has a different model ({changed}); cannot resume")
-        self.step, self.tokens_seen = client["step"], client["tokens_seen"]
-        self.nonfinite_total = client.get("nonfinite_total", 0)
-        data = self.stream.resume_from(client["loader_states"])
-        self.resumed_from = str(plan.tag_dir)
-        _log(self.rank, f"resumed from {plan.tag_dir} at step {self.step} ({self.tokens_seen} tokens seen)")
-        if plan.saved_world != self.world or plan.saved_stage != self.zero_stage:
-            saved = client["config"]["train"]
-            before = saved["micro_batch_size"] * saved["grad_accum"] * plan.saved_world
-            now = self.cfg["train"]["micro_batch_size"] * self.cfg["train"]["grad_accum"] * self.world
-            batch = f"global batch {before} → {now} sequences" + ("" if before == now else
-                                                                   " (set train.grad_accum to keep it)")
-            _log(self.rank, f"elastic resume: {plan.describe(self.world, self.zero_stage)}; {batch}; data: {data}")
 
     # ------------------------------------------------------------ pieces
-    def _client_state(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "nonfinite_total": self.nonfinite_total,
-                "config": self.cfg, "palette_sha256": self.palette_sha256}
-
     def save_checkpoint(self) -> Path:
-        t0 = time.time()
-        path = ckpt.save(self.engine, self.run_dir, self.step, self._client_state(),
-                         loader_state=self.stream.state_dict(), keep_last=self.cfg["checkpoint"]["keep_last"])
-        _log(self.rank, f"checkpoint {path} ({time.time() - t0:.1f} s)")
-        if os.environ.get(FAULT_KILL_ENV) == str(self.step) and self.rank == 0:
-            os.killpg(os.getpgid(0), signal.SIGKILL)
-        return path
+        return self.checkpointer.save(self.engine, self.state, self.palette_sha256, self.stream.state_dict())
 
     def _gathered(self):
         """Context with the full parameters on every rank (ZeRO-3), for sampling outside forward()."""
@@ -261,17 +208,17 @@ class Trainer:
         of it when null), dealt round-robin to the ranks, in the evaluation numerics (``pretrain.precision``)."""
         from data_pipeline.loader import iterate_split
 
-        t = self.cfg["train"]
-        batches = iterate_split(self.cfg["data"]["dir"], self.cfg["data"]["val_split"], t["micro_batch_size"])
-        if t["val_batches"] is not None:
-            batches = itertools.islice(batches, t["val_batches"] * self.world)
+        t = self.cfg.train
+        batches = iterate_split(self.cfg.data.dir, self.cfg.data.val_split, t.micro_batch_size)
+        if t.val_batches is not None:
+            batches = itertools.islice(batches, t.val_batches * self.world)
         mine = [b["tokens"] for i, b in enumerate(batches) if i % self.world == self.rank]
         n_batches = torch.tensor([len(mine)], device=self.device)
         if self.world > 1:  # every rank runs the same number of forwards (ZeRO-3 gathers in them)
             dist.all_reduce(n_batches, op=dist.ReduceOp.MAX)
         self.engine.eval()
         total, count = torch.zeros(2, device=self.device).unbind(0)
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg["train"]["seed"])
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
         for i in range(int(n_batches)):
             tokens = mine[min(i, len(mine) - 1)].to(self.device) if mine else None
             if tokens is None:  # a rank with no batch of its own still joins the forward
@@ -296,17 +243,17 @@ class Trainer:
 
         if self.model_cfg.objective != "ar":
             return
-        t = self.cfg["train"]
-        n, res = t["sample_count"], self.manifest["resolution"]
-        gen = torch.Generator(device=self.device).manual_seed(t["seed"] + self.step)
-        val = next(iter(iterate_split(self.cfg["data"]["dir"], self.cfg["data"]["val_split"], n)))["tokens"]
+        t = self.cfg.train
+        n, res = t.sample_count, self.manifest["resolution"]
+        gen = torch.Generator(device=self.device).manual_seed(t.seed + self.state.step)
+        val = next(iter(iterate_split(self.cfg.data.dir, self.cfg.data.val_split, n)))["tokens"]
         val = val.to(self.device)
         half = (res // 2) * res
         self.engine.eval()
         with self._gathered():
-            uncond = self.model.generate(n, temperature=t["sample_temperature"], generator=gen)
+            uncond = self.model.generate(n, temperature=t.sample_temperature, generator=gen)
             completed = self.model.generate(prefix=val[:, :half], n_tokens=res * res,
-                                            temperature=t["sample_temperature"], generator=gen)
+                                            temperature=t.sample_temperature, generator=gen)
         self.engine.train()
         if self.rank != 0:
             return
@@ -317,16 +264,16 @@ class Trainer:
         def grid(rgb: np.ndarray) -> np.ndarray:  # n images per row, 4x upscaled
             return image_grid(chunk_rows(rgb, n), scale=4)
 
-        self.tracker.log_image(grid(images(uncond)), f"samples/step_{self.step:08d}_uncond.png")
+        self.tracker.log_image(grid(images(uncond)), f"samples/step_{self.state.step:08d}_uncond.png")
         pairs = np.concatenate([images(val), images(completed)])  # originals above their completions
-        self.tracker.log_image(grid(pairs), f"samples/step_{self.step:08d}_completions.png")
+        self.tracker.log_image(grid(pairs), f"samples/step_{self.state.step:08d}_completions.png")
 
     # ------------------------------------------------------------ one optimizer step
     def _mask_generator(self, micro: int) -> torch.Generator | None:
         """The BERT objective's mask randomness, a pure function of (seed, step, micro-batch, rank)."""
         if self.model_cfg.objective != "bert":
             return None
-        seed = (self.cfg["train"]["seed"] * 1_000_003 + self.step * 1009 + micro) * 131 + self.rank
+        seed = (self.cfg.train.seed * 1_000_003 + self.state.step * 1009 + micro) * 131 + self.rank
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def _clip_gradients(self) -> Tensor:
@@ -334,30 +281,30 @@ class Trainer:
         and no host sync. Only where ``loop_clips``: at ZeRO-0 the gradients are whole and already averaged."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        if self.cfg["optim"]["grad_clip"] > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, self.cfg["optim"]["grad_clip"], norm, foreach=True)
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, norm, foreach=True)
         return norm
 
     def train_step(self, batches: Iterator[dict], lr: float) -> Tensor:
         """Run one optimizer step at rate ``lr``; return its record (``pretrain.metrics.RECORD_FIELDS``) on the device."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        accum = self.cfg["train"]["grad_accum"]
+        accum = self.cfg.train.grad_accum
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
             batch = next(batches)
             if self.keys_file is not None:
-                self.keys_file.write(json.dumps({"step": self.step + 1, "epoch": self.stream.epoch,
+                self.keys_file.write(json.dumps({"step": self.state.step + 1, "epoch": self.stream.epoch,
                                                  "keys": batch["keys"]}) + "\n")
             tokens = batch["tokens"].to(self.device, non_blocking=True)
-            self.tokens_seen += tokens.numel() * self.world
+            self.state.tokens_seen += tokens.numel() * self.world
             loss = self.engine(tokens, self._mask_generator(micro))
             self.engine.backward(loss)
             loss_sum += loss.detach().float()
             if micro < accum - 1:
                 self.engine.step()  # inside the accumulation window: no update
         # One all-reduce for the loss and the preemption flag of every rank.
-        stats = torch.stack([loss_sum / accum, torch.full_like(loss_sum, self.preempt.signum is not None)])
+        stats = torch.stack([loss_sum / accum, torch.full_like(loss_sum, self.checkpointer.preemption_requested)])
         if self.world > 1:
             dist.all_reduce(stats)
         loss, preempt = stats[0] / self.world, stats[1] > 0
@@ -372,99 +319,110 @@ class Trainer:
                             grad_norm.float(), preempt.float()])
 
     # ------------------------------------------------------------ the loop
-    def _account(self, record: StepRecord, window: MetricsWindow, tokens_per_step: int) -> None:
+    def _account(self, record: StepRecord, window: MetricsWindow) -> None:
         """Book one step on the host: losses.jsonl, the window, the non-finite count (may raise)."""
         if record.skipped:
             self.consecutive_nonfinite += 1
-            self.nonfinite_total += 1
-            _log(self.rank, f"step {record.step}: non-finite loss, step skipped ({self.consecutive_nonfinite} in a row)")
+            self.state.nonfinite_total += 1
+            self.log(f"step {record.step}: non-finite loss, step skipped ({self.consecutive_nonfinite} in a row)")
         else:
             self.consecutive_nonfinite = 0
-        window.add_step(record, tokens_per_step)
+        window.add_step(record, self.tokens_per_step)
         if self.losses_file is not None:
             self.losses_file.write(json.dumps({"step": record.step, "loss": record.loss, "lr": record.lr,
                                                "grad_norm": record.grad_norm, "skipped": record.skipped}) + "\n")
             self.losses_file.flush()
-        if self.consecutive_nonfinite >= self.cfg["train"]["max_nonfinite"]:
+        if self.consecutive_nonfinite >= self.cfg.train.max_nonfinite:
             raise NonFiniteLossError(f"{self.consecutive_nonfinite} consecutive steps with a non-finite loss "
                                      f"(up to step {record.step}); stopping. Lower optim.lr, raise "
                                      "optim.warmup_steps or check the data.")
 
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.grad_accum * self.world * self.model_cfg.n_ctx
+
+    def _lr(self) -> float:
+        o = self.cfg.optim
+        return lr_at(self.state.step, lr=o.lr, warmup_steps=o.warmup_steps, total_steps=self.cfg.train.steps,
+                     min_lr=o.min_lr)
+
     def _boundary(self) -> bool:
         """Whether this step logs, validates, samples or checkpoints (then every record is read)."""
-        t, c, s = self.cfg["train"], self.cfg["checkpoint"], self.step
-        return s == t["steps"] or any(s % every == 0 for every in
-                                      (t["log_every"], t["val_every"], t["sample_every"], c["every"]))
+        t, s = self.cfg.train, self.state.step
+        return self.checkpointer.due(s) or any(s % every == 0 for every in (t.log_every, t.val_every,
+                                                                             t.sample_every))
+
+    @contextmanager
+    def _record_files(self) -> Iterator[None]:
+        """RUN_DIR/losses.jsonl (rank 0) and, with data.record_keys, this rank's data_keys file, open."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        keys = self.run_dir / f"data_keys.rank{self.rank}.jsonl"
+        with open(self.run_dir / LOSSES_FILE, "a") if self.rank == 0 else nullcontext() as self.losses_file, \
+                open(keys, "a") if self.cfg.data.record_keys else nullcontext() as self.keys_file:
+            yield
+        self.losses_file = self.keys_file = None
 
     def run(self) -> int:
-        t, c = self.cfg["train"], self.cfg["checkpoint"]
-        tokens_per_step = t["micro_batch_size"] * t["grad_accum"] * self.world * self.model_cfg.n_ctx
-        _log(self.rank, f"iGPT {self.num_params / 1e6:.2f}M params | {self.world} rank(s) on {self.device} | "
-                        f"ZeRO-{self.zero_stage} | {self.precision} | {tokens_per_step} tokens/step | "
-                        f"steps {self.step}→{t['steps']}")
-        batches = iter(self.stream)
-        records = StepRecords(self.device)
-        window = MetricsWindow(self.flops_per_token, self.world, self.peak, t["steps"])
+        total = self.cfg.train.steps
+        self.log(f"iGPT {self.num_params / 1e6:.2f}M params | {self.world} rank(s) on {self.device} | "
+                 f"ZeRO-{self.zero_stage} | {self.precision} | {self.tokens_per_step} tokens/step | "
+                 f"steps {self.state.step}→{total}")
+        batches, records = iter(self.stream), StepRecords(self.device)
+        window = MetricsWindow(self.flops_per_token, self.world, self.peak, total)
         status = "FAILED"
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            keys_path = self.run_dir / f"data_keys.rank{self.rank}.jsonl"
-            with open(self.run_dir / LOSSES_FILE, "a") if self.rank == 0 else nullcontext() as self.losses_file, \
-                    open(keys_path, "a") if self.cfg["data"]["record_keys"] else nullcontext() as self.keys_file:
+            with self._record_files():
                 clock = time.perf_counter()
-                while self.step < t["steps"]:
-                    lr = lr_at(self.step, lr=self.cfg["optim"]["lr"], warmup_steps=self.cfg["optim"]["warmup_steps"],
-                               total_steps=t["steps"], min_lr=self.cfg["optim"]["min_lr"])
-                    values = self.train_step(batches, lr)
-                    self.step += 1
-                    records.push(self.step, lr, values)
+                while self.state.step < total:
+                    lr = self._lr()
+                    records.push(self.state.step + 1, lr, self.train_step(batches, lr))
+                    self.state.step += 1
                     due = records.pop()
-                    preempt = any(r.preempt for r in due) and self.step < t["steps"]
-                    if not (self._boundary() or preempt):
-                        for record in due:
-                            self._account(record, window, tokens_per_step)
-                        continue
-                    for record in due + records.pop(flush=True):
-                        self._account(record, window, tokens_per_step)
-                    window.add_seconds(time.perf_counter() - clock)
-                    self._at_boundary(record, window)
-                    if preempt:
-                        signame = signal.Signals(self.preempt.signum).name if self.preempt.signum else "another rank"
-                        _log(self.rank, f"step {self.step}: preemption ({signame}) – saving a checkpoint")
-                        if self.step % c["every"] != 0:
-                            self.save_checkpoint()
-                        raise Preempted()
-                    clock = time.perf_counter()
+                    preempt = any(r.preempt for r in due) and self.state.step < total
+                    boundary = self._boundary()
+                    if boundary or preempt:
+                        due += records.pop(flush=True)
+                    for record in due:
+                        self._account(record, window)
+                    if boundary or preempt:
+                        window.add_seconds(time.perf_counter() - clock)
+                        self._at_boundary(due[-1], window, preempt)
+                        clock = time.perf_counter()
             status = "FINISHED"
             return 0
         except Preempted:
             status = "KILLED"
-            self.tracker.set_tags({"preempted_at_step": self.step})
-            return c["preempt_exit_code"]
+            self.tracker.set_tags({"preempted_at_step": self.state.step})
+            return self.cfg.checkpoint.preempt_exit_code
         finally:
-            self.losses_file = self.keys_file = None
             self.tracker.close(status)
-            self.preempt.restore()
+            self.checkpointer.close()
 
-    def _at_boundary(self, record: StepRecord, window: MetricsWindow) -> None:
-        """Log, validate, sample and checkpoint as this step's number asks (every record is read)."""
-        t, c = self.cfg["train"], self.cfg["checkpoint"]
-        if self.step % t["log_every"] == 0 or self.step == t["steps"]:
-            metrics, line = window.close(record, tokens_seen=self.tokens_seen, nonfinite_total=self.nonfinite_total,
-                                         memory_gb=memory_gb(self.device))
-            self.tracker.log_metrics(metrics, self.step)
-            _log(self.rank, line)
-        if self.step % t["val_every"] == 0 or self.step == t["steps"]:
+    def _at_boundary(self, record: StepRecord, window: MetricsWindow, preempt: bool) -> None:
+        """Log, validate, sample and checkpoint as this step's number asks (every record is read); on
+        preemption checkpoint (once) and raise ``Preempted``."""
+        t, step = self.cfg.train, self.state.step
+        if step % t.log_every == 0 or step == t.steps:
+            metrics, line = window.close(record, tokens_seen=self.state.tokens_seen,
+                                         nonfinite_total=self.state.nonfinite_total, memory_gb=memory_gb(self.device))
+            self.tracker.log_metrics(metrics, step)
+            self.log(line)
+        if step % t.val_every == 0 or step == t.steps:
             val = self.validate()
-            self.tracker.log_metrics({"val_loss": val, "val_bpp": val / math.log(2)}, self.step)
-            _log(self.rank, f"step {self.step} | val loss {val:.4f} ({val / math.log(2):.3f} bpp)")
-        if self.step % t["sample_every"] == 0:
+            self.tracker.log_metrics({"val_loss": val, "val_bpp": val / math.log(2)}, step)
+            self.log(f"step {step} | val loss {val:.4f} ({val / math.log(2):.3f} bpp)")
+        if step % t.sample_every == 0:
             self.sample_grids()
-        if self.step % c["every"] == 0 or self.step == t["steps"]:
+        if preempt:
+            self.log(f"step {step}: preemption ({self.checkpointer.signal_name()}) – saving a checkpoint")
+        if self.checkpointer.due(step) or preempt:
             self.save_checkpoint()
+        if preempt:
+            raise Preempted()
 
 
-def train(cfg: dict, resume: str | None = None) -> int:
+def train(cfg: TrainConfig, resume: str | None = None) -> int:
     """Train with the resolved config ``cfg``; the exit code (0, or the preemption requeue code)."""
     trainer = Trainer(cfg, resume)
     try:

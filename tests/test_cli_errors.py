@@ -21,7 +21,8 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     """Small valid inputs, so that each case gets past everything but its one bad input."""
     from safetensors.torch import save_file
 
-    from data_pipeline.palette import file_sha256, save_palette, uniform9_palette
+    from data_pipeline.io import file_sha256
+    from data_pipeline.palette import save_palette, uniform9_palette
     from data_pipeline.shard import shard_dataset
     from pretrain.config import load_config, save_config
     from pretrain.model import IGPT

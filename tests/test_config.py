@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import ConfigError, igpt_config, load_config, save_config
+from pretrain.config import ConfigError, load_config, save_config
 from pretrain.deepspeed_config import build_deepspeed_config, loop_clips_gradients
 from pretrain.precision import resolve_precision
 from pretrain.tracking import PEAK_TFLOPS, mfu, peak_flops
@@ -17,22 +17,22 @@ TINY = next(p for p in CONFIGS if p.name == "cifar10-cpu-tiny.yaml")
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_preset_loads_and_builds_a_deepspeed_config(path):
     cfg = load_config(path, ["data.dir=/data/tokens"])
-    device = "cuda" if cfg["train"]["device"] == "cuda" else "cpu"
+    device = "cuda" if cfg.train.device == "cuda" else "cpu"
     ds = build_deepspeed_config(cfg, device)
     assert ds["bf16"]["enabled"] is False  # bf16 on GPU is autocast over an fp32 module (pretrain.precision)
-    assert resolve_precision(cfg["train"]["precision"], device) == ("bf16" if device == "cuda" else "fp32")
-    assert ds["zero_optimization"]["stage"] == cfg["deepspeed"]["zero_stage"]
-    assert cfg["optim"]["betas"] == [0.9, 0.95] and cfg["optim"]["weight_decay"] == 0.0
-    model = igpt_config({**cfg, "model": {**cfg["model"], "n_ctx": 1024}})
-    assert model.n_layer >= 2 and model.activation_checkpointing == cfg["model"]["activation_checkpointing"]
+    assert resolve_precision(cfg.train.precision, device) == ("bf16" if device == "cuda" else "fp32")
+    assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
+    assert cfg.optim.betas == [0.9, 0.95] and cfg.optim.weight_decay == 0.0
+    model = cfg.model
+    assert model.n_layer >= 2 and model.activation_checkpointing == cfg.model.activation_checkpointing
 
 
 def test_overrides_win_over_the_yaml_and_types_are_converted():
     cfg = load_config(TINY, ["data.dir=/x", "optim.lr=0.01", "train.steps=7", "deepspeed.zero_stage=3",
                              "optim.betas=[0.8,0.9]"])
-    assert cfg["optim"]["lr"] == 0.01 and cfg["train"]["steps"] == 7 and cfg["deepspeed"]["zero_stage"] == 3
-    assert cfg["optim"]["betas"] == [0.8, 0.9]
-    assert cfg["train"]["micro_batch_size"] == 16  # from the YAML, not the schema default
+    assert cfg.optim.lr == 0.01 and cfg.train.steps == 7 and cfg.deepspeed.zero_stage == 3
+    assert cfg.optim.betas == [0.8, 0.9]
+    assert cfg.train.micro_batch_size == 16  # from the YAML, not the schema default
 
 
 @pytest.mark.parametrize("override, key", [
@@ -44,6 +44,8 @@ def test_overrides_win_over_the_yaml_and_types_are_converted():
     ("checkpoint.keep_last=0", "checkpoint.keep_last"),
     ("train.precision=fp16", "train.precision"),
     ("train.val_batches=0", "train.val_batches"),
+    ("checkpoint.preempt_signal=KILL", "checkpoint.preempt_signal"),
+    ("checkpoint.preempt_signal=BOGUS", "checkpoint.preempt_signal"),
     ("deepspeed.offload_param=cpu", "deepspeed.offload_param"),
 ])
 def test_bad_keys_and_values_are_errors_that_name_the_key(override, key):

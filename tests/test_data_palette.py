@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.palette import fit_kmeans_palette, file_sha256, load_palette, save_palette, uniform9_palette
+from data_pipeline.io import file_sha256
+from data_pipeline.palette import fit_kmeans_palette, load_palette, save_palette, uniform9_palette
 from data_pipeline.quantize import Quantizer, build_lut, dequantize, lut_cache_path, quantize_bruteforce
 
 

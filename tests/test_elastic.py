@@ -38,11 +38,11 @@ trainer = Trainer(cfg, resume=resume)
 state = {name: {"fp32": safe_get_full_fp32_param(p), "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
                 "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}
          for name, p in trainer.model.named_parameters()}
-tokens = next(iter(iterate_split(cfg["data"]["dir"], "val", 8)))["tokens"]
+tokens = next(iter(iterate_split(cfg.data.dir, "val", 8)))["tokens"]
 loss = float(trainer.engine(tokens, evaluate=True))
 steps = sorted({int(st["step"]) for st in trainer.adam.state.values()})
 if trainer.rank == 0:
-    torch.save({"step": trainer.step, "loss": loss, "state": state, "adam_steps": steps}, out)
+    torch.save({"step": trainer.state.step, "loss": loss, "state": state, "adam_steps": steps}, out)
 trainer.tracker.close("FINISHED")
 trainer.engine.destroy()
 shutdown()
@@ -118,11 +118,11 @@ def test_zero2_resumes_on_another_world_size(cifar_tokens, tmp_path, before, aft
             expected = torch.load(tag / ckpt.UNIVERSAL / "zero" / f"model.{name}" / f"{moment}.pt", weights_only=False)
             assert torch.equal(mine[moment], expected["param"].view_as(mine[moment])), (name, moment)
 
-    from pretrain.config import igpt_config, load_config
+    from pretrain.config import load_config
     from pretrain.model import IGPT
     from data_pipeline.loader import iterate_split
 
-    model = IGPT(igpt_config(load_config(ref / "config.yaml")))  # the uninterrupted run's weights at step S
+    model = IGPT(load_config(ref / "config.yaml").model)  # the uninterrupted run's weights at step S
     model.load_state_dict({k.removeprefix("model."): v.float() for k, v in saved.items()})
     tokens = next(iter(iterate_split(cifar_tokens, "val", 8)))["tokens"]
     with torch.no_grad():

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from data_pipeline.grid import chunk_rows, image_grid
-from data_pipeline.palette import file_sha256, save_palette, uniform9_palette
+from data_pipeline.io import file_sha256
+from data_pipeline.palette import save_palette, uniform9_palette
 from evals.baselines import pixel_features, random_init_cache, random_init_model
 from evals.commands import (EvalRun, SampleOptions, SplitOptions, _accuracy_note, run_finetune, run_nll, run_probe,
                             run_sample)

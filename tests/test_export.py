@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
 from data_pipeline.loader import iterate_split
-from data_pipeline.palette import file_sha256
+from data_pipeline.io import file_sha256
 from pretrain.release import load_model
 from test_train_support import REPO, all_logs, run_overrides, train_ranks
 
@@ -37,7 +37,7 @@ def test_export_zero3_release_loads_without_deepspeed_and_matches(cifar_tokens, 
     with safe_open(out / "model.safetensors", framework="pt") as f:
         assert f.metadata()["step"] == "3"
         assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys())
-    assert cfg["deepspeed"]["zero_stage"] == 3 and model.cfg.n_ctx == 256 and not model.head.weight.eq(0).all()
+    assert cfg.deepspeed.zero_stage == 3 and model.cfg.n_ctx == 256 and not model.head.weight.eq(0).all()
 
     # The validation loss the training run logged (2 ranks x 2 batches) from the exported weights alone.
     batches = [b["tokens"] for _, b in zip(range(4), iterate_split(cifar_tokens, "val", 4))]

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.model import IGPT, IGPTConfig, KVCache, attention, attention_math
+from kernels.reference import attention_reference
+from pretrain.attention import attention_backend
+from pretrain.model import IGPT, IGPTConfig, KVCache
 from pretrain.presets import MODEL_PRESETS, model_config
 
 
@@ -206,12 +208,12 @@ def test_features_pool_hidden_states_and_stop_early():
 def test_attention_backends_agree_with_float64(causal):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 13, 16, generator=g) for _ in range(3))
-    exact = attention_math(q.double(), k.double(), v.double(), causal=causal)
+    exact = attention_reference(q.double(), k.double(), v.double(), causal=causal)
     for backend in ("sdpa", "reference"):
-        out = attention(q, k, v, causal=causal, backend=backend)
+        out = attention_backend(backend)(q, k, v, causal=causal)
         torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
     # fewer queries than keys: the queries are the last positions
-    out = attention(q[:, :, -4:], k, v, causal=causal, backend="sdpa")
+    out = attention_backend("sdpa")(q[:, :, -4:], k, v, causal=causal)
     torch.testing.assert_close(out.double(), exact[:, :, -4:], rtol=1e-5, atol=1e-5)
 
 

@@ -14,8 +14,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pretrain import checkpoint as ckpt
-from pretrain.train import FAULT_KILL_ENV
-from test_train_support import REPO, all_logs, launch, read_log, run_overrides, step_losses, train_ranks, wait_all
+from test_train_support import (REPO, all_logs, killed_after_checkpoint, launch, read_log, run_overrides,
+                                step_losses, train_ranks, wait_all)
 
 pytestmark = pytest.mark.slow
 N = 4  # steps before the kill; the reference run trains 2N
@@ -34,7 +34,7 @@ def test_loss_falls_and_exact_resume_after_sigkill(cifar_tokens, tmp_path, stage
     assert last < first - 0.1, expected
 
     cut_args = run_overrides(cifar_tokens, cut, checkpoint__every=N, **common)
-    codes = train_ranks(cut_args, cut, env={FAULT_KILL_ENV: str(N)})
+    codes = train_ranks(cut_args, cut, program=killed_after_checkpoint(N))
     assert codes == [-signal.SIGKILL, -signal.SIGKILL], all_logs(cut)
     assert [p.name for p in ckpt.find_resumable(cut)] == [ckpt.tag_for(N)]
     assert max(step_losses(cut)) == N
@@ -145,14 +145,15 @@ def test_jsonl_tracking_trains_where_mlflow_cannot_be_imported(cifar_tokens, tmp
 def test_validation_on_the_whole_val_split_equals_eval_nll(cifar_tokens, tmp_path):
     """train.val_batches=null: the last logged val loss of a 2-rank ZeRO-3 run in the default bf16 mode (an
     odd number of val batches, so one rank pads) equals ``igpt eval nll`` on the same checkpoint."""
+    val = json.loads((cifar_tokens / "manifest.json").read_text())["splits"]["val"]["num_samples"]
+    micro = next(m for m in (4, 5, 3, 6, 7) if -(-val // m) % 2 == 1)  # an odd count: one rank pads
     run = tmp_path / "run"
     args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=3, train__steps=3, train__val_every=3,
-                         train__val_batches="null", train__precision="bf16", logging__backend="jsonl")
+                         train__val_batches="null", train__precision="bf16", logging__backend="jsonl",
+                         train__micro_batch_size=micro)
     assert train_ranks(args, run) == [0, 0], all_logs(run)
     metrics = [json.loads(line) for line in (run / "tracking" / "metrics.jsonl").read_text().splitlines()]
     logged = [m["val_loss"] for m in metrics if "val_loss" in m]
-    val = json.loads((cifar_tokens / "manifest.json").read_text())["splits"]["val"]["num_samples"]
-    assert -(-val // 4) % 2 == 1  # micro-batches of 4: an odd count, one rank runs a padding forward
 
     out = subprocess.run([sys.executable, "-m", "igpt_cli", "eval", "nll", "--checkpoint", str(run), "--data",
                           str(cifar_tokens), "--out", str(tmp_path / "nll"), "--device", "cpu"],

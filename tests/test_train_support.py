@@ -30,6 +30,33 @@ def run_overrides(data_dir: Path, run_dir: Path, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+# `igpt train` that SIGKILLs its process group right after the checkpoint of step argv[1] is complete (a
+# real kill -9 at a known point); the fault is injected here, around the production code.
+KILL_AFTER_CHECKPOINT = r"""
+import os, signal, sys
+from pretrain import checkpoint
+from pretrain.cli import main
+
+kill_at, save = int(sys.argv[1]), checkpoint.save
+
+
+def save_then_kill(engine, run_dir, step, *args, **kwargs):
+    path = save(engine, run_dir, step, *args, **kwargs)
+    if step == kill_at and engine.global_rank == 0:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    return path
+
+
+checkpoint.save = save_then_kill
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def killed_after_checkpoint(step: int) -> list[str]:
+    """A ``launch`` program: training killed (-9, the whole group) right after its checkpoint of ``step``."""
+    return [sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(step), "train"]
+
+
 def launch(overrides: list[str], nprocs: int = 2, resume: str | None = None, env: dict | None = None,
            log: Path | None = None, torchrun: bool = False, program: list[str] | None = None) -> list[subprocess.Popen]:
     """Start ``nprocs`` ranks of ``python -m pretrain.cli train`` (or of ``program CONFIG OVERRIDES``) in one
