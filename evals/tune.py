@@ -33,7 +33,7 @@ from evals.finetune import FinetuneHistory, finetune
 from evals.inputs import pick_device
 from evals.probe import fit_probe
 from evals.tracking import ParentRun
-from pretrain.model import IGPT, IGPTConfig
+from pretrain.model import IGPT
 
 PRED_FILE = "predictions.npy"
 
@@ -88,7 +88,7 @@ def probe_trial(config: dict[str, Any], features: dict[str, Any]) -> None:
 
 def finetune_trial(config: dict[str, Any], inputs: dict[str, Any]) -> None:
     """One (lr, λ, epochs) cell: fine-tune a fresh copy of the checkpoint, reporting every epoch."""
-    model = IGPT(IGPTConfig(**inputs["model_config"]))
+    model = IGPT(inputs["model_config"])
     model.load_state_dict(inputs["state_dict"])
     search: dict[str, Any] = inputs["search"]
 
@@ -250,7 +250,7 @@ def tune_finetune(
 ) -> list[dict[str, Any]]:
     """Run the lr × λ × epochs grid under ASHA; returns one row per trial (config, last metrics, best preds)."""
     inputs = {
-        "model_config": asdict(model.cfg),
+        "model_config": model.cfg,  # as is: a release's is the config's ModelSection (an IGPTConfig with a preset)
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "train": (train[0].to(torch.int16), train[1]), "val": (val[0].to(torch.int16), val[1]),
         "num_classes": num_classes, "search": asdict(search),
