@@ -59,12 +59,20 @@ def runtime_env(job: RayJob) -> dict:
     return env
 
 
-def submit(job: RayJob, client: JobSubmissionClient | None = None) -> str:
-    """Submit ``job``; return its submission id."""
+def submit(job: RayJob, client: JobSubmissionClient | None = None, agent_wait_s: float = 120.0) -> str:
+    """Submit ``job``; return its submission id. A cluster whose job agent is not up yet (just started,
+    or busy) answers "No available agent … try again later": the submission is retried for ``agent_wait_s``."""
     client = client or JobSubmissionClient(job.address)
-    return client.submit_job(entrypoint=entrypoint(job), runtime_env=runtime_env(job),
-                             submission_id=job.submission_id,
-                             metadata={"igpt_command": shlex.join(job.command)})
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint(job), runtime_env=runtime_env(job),
+                                     submission_id=job.submission_id,
+                                     metadata={"igpt_command": shlex.join(job.command)})
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 async def _tail(client: JobSubmissionClient, job_id: str, out) -> None:
