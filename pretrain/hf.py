@@ -27,8 +27,8 @@ from data_pipeline.io import atomic_dir, write_json_atomic
 from data_pipeline.palette import load_palette, save_palette
 from pretrain.config import DataSection, ModelSection, TrainConfig
 from pretrain.hf_convert import (NotConvertible, PaletteRounding, check_exportable, clusters_from_palette,
-                                 from_hf_state, hf_config_kwargs, model_fields_from_hf, palette_from_clusters,
-                                 to_hf_state)
+                                 from_hf_state, hf_config_kwargs, model_fields_from_hf, nearest_clusters,
+                                 palette_from_clusters, to_hf_state)
 from pretrain.model import IGPT
 from pretrain.presets import MODEL_PRESETS
 from pretrain.release import load_model, palette_file, write_release
@@ -90,19 +90,22 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------------------------------ import
 @dataclass(frozen=True)
 class TokenDisagreement:
-    """Our tokens (uint8 palette) against the Hugging Face processor's (float clusters) on the same pixels."""
+    """Our tokens (uint8 palette) against the float clusters' on the same pixels; ``ties``: differing pixels whose
+    two colours are equally near in the uint8 palette (only the tie-break differs)."""
 
     images: int
     pixels: int
     differing: int
+    ties: int
 
     @property
     def fraction(self) -> float:
         return self.differing / max(self.pixels, 1)
 
     def describe(self) -> str:
-        return (f"tokens differ from the Hugging Face processor's on {self.differing} of {self.pixels} pixels "
-                f"({100 * self.fraction:.4f}%) of {self.images} images")
+        return (f"tokens differ from the float clusters' on {self.differing} of {self.pixels} pixels "
+                f"({100 * self.fraction:.4f}%) of {self.images} images, {self.ties} of them ties "
+                "(colours equally near in the uint8 palette)")
 
 
 @dataclass(frozen=True)
@@ -169,23 +172,24 @@ def _decoded(sources: list[str], side: int) -> Iterator[np.ndarray]:
             os.close(fd)
 
 
-def token_disagreement(hf_dir: Path, palette: np.ndarray, sources: list[str], side: int,
+def token_disagreement(palette: np.ndarray, clusters: np.ndarray, sources: list[str], side: int,
                        limit: int) -> TokenDisagreement:
-    """Our tokens against those of the directory's own Hugging Face processor (no resize) on the same pixels:
-    up to ``limit`` images of ``sources`` decoded at ``side``×``side`` as our shards are."""
+    """Our tokens (``palette``) against the nearest float centres' (``clusters``, as Hugging Face's processor
+    assigns them) on the same pixels: up to ``limit`` images of ``sources`` decoded at ``side``×``side`` as our
+    shards are."""
     from data_pipeline.quantize import Quantizer
 
-    processor = _transformers().AutoImageProcessor.from_pretrained(hf_dir, local_files_only=True)
     quantizer = Quantizer(palette, progress=False)
     decoded = itertools.islice(_decoded(sources, side), limit)
-    images = pixels = differing = 0
+    images = pixels = differing = ties = 0
     while batch := list(itertools.islice(decoded, 256)):
-        rgb = np.stack(batch)
-        ours = quantizer.quantize(rgb).reshape(len(batch), -1).astype(np.int64)
-        theirs = np.asarray(processor(images=batch, do_resize=False, return_tensors="np",
-                                      input_data_format="channels_last")["input_ids"]).reshape(len(batch), -1)
-        images, pixels, differing = images + len(batch), pixels + ours.size, differing + int((ours != theirs).sum())
-    return TokenDisagreement(images, pixels, differing)
+        rgb = np.stack(batch).reshape(-1, 3)
+        ours, theirs = quantizer.quantize(rgb), nearest_clusters(rgb, clusters)
+        apart = ours != theirs
+        near = [((rgb[apart].astype(np.int64) - palette[t[apart]]) ** 2).sum(1) for t in (ours, theirs)]
+        images, pixels, differing = images + len(batch), pixels + len(rgb), differing + int(apart.sum())
+        ties += int((near[0] == near[1]).sum())
+    return TokenDisagreement(images, pixels, differing, ties)
 
 
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, images: list[str] | None = None,
@@ -204,7 +208,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, images: list[st
     IGPT(cfg.model).load_state_dict(state, strict=True)  # the shapes fit the config
     disagreement = None
     if images:
-        disagreement = token_disagreement(hf_dir, palette, images, _side(cfg.model.n_ctx), limit)
+        disagreement = token_disagreement(palette, clusters, images, _side(cfg.model.n_ctx), limit)
     with tempfile.TemporaryDirectory() as tmp:
         sha = save_palette(palette, Path(tmp) / "palette.npy")
         metadata = {"palette_sha256": sha, "source": str(hf_dir.resolve()), "format": "huggingface-imagegpt",

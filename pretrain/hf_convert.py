@@ -140,3 +140,16 @@ def palette_from_clusters(clusters: np.ndarray) -> tuple[np.ndarray, PaletteRoun
     duplicates = len(palette) - len(np.unique(palette, axis=0))
     clipped = int(((colours < 0) | (colours > 255)).any(axis=1).sum())
     return palette, PaletteRounding(float(error.max()), float(error.mean()), clipped, duplicates)
+
+
+def nearest_clusters(rgb: np.ndarray, clusters: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """For (..., 3) uint8 pixels, the index of the nearest float centre (what Hugging Face's processor
+    computes, here with exact float64 distances; lowest index on ties), shaped (...)."""
+    from data_pipeline.quantize import rgb_codes
+
+    codes, inverse = np.unique(rgb_codes(np.asarray(rgb)), return_inverse=True)
+    colours = np.stack([codes & 255, (codes >> 8) & 255, codes >> 16], axis=1)
+    x = torch.from_numpy(colours.astype(np.float64) / 127.5 - 1.0)
+    c = torch.from_numpy(np.asarray(clusters, dtype=np.float64))
+    nearest = torch.cat([((x[s:s + chunk, None] - c[None]) ** 2).sum(-1).argmin(1) for s in range(0, len(x), chunk)])
+    return nearest.numpy()[inverse.reshape(-1)].reshape(np.shape(rgb)[:-1])
