@@ -205,7 +205,8 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, images: list[st
     palette, rounding = palette_from_clusters(clusters)
     state = from_hf_state(_hf_state(hf_dir), fields["n_layer"])
     cfg = TrainConfig(model=ModelSection(**fields, preset=_preset(fields)), data=DataSection(dir=str(hf_dir.resolve())))
-    IGPT(cfg.model).load_state_dict(state, strict=True)  # the shapes fit the config
+    with torch.device("meta"):
+        IGPT(cfg.model).load_state_dict(state, strict=True, assign=True)  # the names and shapes fit the config
     disagreement = None
     if images:
         disagreement = token_disagreement(palette, clusters, images, _side(cfg.model.n_ctx), limit)

@@ -273,7 +273,7 @@ def test_import_refuses_a_directory_that_is_not_hf_imagegpt(tmp_path, capsys):
 def test_init_from_trains_from_the_release_and_a_checkpoint_wins(cifar_tokens, tmp_path):
     """2 ranks, ZeRO-3 (the weights go in under GatheredParameters): step 1's loss is the release's NLL on the
     ranks' first batches, step 2's on their second (DeepSpeed's fp32 master copy started there too); a rerun with
-    ``--resume auto`` resumes its checkpoint instead and says so."""
+    ``--resume auto`` resumes its checkpoint instead and says so; the run dir then exports to Hugging Face."""
     from data_pipeline.loader import TokenStream
     from test_train_support import TINY as TINY_YAML, all_logs, read_log, run_overrides, step_losses, train_ranks
 
@@ -307,3 +307,9 @@ def test_init_from_trains_from_the_release_and_a_checkpoint_wins(cifar_tokens, t
     tag = run / "checkpoints" / "step_00000002"
     assert f"init_from: not applied, the run resumes checkpoint {tag} instead of {release}" in log
     assert f"resumed from {tag} at step 2" in log and sorted(step_losses(run)) == [1, 2, 3]
+
+    hf = transformers.ImageGPTForCausalImageModeling.from_pretrained(export_hf(run, tmp_path / "hf")).eval()
+    trained, _, _ = load_model(run)  # a run dir exports too: its newest checkpoint, consolidated from ZeRO-3
+    toks = tokens(length=256)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(hf_inputs(toks, VOCAB)).logits, trained(toks).logits, atol=1e-5, rtol=0)
