@@ -25,6 +25,7 @@ import torch
 
 from data_pipeline.io import atomic_dir, write_json_atomic
 from data_pipeline.palette import load_palette, save_palette
+from data_pipeline.progress import forced
 from pretrain.config import DataSection, ModelSection, TrainConfig
 from pretrain.hf_convert import (NotConvertible, PaletteRounding, check_exportable, clusters_from_palette,
                                  from_hf_state, hf_config_kwargs, model_fields_from_hf, nearest_clusters,
@@ -43,10 +44,14 @@ class NotHuggingFace(ValueError):
 
 
 def _transformers() -> Any:
+    """The transformers module, its progress bars following ours (``IGPT_PROGRESS``) and its log on errors only."""
     try:
         import transformers
     except ImportError as err:
         raise NotConvertible("Hugging Face interop needs transformers: pip install -e '.[hf]'") from err
+    transformers.utils.logging.set_verbosity_error()
+    if not forced():
+        transformers.utils.logging.disable_progress_bar()
     return transformers
 
 
