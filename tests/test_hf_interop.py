@@ -235,12 +235,30 @@ def test_configs_written_before_the_new_fields_load_as_todays_model(palette, tmp
 
 # ------------------------------------------------------------------------------------------ errors
 def test_init_from_with_another_shape_names_what_differs(palette, tmp_path):
+    run_model = IGPTConfig(**{k: v for k, v in TINY.items() if k != "preset"})
     release = release_of(tmp_path / "release", palette, n_embd=48)
-    with pytest.raises(InitMismatch, match=r"wte\.weight: \(512, 48\) in the source, \(512, 32\) in this model"):
-        load_init_state(release, IGPTConfig(**{k: v for k, v in TINY.items() if k != "preset"}), file_sha256(palette))
+    with pytest.raises(InitMismatch, match=r"model\.n_embd: 48 in the source, 32 in this run; 30 parameters differ "
+                                           r"\(blocks\.0\.attn\.c_attn\.bias \(144,\) against \(96,\), .* and 27 more\)"):
+        load_init_state(release, run_model, file_sha256(palette))
     rms = release_of(tmp_path / "rms", palette, norm="rms", activation="quick_gelu")
-    with pytest.raises(InitMismatch, match=r"model\.norm: 'rms' in the source, 'layernorm'.*model\.activation"):
-        load_init_state(rms, IGPTConfig(**{k: v for k, v in TINY.items() if k != "preset"}), file_sha256(palette))
+    with pytest.raises(InitMismatch, match=r"model\.norm: 'rms' in the source, 'layernorm'.*model\.activation.*"
+                                           r"ln_1\.bias missing against \(32,\)"):
+        load_init_state(rms, run_model, file_sha256(palette))
+
+
+def test_train_with_a_wrong_shaped_init_from_is_one_line(cifar_tokens, tmp_path):
+    import subprocess
+    import sys
+
+    from test_train_support import REPO, TINY as TINY_YAML
+
+    release = release_of(tmp_path / "release", cifar_tokens / PALETTE_FILE, n_ctx=256, n_embd=48)
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", str(TINY_YAML), f"data.dir={cifar_tokens}",
+           f"train.run_dir={tmp_path / 'run'}", f"train.init_from={release}"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-3000:]
+    assert done.stderr.startswith(f"igpt train: error: train.init_from={release} does not fit this run's model: "
+                                  "model.n_embd: 48 in the source, 64 in this run"), done.stderr
 
 
 @pytest.mark.parametrize("model, words", [
