@@ -70,8 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("hf_dir", help="dir with config.json, the weights and preprocessor_config.json")
     p.add_argument("--out", required=True, help="release dir to write")
     p.add_argument("--compare-images", nargs="+", default=None, metavar="SOURCE",
-                   help="images (as for 'igpt data shard') on which to count how often our rounded palette's "
-                        "tokens differ from the Hugging Face processor's")
+                   help="images (as for 'igpt data shard') on which to count how often the rounded palette's "
+                        "tokens differ from the float centres' (those of Hugging Face's processor)")
     p.add_argument("--compare-limit", type=int, default=2000, help="images compared at most")
     p.set_defaults(func=_import_hf)
 

@@ -7,7 +7,8 @@ imported inside these functions only.
 
 The palette: ours is uint8 (its identity is the file's sha256), Hugging Face's float. Export is exact
 (c = p / 127.5 - 1 rounds back to p); import rounds each centre to the nearest colour and reports the
-rounding, and with ``images`` how often our tokens differ from the Hugging Face processor's on them.
+rounding, and with ``images`` how often our tokens differ on them from the float centres' (the tokens
+Hugging Face's processor gives).
 """
 from __future__ import annotations
 
@@ -121,7 +122,8 @@ class ImportReport:
 
 
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
-    """``config.json`` of a Hugging Face ImageGPT directory, or ``NotHuggingFace``."""
+    """The ``ImageGPTConfig`` of a Hugging Face ImageGPT directory as a dict (the keys its ``config.json`` leaves
+    out at their defaults), or ``NotHuggingFace``."""
     path = hf_dir / HF_CONFIG
     if not path.is_file():
         raise NotHuggingFace(f"{hf_dir} is not a Hugging Face model directory (no {HF_CONFIG})")
@@ -132,7 +134,7 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("model_type") != HF_MODEL_TYPE:
         kind = config.get("model_type") if isinstance(config, dict) else None
         raise NotHuggingFace(f"{hf_dir} holds a Hugging Face {kind!r} model, not {HF_MODEL_TYPE!r}")
-    return config
+    return _transformers().ImageGPTConfig.from_pretrained(hf_dir, local_files_only=True).to_dict()
 
 
 def read_clusters(hf_dir: Path) -> np.ndarray:

@@ -153,7 +153,10 @@ def _safetensors_header(path: Path) -> str:
 
 
 def test_imported_model_gives_hf_logits_and_probe_features_at_each_layer(tmp_path):
-    source = hf_dir_of(tmp_path / "hf", float_clusters(), activation_function="quick_gelu")  # OpenAI's defaults
+    source = hf_dir_of(tmp_path / "hf", float_clusters())  # OpenAI's settings are ImageGPTConfig's defaults
+    config = json.loads((source / "config.json").read_text())
+    kept = ("model_type", "architectures", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+    (source / "config.json").write_text(json.dumps({k: config[k] for k in kept}))  # the defaults left out
     ours, cfg, _ = load_model(import_hf(source, tmp_path / "release").release)
     assert (cfg.model.norm, cfg.model.activation, cfg.model.vocab_size) == ("rms", "quick_gelu", 16)
     hf = transformers.ImageGPTForCausalImageModeling.from_pretrained(source).eval()
