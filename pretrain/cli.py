@@ -1,4 +1,4 @@
-"""``igpt train`` and ``igpt export``."""
+"""``igpt train``, ``igpt export`` (a release, or a Hugging Face directory) and ``igpt import hf``."""
 from __future__ import annotations
 
 import argparse
@@ -17,15 +17,35 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pretrain.export import export
+    if args.format == "hf":
+        if args.tag is not None:
+            raise ValueError("--tag picks a checkpoint for --format release; --format hf takes the newest")
+        from pretrain.hf import export_hf
 
-    out = export(args.run_dir, args.out, tag=args.tag)
+        out = export_hf(args.run_dir, args.out)
+    else:
+        from pretrain.export import export
+
+        out = export(args.run_dir, args.out, tag=args.tag)
     print(f"wrote {out}")
     return 0
 
 
+def _import_hf(args: argparse.Namespace) -> int:
+    from pretrain.hf import import_hf
+
+    if args.compare_limit < 1:
+        raise ValueError(f"--compare-limit must be >= 1, got {args.compare_limit}")
+    report = import_hf(args.hf_dir, args.out, images=args.compare_images, limit=args.compare_limit)
+    print(report.rounding.describe())
+    if report.disagreement is not None:
+        print(report.disagreement.describe())
+    print(f"wrote {report.release}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``train`` and ``export`` to the ``igpt`` command."""
+    """Add ``train``, ``export`` and ``import`` to the ``igpt`` command."""
     p = subparsers.add_parser("train", help="pretrain iGPT with DeepSpeed (torchrun / deepspeed / srun / plain)")
     p.add_argument("config", help="YAML preset, e.g. configs/cifar10-cpu-tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, merged last")
@@ -34,15 +54,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(func=_train)
 
-    p = subparsers.add_parser("export", help="consolidate a run's checkpoint into a release dir (fp32 safetensors)")
-    p.add_argument("run_dir")
-    p.add_argument("--out", required=True, help="release dir to write")
+    p = subparsers.add_parser("export", help="consolidate a run's checkpoint into a release dir (fp32 safetensors), "
+                                             "or a run or release into a Hugging Face ImageGPT dir")
+    p.add_argument("run_dir", metavar="RUN_OR_RELEASE", help="run dir (release format), or run or release dir (hf)")
+    p.add_argument("--out", required=True, help="dir to write")
+    p.add_argument("--format", choices=("release", "hf"), default="release",
+                   help="release: our format; hf: from_pretrained-loadable ImageGPTForCausalImageModeling with "
+                        "preprocessor_config.json (needs model.norm=rms and the ar objective)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: newest complete)")
     p.set_defaults(func=_export)
 
+    group = subparsers.add_parser("import", help="bring outside weights into our release format")
+    kinds = group.add_subparsers(dest="kind", metavar="KIND", required=True)
+    p = kinds.add_parser("hf", help="a Hugging Face ImageGPT dir (e.g. openai/imagegpt-small) → a release dir")
+    p.add_argument("hf_dir", help="dir with config.json, the weights and preprocessor_config.json")
+    p.add_argument("--out", required=True, help="release dir to write")
+    p.add_argument("--compare-images", nargs="+", default=None, metavar="SOURCE",
+                   help="images (as for 'igpt data shard') on which to count how often the rounded palette's "
+                        "tokens differ from the float centres' (those of Hugging Face's processor)")
+    p.add_argument("--compare-limit", type=int, default=2000, help="images compared at most")
+    p.set_defaults(func=_import_hf)
+
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pretrain.cli train|export …`` (the same commands, and errors, without the other stages)."""
+    """``python -m pretrain.cli train|export|import …`` (the same commands, and errors, without the other stages)."""
     from igpt_cli import add_common_options, run
 
     parser = argparse.ArgumentParser(prog="igpt")

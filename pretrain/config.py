@@ -112,6 +112,10 @@ class TrainSection:
     """Stop after this many consecutive steps with a non-finite loss."""
     compile: bool = False
     """torch.compile the model through engine.compile()."""
+    init_from: Optional[str] = None
+    """A release or run dir (``igpt export``, ``igpt import hf``) whose weights the run starts from, with a fresh
+    optimizer and schedule; its palette must be the data's and its model this one. Not applied when the run
+    resumes a checkpoint (``--resume``)."""
 
 
 @dataclass

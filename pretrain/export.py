@@ -14,13 +14,10 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.io import file_sha256
-from data_pipeline.palette import PALETTE_FILE
 from data_pipeline.progress import bar
-from data_pipeline.token_shards import check_palette
 from pretrain import checkpoint as ckpt
 from pretrain.config import load_config
-from pretrain.release import CONFIG_FILE, write_release
+from pretrain.release import CONFIG_FILE, palette_file, write_release
 
 MODULE_PREFIX = "model."  # the training engine wraps IGPT in LossModule
 
@@ -61,10 +58,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None =
         tag_dir = resolve_tag(run_dir, tag)
         info = ckpt.verify(tag_dir, check_sha256=False)
         cfg = load_config(run_dir / CONFIG_FILE)
-        palette = Path(cfg.data.dir) / PALETTE_FILE
-        if not palette.is_file():
-            raise FileNotFoundError(f"palette {palette} of the run's data is missing")
-        check_palette(info["palette_sha256"], file_sha256(palette), f"{palette} against the run's checkpoint")
+        palette = palette_file(run_dir, cfg.data.dir, info["palette_sha256"])
         steps.set_description("export: consolidate weights")
         steps.update()
         state = consolidated_state_dict(tag_dir)

@@ -20,6 +20,9 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.attention import AttnBackend, attention_backend
 
 Objective = Literal["ar", "bert"]
+Norm = Literal["layernorm", "rms"]
+Activation = Literal["gelu_tanh", "quick_gelu"]
+NORM_EPS = 1e-5  # every norm's epsilon (nn.LayerNorm's default and Hugging Face ImageGPT's layer_norm_epsilon)
 
 
 @dataclass
@@ -47,6 +50,12 @@ class IGPTConfig:
     """Recompute each block's activations in the backward pass (memory for time)."""
     init_std: float = 0.02
     """Standard deviation of the GPT-2 initialisation."""
+    norm: Norm = "layernorm"
+    """``layernorm``: mean-centred, with a bias; ``rms``: ``x / sqrt(mean(x²) + eps) * weight``, no bias (OpenAI's
+    iGPT and Hugging Face ImageGPT; only ``rms`` models export to Hugging Face)."""
+    activation: Activation = "gelu_tanh"
+    """MLP activation: ``gelu_tanh`` (GELU, tanh approximation) or ``quick_gelu`` (``x * sigmoid(1.702 x)``,
+    OpenAI's iGPT)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd"):
@@ -57,7 +66,8 @@ class IGPTConfig:
                 raise ValueError(f"IGPTConfig.{name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"IGPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        for name, kind in (("attn_backend", AttnBackend), ("objective", Objective)):
+        for name, kind in (("attn_backend", AttnBackend), ("objective", Objective), ("norm", Norm),
+                           ("activation", Activation)):
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"IGPTConfig.{name}={getattr(self, name)!r}; choose one of {get_args(kind)}")
         if not 0.0 < self.mask_prob < 1.0:
@@ -118,14 +128,34 @@ class SelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+def quick_gelu(x: Tensor) -> Tensor:
+    """``x * sigmoid(1.702 x)``: the GELU approximation of OpenAI's iGPT."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu_tanh": gelu_tanh, "quick_gelu": quick_gelu}
+
+
+def make_norm(cfg: IGPTConfig) -> nn.Module:
+    """The normalisation layer ``cfg.norm`` names, over ``n_embd`` features."""
+    if cfg.norm == "rms":
+        return nn.RMSNorm(cfg.n_embd, eps=NORM_EPS)
+    return nn.LayerNorm(cfg.n_embd, eps=NORM_EPS)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: IGPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -133,9 +163,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: IGPTConfig, layer: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.ln_1 = make_norm(cfg)
         self.attn = SelfAttention(cfg, layer)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> tuple[Tensor, Tensor]:
@@ -157,7 +187,7 @@ class IGPT(nn.Module):
         self.sos = nn.Parameter(torch.empty(cfg.n_embd)) if cfg.objective == "ar" else None
         self.mask_emb = nn.Parameter(torch.empty(cfg.n_embd)) if cfg.objective == "bert" else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.ln_f = make_norm(cfg)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
@@ -170,7 +200,7 @@ class IGPT(nn.Module):
                 nn.init.normal_(module.weight, std=std * scale)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
         nn.init.normal_(self.wte.weight, std=std)
         nn.init.normal_(self.wpe.weight, std=std / 2)

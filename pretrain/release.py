@@ -37,6 +37,19 @@ def write_release(out: str | os.PathLike, state: dict[str, torch.Tensor], cfg: T
     return out
 
 
+def palette_file(path: str | os.PathLike, data_dir: str, sha: str | None) -> Path:
+    """The palette of the release dir ``path`` (its own copy) or of a run dir (its data's, in ``data_dir``),
+    checked against the weights' palette ``sha``."""
+    path = Path(path)
+    release = (path / WEIGHTS_FILE).is_file()
+    palette = path / PALETTE_FILE if release else Path(data_dir) / PALETTE_FILE
+    if not palette.is_file():
+        raise FileNotFoundError(f"{palette} is missing: " + ("a release carries its palette" if release else
+                                                             "the palette of the run's data"))
+    check_palette(sha, file_sha256(palette), f"{palette} against the weights' palette")
+    return palette
+
+
 def load_model(path: str | os.PathLike) -> tuple[IGPT, TrainConfig, str]:
     """(model in eval mode on CPU, resolved training config, palette sha256) from a release or run dir."""
     path = Path(path)
@@ -45,9 +58,7 @@ def load_model(path: str | os.PathLike) -> tuple[IGPT, TrainConfig, str]:
         state = load_file(path / WEIGHTS_FILE)
         with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
             sha = (f.metadata() or {}).get("palette_sha256")
-        if not (path / PALETTE_FILE).is_file():
-            raise FileNotFoundError(f"{path / PALETTE_FILE} is missing: a release carries its palette")
-        check_palette(sha, file_sha256(path / PALETTE_FILE), f"{path / PALETTE_FILE} against the weights' palette")
+        palette_file(path, cfg.data.dir, sha)
     elif (path / "checkpoints").is_dir():
         from pretrain import checkpoint as ckpt
         from pretrain.export import consolidated_state_dict, resolve_tag

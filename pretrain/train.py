@@ -21,6 +21,9 @@ and leaves weights, moments and step count untouched (DeepSpeed's own overflow c
 it has one). A skipped step is recorded with a NaN loss and counted; after ``train.max_nonfinite``
 skipped steps in a row the run stops with ``NonFiniteLossError``.
 
+``train.init_from`` starts a fresh run from a release's weights (``pretrain.init_from``; new optimizer and
+schedule); when ``--resume`` finds a checkpoint, the checkpoint wins and the log says so.
+
 Preemption: every rank acts on the same step's all-reduced flag, so all of them stop, save the
 same checkpoint and exit with ``checkpoint.preempt_exit_code`` within a step of the signal.
 """
@@ -44,10 +47,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from data_pipeline.loader import TokenStream
+from pretrain.checkpoint import ResumePlan
 from pretrain.checkpointer import Checkpointer
 from pretrain.config import TrainConfig, save_config
 from pretrain.deepspeed_config import build_deepspeed_config, loop_clips_gradients, resolve_device
 from pretrain.distributed import setup_env, shutdown
+from pretrain.init_from import load_init_state
 from pretrain.metrics import MetricsWindow, StepRecord, StepRecords
 from pretrain.model import IGPT
 from pretrain.precision import eval_autocast, resolve_precision, training_autocast
@@ -120,7 +125,7 @@ class Trainer:
         plan = self.checkpointer.plan(resume, self.ds_config["zero_optimization"]["stage"]) if resume else None
         if plan is not None and plan.universal:
             self.ds_config["checkpoint"] = {"load_universal": True}
-        self._build_engine()
+        self._build_engine(self._initial_weights(plan))
         _seed_everything(cfg.train.seed + 1000 * self.rank)  # per-rank streams from here on
         self.stream = TokenStream(cfg.data.dir, cfg.data.train_split, cfg.train.micro_batch_size,
                                   rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers,
@@ -164,17 +169,34 @@ class Trainer:
             counted = IGPT(self.model_cfg)
         self.num_params, self.flops_per_token = counted.num_params(), counted.flops_per_token()
 
-    def _build_engine(self) -> None:
-        """The model (identical initial weights on every rank), the fused Adam and the DeepSpeed engine."""
+    def _initial_weights(self, plan: ResumePlan | None) -> dict[str, Tensor] | None:
+        """``train.init_from``'s weights, checked against this run, unless the run resumes a checkpoint."""
+        source = self.cfg.train.init_from
+        if source is None:
+            return None
+        if plan is not None:
+            self.log(f"init_from: not applied, the run resumes checkpoint {plan.tag_dir} instead of {source}")
+            return None
+        state = load_init_state(source, self.model_cfg, self.palette_sha256)
+        self.log(f"init_from: starting from the weights of {source} (fresh optimizer and schedule)")
+        return state
+
+    def _build_engine(self, initial: dict[str, Tensor] | None = None) -> None:
+        """The model (identical initial weights on every rank: seeded, or ``initial``), the fused Adam and the
+        DeepSpeed engine. The weights are in place before DeepSpeed wraps them: its ZeRO and bf16 optimizers
+        copy their fp32 master weights from the model then."""
         import deepspeed
 
         zero3 = self.ds_config["zero_optimization"]["stage"] == 3
         _seed_everything(self.cfg.train.seed)
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
             self.model = IGPT(self.model_cfg)  # ZeRO-3: each rank materialises only its partition
-        if zero3:  # the constructor's init ran on partitioned (empty) tensors: redo it on rank 0's full copy
-            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0):
-                self.model.reset_parameters()
+        if zero3 or initial is not None:  # ZeRO-3: the constructor's init ran on partitioned (empty) tensors
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0, enabled=zero3):
+                if initial is None:
+                    self.model.reset_parameters()  # on rank 0's full copy, then partitioned
+                else:
+                    self.model.load_state_dict(initial, strict=True)
         o = self.cfg.optim
         # Fused: one kernel per step, and it takes the non-finite verdict as a device tensor (found_inf).
         self.adam = torch.optim.Adam(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,

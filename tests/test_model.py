@@ -52,6 +52,8 @@ def test_preset_shapes_and_overrides():
     ({"n_embd": 30, "n_head": 4}, "not divisible"),
     ({"attn_backend": "flash"}, "attn_backend"),
     ({"objective": "mlm"}, "objective"),
+    ({"norm": "batchnorm"}, "norm"),
+    ({"activation": "relu"}, "activation"),
     ({"mask_prob": 0.0}, "mask_prob"),
     ({"n_layer": 0}, "n_layer"),
 ])
