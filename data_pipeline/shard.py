@@ -174,6 +174,9 @@ def shard_dataset(
 
     plan = _plan(items, val_fraction, shard_size, seed)
     todo = [task for tasks in plan.values() for task in tasks if not (out / RECORDS_DIR / f"{task[0]}.json").exists()]
+    for name, _ in todo:  # a killed run can leave a shard's temp file behind: the shard is written afresh
+        for stale in out.glob(f".{name}.*tmp*"):
+            stale.unlink()
     workers = (os.cpu_count() or 1) if num_workers is None else num_workers
     quantizer = Quantizer.from_file(palette_path, progress=progress)
     with bar(total=sum(len(its) for _, its in todo), unit="img", desc=f"shard {out.name}", show=progress) as b:

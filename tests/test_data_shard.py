@@ -224,10 +224,12 @@ def test_resume_keeps_finished_shards_and_redoes_the_rest(cifar_dir, palette_pat
     (out / "train-000002.tar").write_bytes(b"partial")
     (out / ".train-000003.tar.tmp12345").write_bytes(b"junk")
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    (out / ".train-000002.tmp12345.tar").write_bytes(b"half")  # the temp of a shard being written when killed
     time.sleep(0.01)
     m = shard_dataset(args[0], out, *args[2:], **kw)
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     assert {n for n in before if before[n] != after[n]} == {"train-000002.tar", "val-000000.tar"}
+    assert not (out / ".train-000002.tmp12345.tar").exists()  # removed: the shard was written afresh
     assert _digest(out) == _digest(tmp_path / "ref")
     assert m["splits"] == ref["splits"]
     # other settings in the same directory are refused
