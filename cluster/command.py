@@ -68,6 +68,8 @@ def check_command(args: list[str]) -> CheckedCommand:
 
         cfg = load_config(ns.config, ns.overrides)
         paths["data.dir"] = cfg.data.dir
+        if cfg.train.init_from:
+            paths["train.init_from"] = cfg.train.init_from
         if ns.resume not in (None, "auto"):
             paths["--resume"] = ns.resume
     for name, label in PATH_OPTIONS.items():

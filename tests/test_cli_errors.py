@@ -97,6 +97,10 @@ def test_launch_warns_about_paths_this_host_lacks(inputs, capsys):
     out, err = capsys.readouterr()
     assert rc == 0 and "#SBATCH" in out  # the cluster's nodes may see the path: rendered all the same
     assert f"igpt launch slurm: warning: data.dir {inputs['missing']} does not exist on this host" in err
+    rc = main(["launch", "slurm", TINY, f"data.dir={inputs['tokens']}", f"train.init_from={inputs['missing']}",
+               "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 0 and f"warning: train.init_from {inputs['missing']} does not exist on this host" in err
     rc = main(["launch", "slurm", "--dry-run", "--", "eval", "nll", "--checkpoint", inputs["release"], "--data",
                inputs["tokens"]])
     assert rc == 0 and "warning" not in capsys.readouterr().err
