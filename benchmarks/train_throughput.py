@@ -14,7 +14,9 @@ Each shape runs these ways in one process, on the same random tokens:
   ours_triton    the same with the Triton attention kernel (GPU only).
 The context is the token shards' (``--data``: 32x32 shards → 1024). tokens/s = batch × context ×
 timed steps / seconds after ``--warmup`` untimed steps; ``warmup_s`` (the compile time, for the
-compiled ways) is reported separately. MFU = tokens/s × model.flops_per_token() / peak
+compiled ways) is reported separately. The process's CPU seconds are reported too: on a one-thread
+CPU run they measure the work whatever else the machine runs (``cpu_vs_plain``); on a GPU they are
+the host's time to issue a step (``host_ms_per_step``). MFU = tokens/s × model.flops_per_token() / peak
 (pretrain.tracking.PEAK_TFLOPS by device name, or --peak-tflops).
 """
 from __future__ import annotations
@@ -47,21 +49,23 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time(step: Callable[[], None], device: str, warmup: int, steps: int) -> tuple[float, float]:
-    """(seconds of ``warmup`` untimed calls, seconds of ``steps`` timed calls) of ``step``."""
+def _time(step: Callable[[], None], device: str, warmup: int, steps: int) -> tuple[float, float, float]:
+    """(seconds of ``warmup`` untimed calls, wall seconds and this process's CPU seconds of ``steps`` timed
+    calls). On a CPU with one thread the CPU seconds measure the work itself, whatever else the machine runs;
+    on a GPU they are the host's time to issue the steps."""
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
     _sync(device)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     _sync(device)
-    return t1 - t0, time.perf_counter() - t1
+    return t1 - t0, time.perf_counter() - t1, time.process_time() - c1
 
 
 def plain_loop(preset: str, batch: int, ctx: int, device: str, compiled: bool, warmup: int,
-               steps: int) -> tuple[float, float]:
+               steps: int) -> tuple[float, float, float]:
     torch.manual_seed(0)
     model = IGPT(model_config(preset, n_ctx=ctx, attn_backend="sdpa")).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
@@ -80,7 +84,7 @@ def plain_loop(preset: str, batch: int, ctx: int, device: str, compiled: bool, w
 
 
 def our_step(data: str, preset: str, batch: int, device: str, backend: str, compiled: bool, warmup: int,
-             steps: int) -> tuple[float, float]:
+             steps: int) -> tuple[float, float, float]:
     from pretrain.config import load_config
     from pretrain.metrics import StepRecords
     from pretrain.train import Trainer
@@ -149,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         row: dict[str, dict] = {}
         for way in ways:
             if way.startswith("plain"):
-                warm_s, seconds = plain_loop(preset, batch, ctx, args.device, way.endswith("compile"), warmup, steps)
+                warm_s, seconds, cpu_s = plain_loop(preset, batch, ctx, args.device, way.endswith("compile"), warmup, steps)
             else:
-                warm_s, seconds = our_step(args.data, preset, batch, args.device,
+                warm_s, seconds, cpu_s = our_step(args.data, preset, batch, args.device,
                                            "triton" if way.endswith("triton") else "sdpa", way.endswith("compile"),
                                            warmup, steps)
             torch._dynamo.reset()  # drop compiled graphs holding the last model's weights
@@ -160,16 +164,20 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
             tok_s = batch * ctx * steps / seconds
             row[way] = {"tokens_per_s": tok_s, "step_ms": 1e3 * seconds / steps, "warmup_s": warm_s,
+                        "tokens_per_cpu_s": batch * ctx * steps / cpu_s, "host_ms_per_step": 1e3 * cpu_s / steps,
                         "mfu": tok_s * flops_per_token / peak}
         for way in ways:
             row[way]["vs_plain"] = row[way]["tokens_per_s"] / row["plain"]["tokens_per_s"] if "plain" in row else None
+            if "plain" in row:
+                row[way]["cpu_vs_plain"] = row[way]["tokens_per_cpu_s"] / row["plain"]["tokens_per_cpu_s"]
             if "plain_compile" in row:
                 row[way]["vs_plain_compile"] = row[way]["tokens_per_s"] / row["plain_compile"]["tokens_per_s"]
         results["shapes"][preset] = {"micro_batch": batch, "flops_per_token": flops_per_token, **row}
         for way, r in row.items():
-            ratio = "" if r["vs_plain"] is None else f" (x{r['vs_plain']:.2f} plain)"
+            ratio = "" if r["vs_plain"] is None else f" (x{r['vs_plain']:.2f} plain; per CPU second x{r['cpu_vs_plain']:.2f})"
             print(f"{preset:>10} b{batch} ctx{ctx} {way:>13}: {r['tokens_per_s'] / 1e3:.1f}k tok/s "
-                  f"MFU {100 * r['mfu']:.2f}%{ratio}, warm-up {r['warmup_s']:.1f} s", flush=True)
+                  f"MFU {100 * r['mfu']:.2f}%{ratio}, host {r['host_ms_per_step']:.1f} ms/step, "
+                  f"warm-up {r['warmup_s']:.1f} s", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(results, out)

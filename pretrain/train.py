@@ -204,6 +204,8 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=LossModule(self.model, self.precision, self.device), optimizer=self.adam, config=self.ds_config)
         self.zero_stage = self.engine.zero_optimization_stage()
+        if self.zero_stage == 0 and self.world == 1:  # nothing to average: skip the flatten/all-reduce/copy-back
+            self.engine.enable_backward_allreduce = False
         self.loop_clips = loop_clips_gradients(self.zero_stage, self.precision)
         offloaded = self.cfg.deepspeed.offload_optimizer != "none"
         self.optimizer_device = "cpu" if offloaded else self.device  # where the Adam step runs
