@@ -423,7 +423,8 @@ def main() -> None:
     ap.add_argument("--table-from", type=Path, default=None, metavar="RESULTS",
                     help="only write the table from an earlier report of this benchmark (no GPU needed)")
     ap.add_argument("--sweep", action="store_true", help="tune the backward kernels at SWEEP_SHAPES first, then use the best")
-    ap.add_argument("--wait-for", default=None, help="wait (up to 90 s) for this file before timing anything")
+    ap.add_argument("--wait-for", default=None, help="wait (up to --wait-limit s) for this file before timing anything")
+    ap.add_argument("--wait-limit", type=float, default=90.0)
     ap.add_argument("--deadline", type=float, default=float("inf"), help="skip shapes once this many seconds have passed")
     args = ap.parse_args()
     table = args.table or args.out.with_name("attention_table.json")
@@ -455,17 +456,17 @@ def main() -> None:
     if args.sweep:
         if args.precompile:
             precompile_sweep(SWEEP_SHAPES, shapes, args.precompile)
-        _wait_for(args.wait_for, 90)
+        _wait_for(args.wait_for, args.wait_limit)
         report["sweep"], overrides = sweep(SWEEP_SHAPES)
         report["sweep_best"] = {f"D={d} S={s}": {k: str(c) for k, c in cfg.items()} for (d, s), cfg in overrides.items()}
         write_json(report, args.out)
     elif args.autotune and args.precompile:
         precompile(sorted({s[3] for s in shapes}), args.precompile)
-        _wait_for(args.wait_for, 90)
+        _wait_for(args.wait_for, args.wait_limit)
     else:
         if args.precompile:  # the default configs of every shape, in parallel processes
             precompile_sweep([], shapes, args.precompile)
-        _wait_for(args.wait_for, 90)
+        _wait_for(args.wait_for, args.wait_limit)
     fa = _fa()
     results: dict = {}
     report["results"] = results
