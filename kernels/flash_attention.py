@@ -714,5 +714,5 @@ def flash_attention(
     The torch custom op ``torch.ops.igpt.flash_attention`` (and its backward) runs it, so torch.compile
     traces it without graph breaks.
     """
-    o, _ = _attention_op(q, k, v, causal, None if sm_scale is None else float(sm_scale))
+    o, _ = _attention_op(q, k, v, bool(causal), None if sm_scale is None else float(sm_scale))
     return o if o.dtype == q.dtype else o.to(q.dtype)
