@@ -1,12 +1,16 @@
 """Causal bf16 attention on a GPU: our Triton kernel against torch SDPA's FlashAttention and cuDNN backends.
 
-For each (B, H, S, D) it times forward and forward+backward (median of triton.testing.do_bench), reports
-TFLOP/s with causal FLOPs = 2·B·H·S²·D forward and 3.5× that for forward+backward, measures each
+For each (B, H, S, D) it times forward and forward+backward in --repeats interleaved rounds (one
+triton.testing.do_bench median per implementation and round) and reports the median over the rounds with
+their range, TFLOP/s with causal FLOPs = 2·B·H·S²·D forward and 3.5× that for forward+backward, each
 implementation's relative error against a float32 reference (output and dQ, dK, dV, on the first batch
 element) and the host time to issue one forward+backward step (no sync: the Python and launch cost that
-the GPU hides only when its kernels take longer), prints a table of ratios and writes JSON (after every shape).
+the GPU hides only when its kernels take longer). It prints a table of ratios (median and range of the
+per-round ratios) and writes JSON and the attn_backend=auto table (pretrain/attention_table.py; entries of
+other devices already in that file are kept) after every shape.
 
     python benchmarks/attention.py --out benchmarks/results/attention.json [--autotune]
+    python benchmarks/attention.py --table-from benchmarks/results/attention_h200.json   # the table only, no GPU
     python benchmarks/attention.py --precompile 5 --wait-for FILE   # compile in parallel, time once FILE exists
     python benchmarks/attention.py --sweep --precompile 10 --out out/attention.json   # tune the backward first
 
@@ -20,6 +24,7 @@ import argparse
 import importlib
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -31,12 +36,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_pipeline.io import write_json_atomic  # noqa: E402
+from data_pipeline.io import write_json_atomic, write_text_atomic  # noqa: E402
 from kernels import flash_attention  # noqa: E402
 from kernels.flash_attention import tuned_configs  # noqa: E402
 from kernels.reference import attention_reference  # noqa: E402
+from pretrain.attention_table import dumps, load_entries, merge, table_entries  # noqa: E402
 
-SHAPES = [(16, 8, 1024, 64), (16, 8, 1024, 128), (16, 16, 1024, 96), (7, 16, 2304, 96), (4, 24, 4096, 128)]
+# the iGPT shapes (S, M, L at 32x32, L at 48x48, XL at 64x64) and the GPU recipe's (64, 8, 1024, 64)
+SHAPES = [(16, 8, 1024, 64), (64, 8, 1024, 64), (16, 8, 1024, 128), (16, 16, 1024, 96), (7, 16, 2304, 96),
+          (4, 24, 4096, 128)]
 SWEEP_SHAPES = [(16, 8, 1024, 64), (16, 8, 1024, 128)]
 # (BLOCK_M, BLOCK_N) tiles of the fused backward: a program owns BLOCK_N keys (dK, dV) and BLOCK_N queries (dQ),
 # stepping by BLOCK_M (BLOCK_N % BLOCK_M == 0).
@@ -71,35 +79,47 @@ def _fwd_bwd(fn, q, k, v, do):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def measure(name, fn, q, k, v, do, ref, flops_fwd) -> dict:
-    """Errors against `ref` (first batch element) and fwd / fwd+bwd times of one implementation."""
-    res: dict = {}
-    try:  # timings first: an autotuned kernel tunes on its first call, which must be at full size
-        with torch.no_grad():
-            ms_f = triton.testing.do_bench(lambda: fn(q, k, v), warmup=50, rep=300, return_mode="median")
-        qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-        ms_fb = triton.testing.do_bench(
-            lambda: fn(qg, kg, vg).backward(do), warmup=50, rep=300, grad_to_none=[qg, kg, vg], return_mode="median"
-        )
-        res.update(
-            fwd_ms=ms_f, fwd_bwd_ms=ms_fb,
-            fwd_tflops=flops_fwd / ms_f * 1e-9, fwd_bwd_tflops=3.5 * flops_fwd / ms_fb * 1e-9,
-        )
+def time_round(fn, q, k, v, do) -> tuple[float, float]:
+    """One round: median ms of the forward (no grad) and of forward+backward."""
+    with torch.no_grad():
+        ms_f = triton.testing.do_bench(lambda: fn(q, k, v), warmup=10, rep=60, return_mode="median")
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    ms_fb = triton.testing.do_bench(
+        lambda: fn(qg, kg, vg).backward(do), warmup=10, rep=60, grad_to_none=[qg, kg, vg], return_mode="median"
+    )
+    return ms_f, ms_fb
 
-        def step():
-            fn(qg, kg, vg).backward(do)
-            qg.grad = kg.grad = vg.grad = None
 
-        res.update(host_ms(step))
-        got = _fwd_bwd(fn, q[:1], k[:1], v[:1], do[:1])
-        res["rel_err"] = {n: _rel(x, r) for n, x, r in zip(("out", "dq", "dk", "dv"), got, ref)}
-    except Exception as exc:  # one failing backend must not lose the others' numbers
-        res["error"] = f"{type(exc).__name__}: {exc}"
-        traceback.print_exc()
-    print(f"  {name:14s} " + (f"fwd {res['fwd_tflops']:6.1f}  fwd+bwd {res['fwd_bwd_tflops']:6.1f} TFLOP/s  "
-          f"host {res['host_issue_ms']:.3f} ms/step  err {max(res['rel_err'].values()):.1e}"
-          if "rel_err" in res else res.get("error", "")), flush=True)
+def summarize(res: dict, flops_fwd: float) -> None:
+    """Median and range over the rounds, and TFLOP/s of the medians, into `res`."""
+    for kind, flops in (("fwd", flops_fwd), ("fwd_bwd", 3.5 * flops_fwd)):
+        runs = res[f"{kind}_runs"]
+        res[f"{kind}_ms"] = statistics.median(runs)
+        res[f"{kind}_ms_range"] = [min(runs), max(runs)]
+        res[f"{kind}_tflops"] = flops / res[f"{kind}_ms"] * 1e-9
+
+
+def check(name, fn, q, k, v, do, ref) -> dict:
+    """Host issue time per forward+backward step and errors against `ref` (first batch element)."""
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+
+    def step():
+        fn(qg, kg, vg).backward(do)
+        qg.grad = kg.grad = vg.grad = None
+
+    res = host_ms(step)
+    got = _fwd_bwd(fn, q[:1], k[:1], v[:1], do[:1])
+    res["rel_err"] = {n: _rel(x, r) for n, x, r in zip(("out", "dq", "dk", "dv"), got, ref)}
     return res
+
+
+def _report_line(name: str, res: dict) -> str:
+    if "error" in res:
+        return f"  {name:14s} {res['error']}"
+    lo, hi = res["fwd_bwd_ms_range"]
+    return (f"  {name:14s} fwd {res['fwd_tflops']:6.1f}  fwd+bwd {res['fwd_bwd_tflops']:6.1f} TFLOP/s  "
+            f"({res['fwd_bwd_ms']:.4f} ms, {lo:.4f}-{hi:.4f})  host {res['host_issue_ms']:.3f} ms/step  "
+            f"err {max(res['rel_err'].values()):.1e}")
 
 
 def _compile_job(job) -> str | None:
@@ -137,14 +157,38 @@ def _compile_in_parallel(job_fn, jobs: list, workers: int, what: str) -> None:
     print(f"precompiled {len(jobs)} {what} in {time.time() - t0:.0f} s", flush=True)
 
 
-def run_shape(shape, impls) -> dict:
+def run_shape(shape, impls, repeats: int) -> dict:
+    """Every implementation in `repeats` interleaved timing rounds (timings first: an autotuned kernel tunes on
+    its first call, which must be at full size), then host time and errors; one failure loses only its own."""
     b, h, s, d = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
     ref = _fwd_bwd(lambda a, c, e: attention_reference(a, c, e, causal=True), *(t[:1].float() for t in (q, k, v, do)))
     flops_fwd = 2.0 * b * h * s * s * d
     print(f"(B, H, S, D) = {shape}", flush=True)
-    out = {name: measure(name, fn, q, k, v, do, ref, flops_fwd) for name, fn in impls.items()}
+    out: dict = {name: {"fwd_runs": [], "fwd_bwd_runs": []} for name in impls}
+    for _ in range(repeats):
+        for name, fn in impls.items():
+            res = out[name]
+            if "error" in res:
+                continue
+            try:
+                ms_f, ms_fb = time_round(fn, q, k, v, do)
+                res["fwd_runs"].append(ms_f)
+                res["fwd_bwd_runs"].append(ms_fb)
+            except Exception as exc:  # out of resources and the like: record and go on with the others
+                res["error"] = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+    for name, fn in impls.items():
+        res = out[name]
+        if "error" not in res:
+            try:
+                summarize(res, flops_fwd)
+                res.update(check(name, fn, q, k, v, do, ref))
+            except Exception as exc:
+                res["error"] = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+        print(_report_line(name, res), flush=True)
     del ref
     torch.cuda.empty_cache()
     return out
@@ -313,21 +357,33 @@ def kernel_resources() -> dict:
     return out
 
 
+def _ratios(ours: dict, base: dict, kind: str) -> tuple[float, float, float]:
+    """Speed of ours over `base` (base ms / our ms): the ratio of the medians and the range of the per-round ratios."""
+    nan = float("nan")
+    if f"{kind}_ms" not in ours or f"{kind}_ms" not in base:
+        return nan, nan, nan
+    per_round = [b / o for o, b in zip(ours[f"{kind}_runs"], base[f"{kind}_runs"])]
+    return base[f"{kind}_ms"] / ours[f"{kind}_ms"], min(per_round), max(per_round)
+
+
 def ratio_table(results: dict, ours: str) -> list[str]:
-    lines = [f"{'shape':22s} {'ours fwd':>9s} {'ours f+b':>9s} {'FA2 f+b':>8s} {'cuDNN f+b':>9s} "
-             f"{'fwd/FA2':>8s} {'fwd/cuDNN':>9s} {'f+b/FA2':>8s} {'f+b/cuDNN':>9s} {'host ms':>8s} {'cuDNN host':>10s}"]
+    """Rows of TFLOP/s and speed ratios ours / baseline (median over rounds, with the per-round range)."""
+    lines = [f"{'shape':22s} {'ours fwd':>9s} {'ours f+b':>9s} {'FA2 f+b':>8s} {'cuDNN f+b':>9s} {'fwd/FA2':>8s} "
+             f"{'fwd/cuDNN':>9s} {'f+b/FA2 (range)':>19s} {'f+b/cuDNN (range)':>19s} {'host ms':>8s} {'cuDNN host':>10s}"]
     for shape, r in results.items():
         o, fa, cu = r.get(ours, {}), r.get("sdpa_flash", {}), r.get("sdpa_cudnn", {})
 
         def val(x, key):
             return x.get(key, float("nan"))
 
+        def ranged(base):
+            mid, lo, hi = _ratios(o, base, "fwd_bwd")
+            return f"{mid:5.2f} ({lo:.2f}-{hi:.2f})"
+
         lines.append(
             f"{shape:22s} {val(o, 'fwd_tflops'):9.1f} {val(o, 'fwd_bwd_tflops'):9.1f} {val(fa, 'fwd_bwd_tflops'):8.1f} "
-            f"{val(cu, 'fwd_bwd_tflops'):9.1f} {val(o, 'fwd_tflops') / val(fa, 'fwd_tflops'):8.2f} "
-            f"{val(o, 'fwd_tflops') / val(cu, 'fwd_tflops'):9.2f} {val(o, 'fwd_bwd_tflops') / val(fa, 'fwd_bwd_tflops'):8.2f} "
-            f"{val(o, 'fwd_bwd_tflops') / val(cu, 'fwd_bwd_tflops'):9.2f} {val(o, 'host_issue_ms'):8.3f} "
-            f"{val(cu, 'host_issue_ms'):10.3f}"
+            f"{val(cu, 'fwd_bwd_tflops'):9.1f} {_ratios(o, fa, 'fwd')[0]:8.2f} {_ratios(o, cu, 'fwd')[0]:9.2f} "
+            f"{ranged(fa):>19s} {ranged(cu):>19s} {val(o, 'host_issue_ms'):8.3f} {val(cu, 'host_issue_ms'):10.3f}"
         )
     return lines
 
@@ -337,17 +393,45 @@ def write_json(report: dict, path: Path) -> None:
     write_json_atomic(report, path)
 
 
+def write_table(report: dict, path: Path) -> dict:
+    """The auto table of `report` merged into the one at `path` (its other devices' entries are kept)."""
+    table = merge(load_entries(path), table_entries(report))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(dumps(table), path)
+    return table
+
+
+def print_choices(table: dict) -> None:
+    """What attn_backend=auto picks per signature of the table, and how far ours is from the fastest."""
+    for e in table["entries"]:
+        ms = e["fwd_bwd_ms"]
+        gap = f"; ours {ms[e['best']] / ms['triton']:.2f}x its speed" if "triton" in ms and e["best"] != "triton" else ""
+        print(f"auto: {e['device']} {e['dtype']} D={e['head_dim']} S={e['seq_len']} "
+              f"{'causal' if e['causal'] else 'full'} -> {e['best']}{gap}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/attention.json"))
     ap.add_argument("--autotune", action="store_true", help="also time our kernel with IGPT_FLASH_AUTOTUNE=1")
     ap.add_argument("--precompile", type=int, default=0, metavar="N",
                     help="compile the autotuning (or --sweep) candidates in N processes first")
-    ap.add_argument("--shapes", default=None, help="B,H,S,D;B,H,S,D;... (default: the five iGPT shapes)")
+    ap.add_argument("--shapes", default=None, help="B,H,S,D;B,H,S,D;... (default: SHAPES, the iGPT and recipe shapes)")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds per shape (median and range)")
+    ap.add_argument("--table", type=Path, default=None,
+                    help="the attn_backend=auto table to update (default: attention_table.json beside --out)")
+    ap.add_argument("--table-from", type=Path, default=None, metavar="RESULTS",
+                    help="only write the table from an earlier report of this benchmark (no GPU needed)")
     ap.add_argument("--sweep", action="store_true", help="tune the backward kernels at SWEEP_SHAPES first, then use the best")
-    ap.add_argument("--wait-for", default=None, help="wait (up to 90 s) for this file before timing anything")
+    ap.add_argument("--wait-for", default=None, help="wait (up to --wait-limit s) for this file before timing anything")
+    ap.add_argument("--wait-limit", type=float, default=90.0)
     ap.add_argument("--deadline", type=float, default=float("inf"), help="skip shapes once this many seconds have passed")
     args = ap.parse_args()
+    table = args.table or args.out.with_name("attention_table.json")
+    if args.table_from:
+        print_choices(write_table(json.loads(args.table_from.read_text()), table))
+        print(f"wrote {table}")
+        return
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU (torch.cuda.is_available() is False)")
     shapes = SHAPES if args.shapes is None else [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
@@ -372,17 +456,17 @@ def main() -> None:
     if args.sweep:
         if args.precompile:
             precompile_sweep(SWEEP_SHAPES, shapes, args.precompile)
-        _wait_for(args.wait_for, 90)
+        _wait_for(args.wait_for, args.wait_limit)
         report["sweep"], overrides = sweep(SWEEP_SHAPES)
         report["sweep_best"] = {f"D={d} S={s}": {k: str(c) for k, c in cfg.items()} for (d, s), cfg in overrides.items()}
         write_json(report, args.out)
     elif args.autotune and args.precompile:
         precompile(sorted({s[3] for s in shapes}), args.precompile)
-        _wait_for(args.wait_for, 90)
+        _wait_for(args.wait_for, args.wait_limit)
     else:
         if args.precompile:  # the default configs of every shape, in parallel processes
             precompile_sweep([], shapes, args.precompile)
-        _wait_for(args.wait_for, 90)
+        _wait_for(args.wait_for, args.wait_limit)
     fa = _fa()
     results: dict = {}
     report["results"] = results
@@ -390,11 +474,12 @@ def main() -> None:
         if time.time() - t0 > args.deadline:
             print(f"deadline: skipping {shape}", flush=True)
             continue
-        results[str(shape)] = run_shape(shape, impls)
+        results[str(shape)] = run_shape(shape, impls, args.repeats)
         results[str(shape)]["configs"] = {k: str(c) for k, c in fa.select_configs(
             shape[3], shape[2], torch.bfloat16, torch.device("cuda")).items()}
         report["wall_s"] = time.time() - t0
         write_json(report, args.out)
+        write_table(report, table)
         print(ratio_table({str(shape): results[str(shape)]}, "ours")[-1], flush=True)  # the table, row by row
     report["autotuned_configs"] = tuned_configs()
     report["kernel_resources"] = kernel_resources()
@@ -410,7 +495,8 @@ def main() -> None:
             spills = [(v["warps"], v["stages"], v["regs"], v["spills"]) for v in variants if v["spills"]]
             print(f"{name}: {len(variants)} variants, (warps, stages, regs, spills) with spills: {spills}")
     write_json(report, args.out)
-    print(f"wrote {args.out}")
+    print_choices(write_table(report, table))
+    print(f"wrote {args.out} and {table}")
 
 
 if __name__ == "__main__":

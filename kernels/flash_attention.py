@@ -18,6 +18,10 @@ Host cost per call is kept low (the kernels of one S=1024 layer take well under 
 validation and the launch plan (grids, constexprs, configs) are cached per shape, dtype, device and
 causality; constexprs are passed positionally; q, k=v and dO each pass one stride set, the buffers we
 allocate (O, dQ, dK, dV) are contiguous and pass none; three launches per forward+backward.
+
+Forward and backward are torch custom ops (``torch.ops.igpt.flash_attention`` and ``…_backward``, with fake
+implementations and the autograd formula registered), so torch.compile(fullgraph=True) traces
+flash_attention as one opaque call each way; validation and planning run inside the implementations.
 """
 from __future__ import annotations
 
@@ -499,7 +503,7 @@ class _Plan:
     bwd: _Launch
     delta_grid: tuple[int, int]
     delta_block: tuple[int, int]
-    buffer_dtype: torch.dtype  # float32 under the interpreter, whose float32→bfloat16 casts truncate
+    buffer_dtype: torch.dtype  # _buffer_dtype
     h: int
     sq: int
     sk: int
@@ -526,7 +530,7 @@ def _plan(q_shape: torch.Size, sk: int, dtype: torch.dtype, device: torch.device
         bwd=_Launch("bwd", configs[1], autotune, max(sq, sk), b * h, consts, sq, sk),
         delta_grid=(triton.cdiv(sq, delta_block), b * h),
         delta_block=(delta_block, max(16, triton.next_power_of_2(d))),
-        buffer_dtype=torch.float32 if interpret else dtype,
+        buffer_dtype=_buffer_dtype(device, dtype),
         h=h, sq=sq, sk=sk, d=d,
     )
 
@@ -535,8 +539,21 @@ def _use_autotune(device: torch.device) -> bool:
     return device.type == "cuda" and not _INTERPRET and os.environ.get("IGPT_FLASH_AUTOTUNE", "0") == "1"
 
 
+def _scale(q: torch.Tensor, sm_scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+
+
+def _buffer_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """Dtype of O, dQ, dK, dV: float32 under the interpreter, whose float32→bfloat16 casts truncate."""
+    return dtype if device.type == "cuda" else torch.float32
+
+
+def _call_plan(q: torch.Tensor, k: torch.Tensor, causal: bool) -> _Plan:
+    return _plan(q.shape, k.shape[2], q.dtype, q.device, causal, _use_autotune(q.device))
+
+
 # ----------------------------------------------------------------------------------------------
-# autograd
+# host side of forward and backward
 # ----------------------------------------------------------------------------------------------
 
 
@@ -592,7 +609,7 @@ def backward_launcher(kind: str, q, k, v, do, causal: bool, config: KernelConfig
     """
     if kind not in ("fwd", "delta", "bwd"):
         raise ValueError(f"unknown kernel kind {kind!r}; expected 'fwd', 'delta' or 'bwd'")
-    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    sm_scale = _scale(q, sm_scale)
     k, v = _kv_layout(k, v)
     q, do = _last_dim_contiguous(q), _last_dim_contiguous(do)
     default = select_configs(q.shape[-1], max(q.shape[2], k.shape[2]), q.dtype, q.device)
@@ -605,23 +622,6 @@ def backward_launcher(kind: str, q, k, v, do, causal: bool, config: KernelConfig
     if kind == "delta":
         return lambda: _delta(plan, o, lse, do)
     return lambda: _backward(plan, q, k, v, o, lse, do, sm_scale, delta)
-
-
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan: _Plan, sm_scale: float):
-        o, lse = _forward(plan, q, k, v, sm_scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.plan, ctx.sm_scale = plan, sm_scale
-        return o if o.dtype == q.dtype else o.to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(ctx.plan, q, k, v, o, lse, _last_dim_contiguous(do), ctx.sm_scale)
-        if dq.dtype != q.dtype:
-            dq, dk, dv = dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
-        return dq, dk, dv, None, None
 
 
 @functools.lru_cache(maxsize=256)
@@ -644,6 +644,60 @@ def _validate(q_shape, k_shape, v_shape, dtypes, devices, causal: bool) -> None:
         raise ValueError(f"flash_attention needs non-empty inputs, got q {tuple(q_shape)} and k {tuple(k_shape)}")
 
 
+# ----------------------------------------------------------------------------------------------
+# custom ops: torch.compile sees two opaque calls (with fake implementations for shapes) and never
+# traces the validation and launch planning above (lru_cache), which run inside the implementations.
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("igpt::flash_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                  sm_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O in the buffer dtype, row log-sum-exp (B·H, SQ) base 2 in float32)."""
+    _validate(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype), (q.device, k.device, v.device), causal)
+    k, v = _kv_layout(k, v)
+    return _forward(_call_plan(q, k, causal), _last_dim_contiguous(q), k, v, _scale(q, sm_scale))
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, causal, sm_scale):
+    lse = q.new_empty((q.shape[0] * q.shape[1], q.shape[2]), dtype=torch.float32)
+    return q.new_empty(q.shape, dtype=_buffer_dtype(q.device, q.dtype)), lse
+
+
+@torch.library.custom_op("igpt::flash_attention_backward", mutates_args=())
+def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                           lse: torch.Tensor, causal: bool,
+                           sm_scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK, dV in the buffer dtype, from the forward's inputs, O and log-sum-exp."""
+    k, v = _kv_layout(k, v)
+    return _backward(_call_plan(q, k, causal), _last_dim_contiguous(q), k, v, o, lse, _last_dim_contiguous(do),
+                     _scale(q, sm_scale))
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(do, q, k, v, o, lse, causal, sm_scale):
+    dtype = _buffer_dtype(q.device, q.dtype)
+    return q.new_empty(q.shape, dtype=dtype), k.new_empty(k.shape, dtype=dtype), k.new_empty(k.shape, dtype=dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, causal, sm_scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.sm_scale = causal, sm_scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_grad(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+_attention_op.register_autograd(_attention_grad, setup_context=_setup_context)
+
+
 def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -657,9 +711,8 @@ def flash_attention(
     1/sqrt(D). Tensors must be float16, bfloat16 or float32 on a CUDA device, or on the CPU with
     TRITON_INTERPRET=1 (Triton's interpreter, for tests). Any strides work; k and v are copied only when
     their strides differ, q only when its last dim is strided. Returns a contiguous tensor.
+    The torch custom op ``torch.ops.igpt.flash_attention`` (and its backward) runs it, so torch.compile
+    traces it without graph breaks.
     """
-    _validate(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype), (q.device, k.device, v.device), causal)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    k, v = _kv_layout(k, v)
-    plan = _plan(q.shape, k.shape[2], q.dtype, q.device, causal, _use_autotune(q.device))
-    return _FlashAttention.apply(_last_dim_contiguous(q), k, v, plan, scale)
+    o, _ = _attention_op(q, k, v, bool(causal), None if sm_scale is None else float(sm_scale))
+    return o if o.dtype == q.dtype else o.to(q.dtype)

@@ -41,7 +41,8 @@ class IGPTConfig:
     n_embd: int = 512
     """Width of the residual stream."""
     attn_backend: AttnBackend = "sdpa"
-    """Attention implementation (``pretrain.attention``): sdpa, triton or reference."""
+    """Attention implementation (``pretrain.attention``): auto (the fastest measured, SDPA on a CPU), sdpa,
+    sdpa_cudnn, sdpa_flash, triton (our kernel) or reference."""
     objective: Objective = "ar"
     """``ar``: next-pixel prediction behind a start token; ``bert``: masked-pixel prediction."""
     mask_prob: float = 0.15

@@ -38,7 +38,7 @@ def test_triton_bf16_as_accurate_as_sdpa(n_embd, n_head, objective):
     assert triton_err < 1.5 * sdpa_err + 1e-3, (triton_err, sdpa_err)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize("backend", ["sdpa", "triton", "auto"])
 def test_kv_cache_decoding_on_gpu(backend):
     torch.manual_seed(0)
     model = IGPT(IGPTConfig(n_ctx=256, n_layer=2, n_embd=128, n_head=2, attn_backend=backend)).cuda()
