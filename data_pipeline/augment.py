@@ -2,8 +2,9 @@
 
 Palette quantisation maps every pixel on its own, so the flip or crop of a token grid is exactly the
 token grid of the flipped or cropped image. Train splits stored with a margin (``igpt data shard
---margin M``: side R + M) are cut to the training side R: at a random offset in [0, M]² with
-``random_crop``, else at the centre (offset M // 2 on both axes). A sample's draws are a pure function
+--margin M``: each image decoded at the training side R and mirror-padded to R + M, ``pad_margin``) are
+cut to R: at a random offset in [0, M]² with ``random_crop`` (a shift of up to M/2 pixels, borders
+mirrored, as CIFAR training usually does), else at the centre (offset M // 2), which is the image itself. A sample's draws are a pure function
 of (seed, epoch, shard index, position in the shard): they do not depend on the world size, the
 workers, the batch size or the order, so a resumed or re-split stream augments every sample exactly
 as the uninterrupted stream does.
@@ -15,6 +16,14 @@ from dataclasses import dataclass
 from typing import Hashable
 
 import numpy as np
+
+
+def pad_margin(image: np.ndarray, margin: int) -> np.ndarray:
+    """An (R, R, 3) image mirror-padded to (R + margin)²: margin // 2 pixels before, the rest after, so the
+    crop at offset margin // 2 is the image."""
+    before = margin // 2
+    pad = (before, margin - before)
+    return np.pad(image, (pad, pad, (0, 0)), mode="reflect") if margin else image
 
 
 def crop_flip(tokens: np.ndarray, stored: int, resolution: int, dy: int, dx: int, flip: bool) -> np.ndarray:

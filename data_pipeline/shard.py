@@ -8,10 +8,11 @@ renamed, then its record (sample count, skipped inputs) is written beside it und
 the rest, so an interrupted run resumes. A sample is ``KEY.tokens.npy`` (uint16, R*R, raster
 order) plus ``KEY.cls`` (ASCII integer) when labelled.
 
-With a ``margin`` the train split is stored ``margin`` pixels larger than ``resolution`` (resized to
-resolution + margin and centre-cropped like any image), for random crops of the training size
-(``data_pipeline.augment``); every other split is stored at ``resolution``, the exact size that
-validation and the evals read.
+With a ``margin`` the train split is stored ``margin`` pixels larger than ``resolution``: each image is
+decoded at ``resolution`` like any other and mirror-padded by the margin (``data_pipeline.augment.pad_margin``),
+so its centre crop is the exact-size image and random crops are shifts of up to margin/2 pixels, the
+usual CIFAR augmentation (``data_pipeline.augment``). Every other split is stored at ``resolution``, the
+exact size that validation and the evals read.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .augment import pad_margin
 from .decode import SkipImage, decode_image
 from .io import copy_atomic, write_bytes_atomic, write_json_atomic
 from .manifest import FORMAT_VERSION, MANIFEST_FILE
@@ -62,21 +64,23 @@ def sample_key(uid: str) -> str:
     return uid.strip("/").replace(".", "_") or "_"
 
 
-def _init_worker(quantizer: Quantizer, out_dir: str) -> None:
-    _STATE.update(quantizer=quantizer, out_dir=Path(out_dir), fds={})
+def _init_worker(quantizer: Quantizer, resolution: int, out_dir: str) -> None:
+    _STATE.update(quantizer=quantizer, resolution=resolution, out_dir=Path(out_dir), fds={})
 
 
 def _write_shard(task: tuple[str, int, list[tuple[str, Item]]]) -> dict:
-    """Decode at side ``r``, quantise and write one shard (temp name, rename), then its record; return the record."""
-    name, r, keyed = task
+    """Decode, pad by the task's margin, quantise and write one shard (temp name, rename), then its record;
+    return the record."""
+    name, margin, keyed = task
     st = _STATE
+    r = st["resolution"] + margin
     header = npy_header(r)
     pixels = np.empty((len(keyed), r, r, 3), dtype=np.uint8)
     kept, skipped = [], []
     for key, item in keyed:
         where = item.path if item.offset < 0 else f"{item.path}:{item.uid}"
         try:
-            pixels[len(kept)] = decode_image(read_item(item, st["fds"]), r)
+            pixels[len(kept)] = pad_margin(decode_image(read_item(item, st["fds"]), st["resolution"]), margin)
         except SkipImage as e:
             skipped.append({"source": where, "reason": e.reason, "detail": e.detail})
             continue
@@ -150,8 +154,8 @@ def shard_dataset(
     """
     if resolution < 1:
         raise ValueError(f"resolution must be positive, got {resolution}")
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
+    if not 0 <= margin < 2 * resolution - 1:
+        raise ValueError(f"margin must be in [0, {2 * resolution - 2}] at resolution {resolution}, got {margin}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_size < 1:
@@ -184,14 +188,14 @@ def shard_dataset(
     copy_atomic(palette_path, out / PALETTE_FILE)
 
     plan = _plan(items, val_fraction, shard_size, seed)
-    stored = {split: resolution + (margin if split in MARGIN_SPLITS else 0) for split in plan}
-    todo = [(name, stored[split], its) for split, tasks in plan.items() for name, its in tasks
+    margins = {split: margin if split in MARGIN_SPLITS else 0 for split in plan}
+    todo = [(name, margins[split], its) for split, tasks in plan.items() for name, its in tasks
             if not (out / RECORDS_DIR / f"{name}.json").exists()]
     workers = (os.cpu_count() or 1) if num_workers is None else num_workers
     quantizer = Quantizer.from_file(palette_path, progress=progress)
     with bar(total=sum(len(its) for *_, its in todo), unit="img", desc=f"shard {out.name}", show=progress) as b:
-        _run(todo, (quantizer, str(out)), workers, b)
-    manifest = _manifest(plan, out, sha, resolution, margin, stored, palette.shape[0], names, found.skipped, settings)
+        _run(todo, (quantizer, resolution, str(out)), workers, b)
+    manifest = _manifest(plan, out, sha, resolution, margins, palette.shape[0], names, found.skipped, settings)
     write_json_atomic(manifest, out / MANIFEST_FILE)
     return manifest
 
@@ -207,7 +211,7 @@ def _run(todo: list, init: tuple, workers: int, progress_bar: tqdm) -> None:
             progress_bar.update(rec["num_samples"] + len(rec["skipped"]))
 
 
-def _manifest(plan, out: Path, sha: str, resolution: int, margin: int, stored: dict[str, int], vocab: int, names,
+def _manifest(plan, out: Path, sha: str, resolution: int, margins: dict[str, int], vocab: int, names,
               listing_skips, settings) -> dict:
     splits, skipped, labels, unlabelled = {}, [s._asdict() for s in listing_skips], set(), 0
     for split, tasks in plan.items():
@@ -219,7 +223,7 @@ def _manifest(plan, out: Path, sha: str, resolution: int, margin: int, stored: d
             unlabelled += rec["unlabelled"]
             if rec["num_samples"]:
                 shards.append({"file": rec["file"], "num_samples": rec["num_samples"]})
-        splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "stored_resolution": stored[split],
+        splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "stored_resolution": resolution + margins[split],
                          "shards": shards}
     labelled = bool(labels) and unlabelled == 0
     if labelled and names is not None and max(labels) >= len(names):
@@ -227,7 +231,7 @@ def _manifest(plan, out: Path, sha: str, resolution: int, margin: int, stored: d
     return {
         "format_version": FORMAT_VERSION,
         "resolution": resolution,
-        "margin": margin,
+        "margin": settings.get("margin", 0),
         "palette_sha256": sha,
         "palette_file": PALETTE_FILE,
         "vocab_size": vocab,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.augment import Augment, crop_flip
+from data_pipeline.augment import Augment, crop_flip, pad_margin
 from data_pipeline.decode import decode_image
 from data_pipeline.loader import TokenStream, iterate_split, read_samples
 from data_pipeline.manifest import load_manifest, stored_resolution
@@ -58,7 +58,7 @@ def test_flips_and_crops_equal_the_tokens_of_the_augmented_image(cifar_dir, cifa
             for key, tokens in zip(batch["keys"], batch["tokens"].numpy()):
                 dy, dx, flip = seen[key] = aug.draw(epoch, *ids[key])
                 if len(seen) <= 600:  # the pixel-space check on the first 600 of each epoch
-                    image = decode_image(raw[key], 20)[dy : dy + 16, dx : dx + 16]
+                    image = pad_margin(decode_image(raw[key], 16), 4)[dy : dy + 16, dx : dx + 16]
                     image = image[:, ::-1] if flip else image
                     assert np.array_equal(tokens, quantize_bruteforce(image, palette).reshape(-1)), (epoch, key)
                     draws[dy, dx, flip] += 1
@@ -78,20 +78,23 @@ def test_flips_and_crops_equal_the_tokens_of_the_augmented_image(cifar_dir, cifa
     assert np.array_equal(val[0][0].numpy(), quantize_bruteforce(decode_image(raw[key], 16), palette).reshape(-1))
 
 
-def test_centre_crop_without_random_crop(cifar_tokens_margin):
+def test_centre_crop_is_the_exact_size_image(cifar_tokens_margin, cifar_tokens):
     m = load_manifest(cifar_tokens_margin)
     stored = {x.key: x.tokens for sh in m["splits"]["train"]["shards"]
               for x in read_samples(str(cifar_tokens_margin / sh["file"]), 20)}
+    exact = load_manifest(cifar_tokens)
+    for x in (x for sh in exact["splits"]["train"]["shards"] for x in read_samples(str(cifar_tokens / sh["file"]), 16)):
+        assert np.array_equal(crop_flip(stored[x.key], 20, 16, 2, 2, False), x.tokens)
+    assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(iterate_split(cifar_tokens_margin, "train", 100),
+                                                                       iterate_split(cifar_tokens, "train", 100)))
     stream = TokenStream(cifar_tokens_margin, "train", 64, num_workers=0, with_keys=True)
     batch = next(iter(stream))
     for key, tokens in zip(batch["keys"], batch["tokens"].numpy()):
         assert np.array_equal(tokens, crop_flip(stored[key], 20, 16, 2, 2, False))
-    ordered = next(iterate_split(cifar_tokens_margin, "train", 8))["tokens"].numpy()
-    assert np.array_equal(ordered, np.stack([crop_flip(t, 20, 16, 2, 2, False) for t in list(stored.values())[:8]]))
-    flipped = TokenStream(cifar_tokens_margin, "train", 64, num_workers=0, with_keys=True, hflip=True)
-    grids = next(iter(flipped))["tokens"].view(-1, 16, 16)
-    mirrored = [torch.equal(g, torch.from_numpy(crop_flip(stored[k], 20, 16, 2, 2, f)).long().view(16, 16))
-                for k, g in zip(batch["keys"], grids) for f in (True,)]
+    flips = next(iter(TokenStream(cifar_tokens_margin, "train", 64, num_workers=0, hflip=True)))["tokens"]
+    plain = batch["tokens"].view(-1, 16, 16)
+    mirrored = [torch.equal(f.view(16, 16), p.flip(1)) for f, p in zip(flips, plain)]
+    assert all(m or torch.equal(f.view(16, 16), p) for m, f, p in zip(mirrored, flips, plain))
     assert 0 < sum(mirrored) < len(mirrored)  # about half of them mirrored, the rest as they were
 
 
