@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from evals.baselines import pixel_features
 from evals.features import extract_features
 from evals.inputs import EvalData, EvalInputError, check_compatible, check_layers, concat_label
 from evals.nll import evaluate_nll
@@ -59,9 +60,10 @@ def score_model(model: IGPT, palette_sha256: str, data_dir: str, *, layers: Sequ
                 device: torch.device | str, train_split: str = "train", val_split: str = "val",
                 l2_grid: Sequence[float] = DEFAULT_L2, batch_size: int = 128,
                 train_limit: int | None = None, concat: Sequence[int] = (),
-                widen: int = DEFAULT_WIDEN) -> dict[str, Any]:
+                widen: int = DEFAULT_WIDEN, raw_pixels: bool = False) -> dict[str, Any]:
     """Val NLL (nats/token, bits/pixel) and per-layer probe accuracies of ``model`` on ``data_dir``; with
-    ``concat`` (two or more layers) also the probe of their pooled states concatenated."""
+    ``concat`` (two or more layers) also the probe of their pooled states concatenated, with ``raw_pixels``
+    the same probe on the images' pixels (``evals.baselines.pixel_features``)."""
     data = EvalData.open(data_dir)
     check_compatible(model, palette_sha256, data)
     concat = check_layers(list(concat), model.cfg.n_layer) if concat else []
@@ -72,7 +74,7 @@ def score_model(model: IGPT, palette_sha256: str, data_dir: str, *, layers: Sequ
     result: dict[str, Any] = {"val_nll": nll["nats_per_token"], "val_bits_per_pixel": nll["bits_per_pixel"],
                               "val_images": nll["images"]}
     wanted = sorted({*layers, *concat})
-    if data.labelled and wanted:
+    if data.labelled and (wanted or raw_pixels):
         train_f, train_y, _ = extract_features(model, data, train_split, wanted, batch_size=batch_size,
                                                device=device, limit=train_limit)
         val_f, val_y, _ = extract_features(model, data, val_split, wanted, batch_size=batch_size, device=device)
@@ -91,6 +93,10 @@ def score_model(model: IGPT, palette_sha256: str, data_dir: str, *, layers: Sequ
             got = probe(np.concatenate([train_f[l] for l in concat], 1), np.concatenate([val_f[l] for l in concat], 1))
             result.update(probe_concat_layers=concat_label(concat), probe_concat_accuracy=got["accuracy"],
                           probe_concat_l2=got["l2"], probe_concat_l2_at_edge=got["l2_at_edge"])
+        if raw_pixels:
+            got = probe(pixel_features(data, train_split, limit=train_limit)[0], pixel_features(data, val_split)[0])
+            result.update(raw_pixels_accuracy=got["accuracy"], raw_pixels_l2=got["l2"],
+                          raw_pixels_l2_at_edge=got["l2_at_edge"])
     result["score_s"] = time.perf_counter() - t0
     return result
 
@@ -113,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concat", default="", help="comma-separated block indices probed concatenated")
     p.add_argument("--l2", type=float, nargs="+", default=list(DEFAULT_L2), help="the initial L2 grid")
     p.add_argument("--widen", type=int, default=DEFAULT_WIDEN, help="rounds of widening the grid past an edge")
+    p.add_argument("--raw-pixels", action="store_true", help="also probe the raw pixels (the baseline)")
     p.add_argument("--train-limit", type=int, default=None, help="probe on the first N train images")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")
@@ -131,7 +138,7 @@ def _cmd(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     result = score_model(model.to(device), sha, args.data, layers=_ints(args.layers), concat=_ints(args.concat),
                          device=device, l2_grid=args.l2, widen=args.widen, batch_size=args.batch_size,
-                         train_limit=args.train_limit)
+                         train_limit=args.train_limit, raw_pixels=args.raw_pixels)
     if args.json:
         write_json_atomic(result, args.json)
     print(json.dumps(result, indent=1))
