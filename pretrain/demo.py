@@ -55,9 +55,9 @@ class DemoSettings:
     train_config: str = str(REPO_ROOT / "configs" / "cifar10-demo.yaml")
     train_overrides: tuple[str, ...] = ()
     eval_limit: int | None = 5000  # images per split for nll and the probes
-    probe_layers: str = "all"
-    probe_concat: bool = False  # also probe the probe layers concatenated
-    probe_l2: str = "[0.0001,0.001,0.01,0.1,1.0]"  # the initial grid; it widens past an edge
+    probe_layers: str = "1,2,3,4"  # igpt-mini's blocks 1-3 and its final-norm output (block 0 probes worst)
+    probe_concat: bool = True  # also probe the probe layers concatenated
+    probe_l2: str = "[1e-05,0.0001,0.001,0.01,0.1]"  # the initial grid; it widens past an edge
     verbose: bool = False  # every training log line and Ray Tune's tables
 
 
@@ -88,7 +88,7 @@ def resolve_source(data: DataOptions) -> str:
 
 GPU_RECIPE = dict(workdir="runs/demo-gpu", resolution=32, margin=4,
                   train_config=str(REPO_ROOT / "configs" / "cifar10-gpu-recipe.yaml"), eval_limit=None,
-                  probe_layers="4,5,6,7,8", probe_concat=True)
+                  probe_layers="4,5,6,7,8,9", probe_concat=True)
 QUICK = dict(limit=2000, train_overrides=("train.steps=12", "train.val_every=6", "train.sample_every=12",
                                           "checkpoint.every=6", "train.log_every=3"),
              eval_limit=400, probe_layers="mid", probe_concat=False, probe_l2="[0.01,1.0]")
