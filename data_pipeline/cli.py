@@ -30,7 +30,7 @@ def _shard(args: argparse.Namespace) -> int:
     names = args.class_names.split(",") if args.class_names else None
     manifest = shard_dataset(
         args.sources, args.out, args.palette, args.resolution, args.val_fraction, args.shard_size, args.workers,
-        args.seed, args.limit, names,
+        args.seed, args.limit, names, margin=args.margin,
     )
     counts = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
     print(f"{args.out}: {counts}; skipped {len(manifest['skipped'])} {manifest['skipped_counts']}")
@@ -65,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shard.add_argument("--out", required=True)
     shard.add_argument("--palette", required=True)
     shard.add_argument("--resolution", type=int, default=32)
+    shard.add_argument("--margin", type=int, default=0,
+                       help="store the train split this many pixels larger than --resolution, for random crops "
+                            "(data.random_crop); the other splits stay at --resolution")
     shard.add_argument("--val-fraction", type=float, default=0.0)
     shard.add_argument("--shard-size", type=int, default=2000)
     shard.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")

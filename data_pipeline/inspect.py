@@ -9,7 +9,7 @@ from PIL import Image
 
 from .grid import chunk_rows, image_grid
 from .loader import read_shard
-from .manifest import load_manifest, split_info
+from .manifest import load_manifest, split_info, stored_resolution
 from .token_shards import TokenShards
 from .quantize import dequantize
 
@@ -22,7 +22,9 @@ def summary(manifest: dict) -> str:
         f"palette sha256 {manifest['palette_sha256'][:16]}…",
     ]
     for name, info in manifest["splits"].items():
-        lines.append(f"split {name}: {info['num_samples']} samples in {len(info['shards'])} shards")
+        stored = stored_resolution(manifest, name)
+        size = f", stored at {stored}x{stored} for crops" if stored != r else ""
+        lines.append(f"split {name}: {info['num_samples']} samples in {len(info['shards'])} shards{size}")
     names = manifest.get("class_names")
     if manifest.get("labelled"):
         lines.append(f"labelled: {manifest.get('num_classes')} classes" + (f" ({', '.join(names)})" if names else ""))
@@ -38,10 +40,11 @@ def summary(manifest: dict) -> str:
 
 
 def sample_grid(data_dir: str | Path, split: str = "train", count: int = 64, scale: int | None = None) -> Image.Image:
-    """The first ``count`` samples of a split, dequantised with the directory's palette, in a square grid."""
+    """The first ``count`` samples of a split as stored (with any margin), dequantised with the directory's
+    palette, in a square grid."""
     shards = TokenShards.open(data_dir)
     data_dir, manifest, palette = shards.path, shards.manifest, shards.palette
-    r = shards.resolution
+    r = stored_resolution(manifest, split)
     tokens = []
     for shard in split_info(manifest, split)["shards"]:
         for t, _ in read_shard(str(data_dir / shard["file"]), r):

@@ -29,6 +29,12 @@ already seen.
 
 ``with_keys`` adds each sample's WebDataset key to its batch (``batch["keys"]``), to tell which
 samples a run has seen.
+
+Augmentation (``hflip``, ``random_crop``; ``data_pipeline.augment``) happens in the workers, per
+sample, drawn from (seed, epoch, shard index, position in the shard): a resumed or re-split stream
+gives every sample the augmentation the uninterrupted stream gives it. A split stored with a margin
+is cut to the training size: random crops with ``random_crop``, else the centre crop (also in
+``iterate_split``, which never flips).
 """
 from __future__ import annotations
 
@@ -46,7 +52,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .manifest import load_manifest, split_info
+from .augment import Augment
+from .manifest import load_manifest, split_info, stored_resolution
 from .shard import npy_header
 from .tario import iter_members
 
@@ -96,7 +103,7 @@ def read_samples(path: str, resolution: int, part: int = 0, parts: int = 1,
             if size == hlen + 2 * ntok and data[offset : offset + hlen] == header:
                 tokens = np.frombuffer(data, np.uint16, ntok, offset + hlen)
             else:
-                raise ValueError(f"{path}:{name} is not a uint16 token array of the manifest's resolution")
+                raise ValueError(f"{path}:{name} is not a uint16 token array of the split's stored resolution")
         elif ext == "cls":
             label = int(data[offset : offset + size])
     if tokens is not None and wanted(j):
@@ -161,9 +168,10 @@ class _SlotStream(IterableDataset):
             units = deal_units(s.shards, s.data_dir, s.world_size * workers, s.seed, self.epoch)[slot]
         else:
             units = _resampled_units(s, worker, self.epoch)
-        excluded = s.excluded.get(self.epoch, {})
-        samples = (x for path, p, n, _ in units
-                   for x in read_samples(path, s.resolution, p, n, excluded.get(s.shard_index[path])))
+        # the augmentation's epoch: the epoch, or in resampled mode the draw (a shard may be drawn again)
+        samples = (x for k, unit in enumerate(units)
+                   for x in s.unit_samples(unit, self.epoch, self.epoch if s.mode == "epoch" else
+                                           (self.epoch, s.rank, worker, k)))
         samples = s.shuffled(samples, self.epoch, worker)
         # fast-forward past the batches a resumed run already consumed, without collating them
         samples = itertools.islice(samples, self.skips[worker] * s.batch_size, None)
@@ -225,6 +233,8 @@ class TokenStream:
         with_labels: bool = False,
         pin_memory: bool = False,
         with_keys: bool = False,
+        hflip: bool = False,
+        random_crop: bool = False,
     ):
         if mode not in ("epoch", "resampled"):
             raise ValueError(f"mode must be 'epoch' or 'resampled', got {mode!r}")
@@ -250,6 +260,7 @@ class TokenStream:
         # epoch → samples already seen in it before a re-split (see resume_from); empty otherwise
         self.excluded: dict[int, Masks] = {}
         self.resolution = self.manifest["resolution"]
+        self.augment = Augment(self.resolution, stored_resolution(self.manifest, split), hflip, random_crop, seed)
         self.palette_sha256 = self.manifest["palette_sha256"]
         self.epoch = 0
         self.batches_in_epoch = 0
@@ -267,6 +278,15 @@ class TokenStream:
         j = np.arange(part, self.shards[shard]["num_samples"], parts)
         mask = self.excluded.get(epoch, {}).get(shard)
         return j if mask is None else j[~mask[j]]
+
+    def unit_samples(self, unit: Unit, epoch: int, augment_epoch: object) -> Iterator[Sample]:
+        """A unit's samples that ``epoch`` reads, augmented as drawn for ``augment_epoch``."""
+        path, part, parts, _ = unit
+        shard = self.shard_index[path]
+        samples = read_samples(path, self.augment.stored, part, parts, self.excluded.get(epoch, {}).get(shard))
+        if self.augment.identity:
+            return samples
+        return (x._replace(tokens=self.augment(x.tokens, augment_epoch, shard, x.index)) for x in samples)
 
     def shuffled(self, samples: Iterator, epoch: int, worker: int) -> Iterator:
         """A worker's samples (or their ids) in the epoch's order: the seeded shuffle buffer."""
@@ -430,13 +450,16 @@ class TokenStream:
 
 
 def iterate_split(data_dir: str | Path, split: str, batch_size: int, with_labels: bool = False) -> Iterator[dict]:
-    """One ordered, finite pass over a split (shards in manifest order, no shuffling), in this process."""
+    """One ordered, finite pass over a split (shards in manifest order, no shuffling), in this process; a
+    split stored with a margin is centre-cropped to the training size."""
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
     shards = split_info(manifest, split)["shards"]
     if with_labels and not manifest.get("labelled"):
         raise ValueError(f"{data_dir} has no class labels (with_labels=True)")
-    samples = (x for sh in shards for x in read_samples(str(data_dir / sh["file"]), manifest["resolution"]))
+    centre = Augment(manifest["resolution"], stored_resolution(manifest, split))
+    samples = (x._replace(tokens=centre(x.tokens, 0, 0, 0)) for sh in shards
+               for x in read_samples(str(data_dir / sh["file"]), centre.stored))
     for tokens, labels, _ in _batches(samples, batch_size, with_labels):
         out = {"tokens": torch.from_numpy(tokens).long()}
         if labels is not None:

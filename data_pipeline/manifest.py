@@ -1,11 +1,19 @@
-"""``manifest.json``: what a directory of token shards holds (see docs/CONTRACTS.md)."""
+"""``manifest.json``: what a directory of token shards holds (see docs/CONTRACTS.md).
+
+Format 2 adds the stored size next to the training size: ``resolution`` is the side the model trains
+on (``tokens_per_sample`` = resolution²), ``margin`` the extra pixels the train split is stored with,
+and each split's ``stored_resolution`` the side of its token grids (resolution + margin for ``train``,
+resolution for the others, so validation and evals read exact-size images). Format 1 (no margin) reads
+as format 2 with every split stored at the training size.
+"""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 REQUIRED_KEYS = (
     "format_version",
@@ -29,8 +37,9 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise ValueError(f"{path} lacks keys {missing}")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {manifest['format_version']}, this code reads {FORMAT_VERSION}")
+    if manifest["format_version"] not in READABLE_VERSIONS:
+        raise ValueError(f"{path} has format_version {manifest['format_version']}, this code reads "
+                         f"{' and '.join(map(str, READABLE_VERSIONS))}")
     return manifest
 
 
@@ -45,3 +54,8 @@ def split_info(manifest: dict, split: str) -> dict:
     if split not in manifest["splits"]:
         raise UnknownSplit(f"split {split!r} not in the manifest (has {sorted(manifest['splits'])})")
     return manifest["splits"][split]
+
+
+def stored_resolution(manifest: dict, split: str) -> int:
+    """The side of a split's stored token grids: the training resolution plus the split's margin."""
+    return int(split_info(manifest, split).get("stored_resolution", manifest["resolution"]))

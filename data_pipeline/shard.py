@@ -7,6 +7,12 @@ renamed, then its record (sample count, skipped inputs) is written beside it und
 ``.records/``; a rerun with the same settings keeps every shard that has a record and redoes
 the rest, so an interrupted run resumes. A sample is ``KEY.tokens.npy`` (uint16, R*R, raster
 order) plus ``KEY.cls`` (ASCII integer) when labelled.
+
+With a ``margin`` the train split is stored ``margin`` pixels larger than ``resolution``: each image is
+decoded at ``resolution`` like any other and mirror-padded by the margin (``data_pipeline.augment.pad_margin``),
+so its centre crop is the exact-size image and random crops are shifts of up to margin/2 pixels, the
+usual CIFAR augmentation (``data_pipeline.augment``). Every other split is stored at ``resolution``, the
+exact size that validation and the evals read.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .augment import pad_margin
 from .decode import SkipImage, decode_image
 from .io import copy_atomic, write_bytes_atomic, write_json_atomic
 from .manifest import FORMAT_VERSION, MANIFEST_FILE
@@ -33,7 +40,8 @@ from .tario import tar_bytes
 from .token_shards import check_palette
 
 RECORDS_DIR = ".records"
-_STATE: dict = {}  # per worker process: quantizer, resolution, out dir, open tar fds
+MARGIN_SPLITS = ("train",)  # the splits stored with the margin
+_STATE: dict = {}  # per worker process: quantizer, out dir, open tar fds
 
 
 def npy_header(resolution: int) -> bytes:
@@ -57,20 +65,22 @@ def sample_key(uid: str) -> str:
 
 
 def _init_worker(quantizer: Quantizer, resolution: int, out_dir: str) -> None:
-    _STATE.update(quantizer=quantizer, resolution=resolution, out_dir=Path(out_dir), fds={}, header=npy_header(resolution))
+    _STATE.update(quantizer=quantizer, resolution=resolution, out_dir=Path(out_dir), fds={})
 
 
-def _write_shard(task: tuple[str, list[tuple[str, Item]]]) -> dict:
-    """Decode, quantise and write one shard (temp name, rename), then its record; return the record."""
-    name, keyed = task
+def _write_shard(task: tuple[str, int, list[tuple[str, Item]]]) -> dict:
+    """Decode, pad by the task's margin, quantise and write one shard (temp name, rename), then its record;
+    return the record."""
+    name, margin, keyed = task
     st = _STATE
-    r = st["resolution"]
+    r = st["resolution"] + margin
+    header = npy_header(r)
     pixels = np.empty((len(keyed), r, r, 3), dtype=np.uint8)
     kept, skipped = [], []
     for key, item in keyed:
         where = item.path if item.offset < 0 else f"{item.path}:{item.uid}"
         try:
-            pixels[len(kept)] = decode_image(read_item(item, st["fds"]), r)
+            pixels[len(kept)] = pad_margin(decode_image(read_item(item, st["fds"]), st["resolution"]), margin)
         except SkipImage as e:
             skipped.append({"source": where, "reason": e.reason, "detail": e.detail})
             continue
@@ -81,7 +91,7 @@ def _write_shard(task: tuple[str, list[tuple[str, Item]]]) -> dict:
     tokens = st["quantizer"].quantize(pixels[: len(kept)]).reshape(len(kept), r * r)
     members = []
     for (key, item), row in zip(kept, tokens):
-        members.append((f"{key}.tokens.npy", st["header"] + row.tobytes()))
+        members.append((f"{key}.tokens.npy", header + row.tobytes()))
         if item.label is not None:
             members.append((f"{key}.cls", str(item.label).encode()))
     out_dir: Path = st["out_dir"]
@@ -132,16 +142,20 @@ def shard_dataset(
     limit: int | None = None,
     class_names: list[str] | None = None,
     progress: bool = True,
+    margin: int = 0,
 ) -> dict:
     """Shard ``sources`` into ``out_dir`` (resuming a previous run there); return the manifest.
 
     ``limit`` keeps the first N inputs in listing order; ``class_names`` names integer labels
     of tar sources (ImageFolder sources name their own). ``num_workers`` processes (default:
     all CPUs; 0 or 1 runs in this process). ``progress=False`` hides the progress bars, which
-    otherwise show as ``data_pipeline.progress`` decides.
+    otherwise show as ``data_pipeline.progress`` decides. ``margin``: the train split's extra pixels
+    (see the module docstring).
     """
     if resolution < 1:
         raise ValueError(f"resolution must be positive, got {resolution}")
+    if not 0 <= margin < 2 * resolution - 1:
+        raise ValueError(f"margin must be in [0, {2 * resolution - 2}] at resolution {resolution}, got {margin}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_size < 1:
@@ -162,6 +176,7 @@ def shard_dataset(
         "shard_size": shard_size,
         "seed": seed,
         "limit": limit,
+        **({"margin": margin} if margin else {}),  # absent without one: earlier directories still resume
     }
     settings_file = out / RECORDS_DIR / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
@@ -173,15 +188,17 @@ def shard_dataset(
     copy_atomic(palette_path, out / PALETTE_FILE)
 
     plan = _plan(items, val_fraction, shard_size, seed)
-    todo = [task for tasks in plan.values() for task in tasks if not (out / RECORDS_DIR / f"{task[0]}.json").exists()]
-    for name, _ in todo:  # a killed run can leave a shard's temp file behind: the shard is written afresh
+    margins = {split: margin if split in MARGIN_SPLITS else 0 for split in plan}
+    todo = [(name, margins[split], its) for split, tasks in plan.items() for name, its in tasks
+            if not (out / RECORDS_DIR / f"{name}.json").exists()]
+    for name, *_ in todo:  # a killed run can leave a shard's temp file behind: the shard is written afresh
         for stale in out.glob(f".{name}.*tmp*"):
             stale.unlink()
     workers = (os.cpu_count() or 1) if num_workers is None else num_workers
     quantizer = Quantizer.from_file(palette_path, progress=progress)
-    with bar(total=sum(len(its) for _, its in todo), unit="img", desc=f"shard {out.name}", show=progress) as b:
+    with bar(total=sum(len(its) for *_, its in todo), unit="img", desc=f"shard {out.name}", show=progress) as b:
         _run(todo, (quantizer, resolution, str(out)), workers, b)
-    manifest = _manifest(plan, out, sha, resolution, palette.shape[0], names, found.skipped, settings)
+    manifest = _manifest(plan, out, sha, resolution, margins, palette.shape[0], names, found.skipped, settings)
     write_json_atomic(manifest, out / MANIFEST_FILE)
     return manifest
 
@@ -197,7 +214,8 @@ def _run(todo: list, init: tuple, workers: int, progress_bar: tqdm) -> None:
             progress_bar.update(rec["num_samples"] + len(rec["skipped"]))
 
 
-def _manifest(plan, out: Path, sha: str, resolution: int, vocab: int, names, listing_skips, settings) -> dict:
+def _manifest(plan, out: Path, sha: str, resolution: int, margins: dict[str, int], vocab: int, names,
+              listing_skips, settings) -> dict:
     splits, skipped, labels, unlabelled = {}, [s._asdict() for s in listing_skips], set(), 0
     for split, tasks in plan.items():
         shards = []
@@ -208,13 +226,15 @@ def _manifest(plan, out: Path, sha: str, resolution: int, vocab: int, names, lis
             unlabelled += rec["unlabelled"]
             if rec["num_samples"]:
                 shards.append({"file": rec["file"], "num_samples": rec["num_samples"]})
-        splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards}
+        splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "stored_resolution": resolution + margins[split],
+                         "shards": shards}
     labelled = bool(labels) and unlabelled == 0
     if labelled and names is not None and max(labels) >= len(names):
         raise ValueError(f"label {max(labels)} has no name among {len(names)} class names")
     return {
         "format_version": FORMAT_VERSION,
         "resolution": resolution,
+        "margin": settings.get("margin", 0),
         "palette_sha256": sha,
         "palette_file": PALETTE_FILE,
         "vocab_size": vocab,

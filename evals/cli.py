@@ -84,7 +84,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     from evals.commands import run_probe
 
-    return _report(run_probe(_run(args), _splits(args), args.layers, _search(args), args.cache_dir, args.baselines))
+    return _report(run_probe(_run(args), _splits(args), args.layers, _search(args), args.cache_dir, args.baselines,
+                             args.concat))
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -116,10 +117,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cols", type=int, default=8, help="images per row of the unconditional grid")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("probe", help="linear probes (layers x L2) with Ray Tune")
+    p = sub.add_parser("probe", help="linear probes (layers x L2, the L2 grid widened past an edge) with Ray Tune")
     _common(p)
     _tuned(p)
     p.add_argument("--layers", default="mid", help="'all', 'mid' or comma-separated block indices")
+    p.add_argument("--concat", action="store_true",
+                   help="also probe the concatenation of the layers' pooled states (e.g. --layers 6,7,8 --concat)")
     p.add_argument("--test-split", default=None, help="report accuracy here (else on the validation split)")
     p.add_argument("--test-data", default=None, help="shard dir of --test-split when not --data")
     p.add_argument("--cache-dir", default=None, help="feature cache (default: OUT/feature_cache)")

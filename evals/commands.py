@@ -14,9 +14,11 @@ from data_pipeline.io import write_text_atomic
 from evals.baselines import PIXEL_LAYER, RANDOM_INIT, RAW_PIXELS, pixel_features, random_init_cache
 from evals.config import EvalSearchConfig
 from evals.features import FeatureCache
-from evals.inputs import EvalData, EvalInputError, check_compatible, load_checked, parse_layers, pick_device
+from evals.inputs import (EvalData, EvalInputError, Layer, check_compatible, concat_label, layer_order, load_checked,
+                          parse_layers, pick_device)
 from evals.nll import evaluate_nll
 from evals.plots import confusion_matrix, plot_confusion, plot_layer_accuracy
+from evals.probe import widen_l2
 from evals.sample import complete_bottom_half, completion_rows, sample_unconditional, to_rgb
 from evals.tracking import ParentRun, default_tracking_uri, parent_run
 from evals.tune import tune_finetune, tune_probe
@@ -167,21 +169,46 @@ def _gather(features: FeatureFn, sources: dict[str, tuple[EvalData, str]]
     return feats, labels
 
 
-def _select(rows: list[dict[str, Any]], acc_key: str) -> tuple[dict[str, Any], dict[int, dict[str, float]]]:
-    """The best trial by validation accuracy (ties → the lower layer) and the best L2 of each layer."""
-    per_layer: dict[int, dict[str, float]] = {}
-    for l in sorted({r["config"]["layer"] for r in rows}):
-        best_l = max((r for r in rows if r["config"]["layer"] == l), key=lambda r: r["metrics"]["val_acc"])
+def _with_concat(feats: dict[Layer, dict[str, np.ndarray]], layers: list[int]) -> list[Layer]:
+    """Add the concatenation of ``layers``' features as one more feature set; the feature sets to probe."""
+    label = concat_label(layers)
+    feats[label] = {split: np.concatenate([feats[l][split] for l in layers], axis=1) for split in feats[layers[0]]}
+    return [*layers, label]
+
+
+def _select(rows: list[dict[str, Any]], acc_key: str) -> tuple[dict[str, Any], dict[Layer, dict[str, Any]]]:
+    """The best trial by validation accuracy (ties → the lower layer, single layers before concatenations) and
+    per layer its best L2, the L2 values searched and whether the best still lies at an edge of them."""
+    rows = sorted(rows, key=lambda r: layer_order(r["config"]["layer"]))
+    per_layer: dict[Layer, dict[str, Any]] = {}
+    for l in dict.fromkeys(r["config"]["layer"] for r in rows):
+        mine = [r for r in rows if r["config"]["layer"] == l]
+        best_l = max(mine, key=lambda r: r["metrics"]["val_acc"])
+        grid = {r["config"]["l2"]: r["metrics"]["val_acc"] for r in mine}
         per_layer[l] = {"l2": best_l["config"]["l2"], "val_acc": best_l["metrics"]["val_acc"],
-                        "eval_acc": best_l["metrics"][acc_key]}
-    best = max(rows, key=lambda r: (r["metrics"]["val_acc"], -r["config"]["layer"]))
+                        "eval_acc": best_l["metrics"][acc_key], "l2_searched": sorted(grid),
+                        "l2_at_edge": widen_l2(grid) is not None}
+    best = max(rows, key=lambda r: r["metrics"]["val_acc"])  # the first of equals, in layer order
     return best, per_layer
+
+
+def _log_per_layer(parent: ParentRun, per_layer: dict[Layer, dict[str, Any]], eval_key: str) -> None:
+    """Per block index: metrics stepped by the layer; a concatenation: ``probe_concat_*`` metrics."""
+    for l, v in per_layer.items():
+        values = {"val_acc": v["val_acc"], f"{eval_key}_acc": v["eval_acc"], "best_l2": v["l2"],
+                  "l2_at_edge": float(v["l2_at_edge"])}
+        if isinstance(l, str):
+            parent.log_metrics({f"probe_concat_{k}": x for k, x in values.items()})
+        else:
+            for k, x in values.items():
+                parent.client.log_metric(parent.run_id, f"probe_{k}", x, step=l)
 
 
 def _probe_baselines(run: EvalRun, sources: dict[str, tuple[EvalData, str]], layers: list[int], model_cfg: Any,
                      num_classes: int, search: EvalSearchConfig, parent: ParentRun, acc_key: str,
-                     cache_root: Path) -> dict[str, dict[str, Any]]:
-    """The same probe grid on raw pixels and on a seeded random model of the same shape."""
+                     cache_root: Path, concat: bool) -> dict[str, dict[str, Any]]:
+    """The same probe grid on raw pixels and on a seeded random model of the same shape (its layers
+    concatenated too with ``concat``)."""
     device = pick_device(run.device)
     seed = search.probe.baseline_seed
     random_cache = random_init_cache(cache_root, model_cfg, seed)
@@ -198,27 +225,32 @@ def _probe_baselines(run: EvalRun, sources: dict[str, tuple[EvalData, str]], lay
     out = {}
     for name, fn in ((RAW_PIXELS, pixels), (RANDOM_INIT, random_init)):
         feats, labels = _gather(fn, sources)
-        rows = tune_probe(feats, labels, num_classes, sorted(feats), search.probe, search.resources, parent=parent,
+        keys = _with_concat(feats, layers) if concat and name == RANDOM_INIT else sorted(feats)
+        rows = tune_probe(feats, labels, num_classes, keys, search.probe, search.resources, parent=parent,
                           tracking_uri=run.uri, storage_path=_storage(run, search), features_name=name,
                           verbose=run.verbose)
         best, _ = _select(rows, acc_key)
         layer = best["config"]["layer"]
         out[name] = {"layer": None if layer == PIXEL_LAYER else layer, "l2": best["config"]["l2"],
                      "val_acc": best["metrics"]["val_acc"], "accuracy": best["metrics"][acc_key],
-                     "trials": len(rows)}
+                     "trials": len(rows), "l2_searched": sorted({r["config"]["l2"] for r in rows})}
     out[RANDOM_INIT]["seed"] = seed
     return out
 
 
 def run_probe(run: EvalRun, splits: SplitOptions, layers_spec: str, search: EvalSearchConfig,
-              cache_dir: str | None = None, baselines: bool = False) -> dict[str, Any]:
-    """Linear probes over layers × L2 on a Ray Tune grid; best by validation accuracy.
+              cache_dir: str | None = None, baselines: bool = False, concat: bool = False) -> dict[str, Any]:
+    """Linear probes over layers × L2 on a Ray Tune grid, each layer's L2 grid widened while its best lies at
+    an edge; best by validation accuracy. ``concat`` adds the concatenation of the layers' pooled states as
+    one more feature set (labelled ``"6+7+8"``).
 
     With ``baselines`` the same grid also probes raw pixels and a randomly initialised model of the
     same shape; the summary's ``beats_baselines`` says whether the model's accuracy beats both.
     """
     data, model, sha = run.open()
     layers = parse_layers(layers_spec, model.cfg.n_layer)
+    if concat and len(layers) < 2:
+        raise EvalInputError(f"--concat needs two or more --layers, got {layers}")
     for s in (splits.train_split, splits.val_split):
         data.num_samples(s, labels=True)
     test_data = _eval_data(run, splits, data, model, sha)
@@ -231,22 +263,22 @@ def run_probe(run: EvalRun, splits: SplitOptions, layers_spec: str, search: Eval
     feats, labels = _gather(
         lambda d, s: cache.get(d, s, layers, batch_size=run.batch_size, device=device, limit=run.limit), sources)
     model.cpu()
+    keys = _with_concat(feats, layers) if concat else layers
     num_classes = data.num_classes(torch.as_tensor(np.concatenate(list(labels.values()))))
     eval_key, note = _accuracy_note(splits)
     acc_key = f"{eval_key}_acc"
     with parent_run(run.uri, run.experiment, run.run_name or "probe") as parent:
-        parent.log_params({**run.params(), "eval": "probe", "layers": layers, "l2": search.probe.l2,
-                           "max_iter": search.probe.max_iter, "train_split": splits.train_split,
+        parent.log_params({**run.params(), "eval": "probe", "layers": layers, "concat": concat, "l2": search.probe.l2,
+                           "l2_widen": search.probe.widen, "max_iter": search.probe.max_iter, "train_split": splits.train_split,
                            "val_split": splits.val_split, "test_split": splits.test_split,
                            "palette_sha256": sha, "checkpoint_id": cache.checkpoint_id, "baselines": baselines})
-        rows = tune_probe(feats, labels, num_classes, layers, search.probe, search.resources, parent=parent,
+        rows = tune_probe(feats, labels, num_classes, keys, search.probe, search.resources, parent=parent,
                           tracking_uri=run.uri, storage_path=_storage(run, search), verbose=run.verbose)
         best, per_layer = _select(rows, acc_key)
-        for l, v in per_layer.items():
-            parent.client.log_metric(parent.run_id, "probe_val_acc", v["val_acc"], step=l)
-            parent.client.log_metric(parent.run_id, f"probe_{eval_key}_acc", v["eval_acc"], step=l)
-        base = (_probe_baselines(run, sources, layers, model.cfg, num_classes, search, parent, acc_key, cache_root)
-                if baselines else {})
+        _log_per_layer(parent, per_layer, eval_key)
+        parent.log_params({"l2_searched": sorted({r["config"]["l2"] for r in rows})})
+        base = (_probe_baselines(run, sources, layers, model.cfg, num_classes, search, parent, acc_key, cache_root,
+                                 concat) if baselines else {})
         eval_split = splits.test_split if eval_key == "test" else splits.val_split
         cm = confusion_matrix(labels[eval_key], best["pred"], num_classes)
         out = Path(run.out)
@@ -262,7 +294,8 @@ def run_probe(run: EvalRun, splits: SplitOptions, layers_spec: str, search: Eval
             "num_train": int(len(labels["train"])), "num_val": int(len(labels["val"])),
             "confusion_matrix": cm.tolist(), "class_names": data.class_names,
         }
-        parent.log_metrics({"accuracy": summary["accuracy"], "best_layer": summary["best"]["layer"],
+        parent.log_metrics({"accuracy": summary["accuracy"], "best_layer": summary["best"]["layer"],  # not a concat's
+                            "best_is_concat": float(isinstance(summary["best"]["layer"], str)),
                             "best_l2": summary["best"]["l2"], "best_val_acc": summary["best"]["val_acc"]})
         if baselines:
             summary["baselines"] = base

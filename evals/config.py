@@ -15,6 +15,8 @@ class ProbeSearch:
     """Grid over layers (from ``--layers``) × L2 penalties, each cell one Tune trial."""
 
     l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+    widen: int = 6
+    """Rounds that extend a feature set's L2 grid one step past an edge where its best value lies (0: none)."""
     max_iter: int = 500
     baseline_seed: int = 0  # initialisation seed of the random-init baseline (`probe --baselines`)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Union
 
 import torch
 
@@ -12,6 +12,19 @@ from data_pipeline.token_shards import TokenShards, check_palette
 from data_pipeline.progress import bar
 from pretrain.model import IGPT
 from pretrain.release import load_model
+
+
+Layer = Union[int, str]  # a block index, or the label of a concatenation of several (concat_label)
+
+
+def concat_label(layers: list[int]) -> str:
+    """The feature-set label of ``layers``' pooled states concatenated: ``"6+7+8"``."""
+    return "+".join(map(str, layers))
+
+
+def layer_order(layer: Layer) -> tuple[bool, int]:
+    """Sort key: block indices in order, then concatenations."""
+    return (True, 0) if isinstance(layer, str) else (False, layer)
 
 
 class EvalInputError(ValueError):

@@ -3,6 +3,9 @@
 The objective is mean cross-entropy + (l2 / 2)·‖W‖² (bias unpenalised), the same as
 scikit-learn's LogisticRegression with C = 1 / (l2 · n_train). Features are standardised with
 the training split's mean and standard deviation before fitting.
+
+``widen_l2`` grows an L2 grid until its best value is interior: while the best accuracy lies at an edge,
+the next value one grid step past that edge is tried.
 """
 from __future__ import annotations
 
@@ -104,3 +107,21 @@ def fit_probe(
         final = objective().item()
     iterations = opt.state[opt._params[0]].get("n_iter", 0)
     return LinearProbe(scaler, weight.detach(), bias.detach(), final, int(iterations))
+
+
+def widen_l2(accuracy: dict[float, float]) -> float | None:
+    """The L2 to try next when the best of ``accuracy`` (L2 → accuracy) lies at an edge of its grid: one step of
+    the grid's edge ratio past that edge. The low edge counts only when strictly better than its neighbour
+    (equal values there are the unregularised limit: smaller ones change nothing); the high edge also when
+    equal (a flat stretch before the optimum). None when the best is interior, the edge is 0 or the grid has
+    a single value."""
+    grid = sorted(accuracy)
+    if len(grid) < 2:
+        return None
+    best = max(accuracy.values())
+    low, high = grid[0], grid[-1]
+    if accuracy[low] == best and accuracy[low] > accuracy[grid[1]] and low > 0:
+        return float(f"{low * low / grid[1]:.6g}")
+    if accuracy[high] == best and grid[-2] > 0:
+        return float(f"{high * high / grid[-2]:.6g}")
+    return None

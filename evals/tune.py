@@ -30,8 +30,8 @@ from data_pipeline.progress import bar
 from evals.baselines import PIXEL_LAYER
 from evals.config import FinetuneSearch, ProbeSearch, Resources
 from evals.finetune import FinetuneHistory, finetune
-from evals.inputs import pick_device
-from evals.probe import fit_probe
+from evals.inputs import Layer, pick_device
+from evals.probe import fit_probe, widen_l2
 from evals.tracking import ParentRun
 from pretrain.model import IGPT
 
@@ -219,27 +219,45 @@ def _run(
 
 
 def tune_probe(
-    features: dict[int, dict[str, np.ndarray]], labels: dict[str, np.ndarray], num_classes: int,
-    layers: list[int], search: ProbeSearch, res: Resources, *, parent: ParentRun, tracking_uri: str,
+    features: dict[Layer, dict[str, np.ndarray]], labels: dict[str, np.ndarray], num_classes: int,
+    layers: list[Layer], search: ProbeSearch, res: Resources, *, parent: ParentRun, tracking_uri: str,
     storage_path: str | Path, features_name: str = "model", verbose: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run the layers × L2 grid; returns one row per trial (config, metrics, eval predictions).
+    """Run the layers × L2 grid, then widen each layer's grid while its best L2 lies at an edge
+    (``evals.probe.widen_l2``, at most ``search.widen`` rounds, one Tune grid per new value); returns one
+    row per trial (config, metrics, eval predictions). A layer is a block index or the label of a
+    concatenation of several (``concat_label``).
 
     ``features_name`` tells feature sets apart within one parent run: Tune experiment ``probe`` (model
-    features) or ``probe_<features_name>``, MLflow tag ``probe_features``, trial names (``trial_name``).
+    features) or ``probe_<features_name>`` (``_widenR`` appended for the widening rounds), MLflow tag
+    ``probe_features``, trial names (``trial_name``).
     """
     ensure_ray(res, verbose)
     payload = {
         "layers": {l: {s: ray.put(np.ascontiguousarray(x)) for s, x in features[l].items()} for l in layers},
         "labels": labels, "num_classes": num_classes, "max_iter": search.max_iter,
     }
-    grid = _run(
-        tune.with_parameters(probe_trial, features=payload),
-        {"layer": tune.grid_search(layers), "l2": tune.grid_search(list(search.l2))},
-        res=res, parent=parent, tracking_uri=tracking_uri, storage_path=storage_path,
-        name="probe" if features_name == "model" else f"probe_{features_name}", tags={"probe_features": features_name},
-        kind=TRIAL_KIND.get(features_name, ""), verbose=verbose,
-    )
+    name = "probe" if features_name == "model" else f"probe_{features_name}"
+    run = functools.partial(
+        _run, tune.with_parameters(probe_trial, features=payload), res=res, parent=parent, tracking_uri=tracking_uri,
+        storage_path=storage_path, tags={"probe_features": features_name}, kind=TRIAL_KIND.get(features_name, ""),
+        verbose=verbose)
+    rows = _probe_rows(run({"layer": tune.grid_search(layers), "l2": tune.grid_search(list(search.l2))}, name=name))
+    for round_ in range(1, search.widen + 1):
+        wider: dict[float, list[Layer]] = {}
+        for layer in layers:
+            nxt = widen_l2({r["config"]["l2"]: r["metrics"]["val_acc"] for r in rows if r["config"]["layer"] == layer})
+            if nxt is not None:
+                wider.setdefault(nxt, []).append(layer)
+        for i, (l2, group) in enumerate(sorted(wider.items())):
+            rows += _probe_rows(run({"layer": tune.grid_search(group), "l2": tune.grid_search([l2])},
+                                    name=f"{name}_widen{round_}" + (f"_{i}" if i else "")))
+        if not wider:
+            break
+    return rows
+
+
+def _probe_rows(grid: tune.ResultGrid) -> list[dict[str, Any]]:
     return [{"config": dict(r.config), "metrics": dict(r.metrics), "pred": _load_pred(r)} for r in grid]
 
 

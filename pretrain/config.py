@@ -56,6 +56,11 @@ class DataSection:
     """Seed of the shard order and shuffling (the stream is a pure function of it and the layout)."""
     record_keys: bool = False
     """Append each micro-batch's step, epoch and sample keys to ``RUN_DIR/data_keys.rankR.jsonl``."""
+    hflip: bool = False
+    """Mirror each training sample left-right with probability 1/2 (exact on palette tokens)."""
+    random_crop: bool = False
+    """Random crops of the training size out of a train split stored with a margin (``igpt data shard
+    --margin``); false: its centre crop. The draws are keyed by (seed, epoch, sample), see data_pipeline.augment."""
 
 
 @dataclass

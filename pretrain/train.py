@@ -130,7 +130,8 @@ class Trainer:
         self.stream = TokenStream(cfg.data.dir, cfg.data.train_split, cfg.train.micro_batch_size,
                                   rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers,
                                   seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                                  pin_memory=self.device == "cuda", with_keys=cfg.data.record_keys)
+                                  pin_memory=self.device == "cuda", with_keys=cfg.data.record_keys,
+                                  hflip=cfg.data.hflip, random_crop=cfg.data.random_crop)
         if plan is not None:
             self.checkpointer.restore(self.engine, plan, self.palette_sha256, self.state, self.stream)
         if self.rank == 0:

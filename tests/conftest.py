@@ -44,7 +44,7 @@ def cifar_dir(tmp_path_factory) -> Path:
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def _cifar_token_dir(root: Path, cifar_dir: Path, resolution: int) -> Path:
+def _cifar_token_dir(root: Path, cifar_dir: Path, resolution: int, margin: int = 0) -> Path:
     """First 2,500 CIFAR-10 images as uniform9 token shards of 100 (~23 train, ~3 val), 10% val."""
     from data_pipeline.palette import save_palette, uniform9_palette
     from data_pipeline.shard import shard_dataset
@@ -52,9 +52,9 @@ def _cifar_token_dir(root: Path, cifar_dir: Path, resolution: int) -> Path:
     palette = root / "palette" / "palette.npy"
     if not palette.exists():
         save_palette(uniform9_palette(), palette)
-    out = root / f"tokens{resolution}"
+    out = root / (f"tokens{resolution}" + (f"m{margin}" if margin else ""))
     shard_dataset([str(cifar_dir / "cifar10-train-000000.tar")], out, palette, resolution, val_fraction=0.1,
-                  shard_size=100, num_workers=2, limit=2500, class_names=CIFAR_CLASSES, progress=False)
+                  shard_size=100, num_workers=2, limit=2500, class_names=CIFAR_CLASSES, progress=False, margin=margin)
     return out
 
 
@@ -69,6 +69,13 @@ def cifar_tokens(tmp_path_factory, cifar_dir) -> Path:
 def cifar_tokens32(tmp_path_factory, cifar_dir) -> Path:
     """As ``cifar_tokens`` at 32x32 (1,024 tokens per sample)."""
     return _cifar_token_dir(tmp_path_factory.getbasetemp() / "cifar_tokens", cifar_dir, 32)
+
+
+@pytest.fixture(scope="session")
+def cifar_tokens_margin(tmp_path_factory, cifar_dir) -> Path:
+    """As ``cifar_tokens`` (the same images and splits) with the train split stored at 20x20 (margin 4) for
+    random 16x16 crops; val stays at 16x16."""
+    return _cifar_token_dir(tmp_path_factory.getbasetemp() / "cifar_tokens", cifar_dir, 16, margin=4)
 
 
 @dataclass

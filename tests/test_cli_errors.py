@@ -61,6 +61,8 @@ CASES = [
     ("data shard", "data shard {missing} --out {root}/o --palette {palette}", "does not exist"),
     ("data shard", "data shard {images} --out {tokens} --palette {other} --resolution 4 --val-fraction 0.25",
      "other settings"),  # a palette that does not match the shards already there
+    ("data shard", "data shard {images} --out {root}/m --palette {palette} --resolution 4 --margin 7",
+     "margin must be in [0, 6]"),
     ("data inspect", "data inspect {missing}", "no manifest.json"),
     ("data inspect", "data inspect {tokens} --split bogus", "split 'bogus' not in the manifest"),
     ("train", f"train {TINY} model.bogus=1", "config key 'model.bogus'"),

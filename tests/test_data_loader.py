@@ -73,9 +73,12 @@ def test_deterministic_for_a_seed_and_shuffled(cifar_tokens):
     assert first != second and sorted(first) == sorted(second)
 
 
-@pytest.mark.parametrize("num_workers", [2, 0])
-def test_resume_mid_epoch_continues_without_repeats(cifar_tokens, num_workers):
-    kw = dict(world_size=2, num_workers=num_workers, seed=3, shuffle_buffer=50, batch_size=24)
+@pytest.mark.parametrize("num_workers,augment", [(2, False), (0, False), (2, True), (0, True)])
+def test_resume_mid_epoch_continues_without_repeats(request, num_workers, augment):
+    """With augmentation (flips, random crops of margin shards) too: the resumed batches are bit-identical."""
+    cifar_tokens = request.getfixturevalue("cifar_tokens_margin" if augment else "cifar_tokens")
+    kw = dict(world_size=2, num_workers=num_workers, seed=3, shuffle_buffer=50, batch_size=24, hflip=augment,
+              random_crop=augment)
     full = TokenStream(cifar_tokens, "train", rank=1, **kw)
     per_epoch = full.batches_per_epoch(0)
     reference = [_ids(b) for b in itertools.islice(iter(full), per_epoch + 5)]  # into the second epoch

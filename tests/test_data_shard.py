@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
-import os
 import signal
 import struct
 import subprocess

@@ -75,3 +75,17 @@ def test_quick_demo_runs_every_stage_and_reuses_them(quick_demo) -> None:
     assert second.returncode == 0, second.stderr[-4000:]
     assert second.stderr.count("reusing") >= 4 and "downloading" not in second.stderr
     assert json.loads((work / "summary.json").read_text())["quality_bar"] == bar
+
+
+def test_shard_stage_with_a_margin_trains_on_margin_shards_and_evaluates_on_exact_ones(cifar_dir, cifar_tokens,
+                                                                                        tmp_path):
+    from data_pipeline.manifest import load_manifest, stored_resolution
+    from pretrain.demo import DemoSettings, shard_stage
+
+    s = DemoSettings(source=str(cifar_dir / "cifar10-train-000000.tar"), limit=200, margin=2)
+    train, evals = shard_stage(s, tmp_path, cifar_tokens / "palette.npy")
+    assert (train.name, evals.name) == ("tokens16m2", "tokens16")
+    m = load_manifest(train)
+    assert (m["resolution"], stored_resolution(m, "train"), stored_resolution(m, "val")) == (16, 18, 16)
+    assert load_manifest(evals)["splits"]["val"] == m["splits"]["val"]  # the same exact-size val shards
+    assert load_manifest(tmp_path / "tokens32")["margin"] == 0

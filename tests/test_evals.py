@@ -27,7 +27,7 @@ from evals.features import FeatureCache
 from evals.finetune import finetune
 from evals.inputs import EvalData, EvalInputError, parse_layers
 from evals.nll import evaluate_nll
-from evals.probe import fit_probe
+from evals.probe import fit_probe, widen_l2
 from evals.sample import complete_bottom_half
 from evals.tune import TRIAL_KIND, trial_name
 from pretrain.model import IGPT
@@ -231,6 +231,32 @@ def test_probe_objective_matches_sklearn_float64():
                                atol=1e-4)
 
 
+def test_widen_l2_steps_past_an_edge_until_the_best_is_interior():
+    assert widen_l2({1e-4: 0.5, 1e-3: 0.4}) == 1e-5  # best at the low edge: one decade lower
+    assert widen_l2({0.01: 0.3, 0.1: 0.4}) == 1.0  # best at the high edge
+    assert widen_l2({1e-3: 0.4, 1e-2: 0.4}) == 0.1  # a flat high end may precede the optimum
+    assert widen_l2({3e-4: 0.5, 1e-3: 0.4}) == pytest.approx(9e-5)  # the grid's own ratio
+    assert widen_l2({1e-4: 0.4, 1e-3: 0.5, 1e-2: 0.45}) is None  # interior
+    assert widen_l2({1e-5: 0.5, 1e-4: 0.5, 1e-3: 0.4}) is None  # the unregularised limit: smaller changes nothing
+    assert widen_l2({0.0: 0.5, 1e-3: 0.4}) is None and widen_l2({0.01: 0.5}) is None
+
+
+def test_score_probe_widens_to_an_interior_optimum():
+    """200 features, 4 informative: fitted without much L2 the probe overfits; the grid starts far too low."""
+    from evals.score import probe_layer
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 400)
+    x = rng.normal(size=(400, 200)).astype(np.float32)
+    x[:, :4] += 0.8 * np.eye(4)[y]
+    got = probe_layer(x[:300], y[:300], x[300:], y[300:], [1e-4, 1e-3], "cpu", widen=8)
+    grid = sorted(got["holdout_accuracy"])
+    assert len(grid) > 3 and not got["l2_at_edge"]
+    assert grid[0] < got["l2"] < grid[-1] and got["holdout_accuracy"][got["l2"]] > got["holdout_accuracy"][1e-3]
+    stopped = probe_layer(x[:300], y[:300], x[300:], y[300:], [1e-4, 1e-3], "cpu", widen=1)
+    assert len(stopped["holdout_accuracy"]) == 3 and stopped["l2_at_edge"]  # out of rounds, and says so
+
+
 def _cifar_pixels(cifar_dir: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     import webdataset as wds
 
@@ -394,7 +420,7 @@ def test_probe_baselines_in_the_same_run(ray_session, releases, cifar_tokens, tm
     out = tmp_path / "out"
     rc = eval_main(["eval", "probe", "--checkpoint", str(releases["trained"]), "--data", str(cifar_tokens),
                     "--out", str(out), "--tracking-uri", tracking_uri, "--layers", "2", "--baselines",
-                    "--set", "probe.l2=[0.01,1.0]", "--set", "probe.max_iter=100"])
+                    "--set", "probe.l2=[0.01,1.0]", "--set", "probe.max_iter=100", "--set", "probe.widen=0"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     base = summary["baselines"]
@@ -426,6 +452,37 @@ def test_probe_baselines_in_the_same_run(ray_session, releases, cifar_tokens, tm
     assert {c.data.params["layer"] for c in by_features["raw_pixels"]} == {"-1"}
     assert max(c.data.metrics["val_acc"] for c in by_features["raw_pixels"]) == pytest.approx(
         base["raw_pixels"]["val_acc"])
+
+
+@pytest.mark.slow
+def test_probe_widens_its_grid_and_concatenates_layers(ray_session, releases, cifar_tokens, tmp_path, capsys,
+                                                        tracking_uri):
+    rc = eval_main(["eval", "probe", "--checkpoint", str(releases["trained"]), "--data", str(cifar_tokens),
+                    "--out", str(tmp_path / "out"), "--tracking-uri", tracking_uri, "--layers", "1,2", "--concat",
+                    "--limit", "600", "--set", "probe.l2=[10.0,100.0]", "--set", "probe.max_iter=100",
+                    "--set", "probe.widen=3"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    per = summary["per_layer"]
+    assert list(per) == ["1", "2", "1+2"]
+    for v in per.values():  # widened down from the grid's low edge, until interior or out of rounds
+        assert v["l2_searched"][-2:] == [10.0, 100.0] and len(v["l2_searched"]) > 2
+        assert len(v["l2_searched"]) == 5 or not v["l2_at_edge"]  # at an edge only when out of rounds
+    assert summary["trials"] == sum(len(v["l2_searched"]) for v in per.values())
+    best = summary["best"]
+    assert per[str(best["layer"])]["val_acc"] == best["val_acc"] == max(v["val_acc"] for v in per.values())
+    parent, children, _ = _mlflow_runs(summary["mlflow"]["tracking_uri"], summary["mlflow"]["parent_run_id"])
+    assert len(children) == summary["trials"] and all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.params["layer"] for c in children} == {"1", "2", "1+2"}
+    assert "L1+2 l2=10" in {c.info.run_name for c in children}
+    assert parent.data.params["concat"] == "True" and parent.data.params["l2_widen"] == "3"
+    assert json.loads(parent.data.params["l2_searched"]) == sorted({x for v in per.values() for x in v["l2_searched"]})
+    assert parent.data.metrics["probe_concat_val_acc"] == pytest.approx(per["1+2"]["val_acc"])
+    assert parent.data.metrics["probe_concat_best_l2"] == per["1+2"]["l2"]
+    from mlflow.tracking import MlflowClient
+
+    stepped = MlflowClient(tracking_uri).get_metric_history(parent.info.run_id, "probe_best_l2")
+    assert {m.step: m.value for m in stepped} == {1: per["1"]["l2"], 2: per["2"]["l2"]}
 
 
 def test_trial_names_are_short_and_tell_trials_apart():

@@ -21,11 +21,14 @@ pytestmark = pytest.mark.slow
 N = 4  # steps before the kill; the reference run trains 2N
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_loss_falls_and_exact_resume_after_sigkill(cifar_tokens, tmp_path, stage):
-    """2N uninterrupted steps vs N steps, kill -9 of every rank, resume, N more: identical losses."""
+@pytest.mark.parametrize("stage, augment", [(2, False), (3, False), (2, True)])
+def test_loss_falls_and_exact_resume_after_sigkill(request, tmp_path, stage, augment):
+    """2N uninterrupted steps vs N steps, kill -9 of every rank, resume, N more: identical losses; with
+    augmentation (flips, random crops of margin shards) too."""
+    cifar_tokens = request.getfixturevalue("cifar_tokens_margin" if augment else "cifar_tokens")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    common = dict(deepspeed__zero_stage=stage, train__steps=2 * N, train__precision="fp32")
+    common = dict(deepspeed__zero_stage=stage, train__steps=2 * N, train__precision="fp32", data__hflip=augment,
+                  data__random_crop=augment)
     assert train_ranks(run_overrides(cifar_tokens, ref, **common), ref) == [0, 0], all_logs(ref)
     expected = step_losses(ref)
     assert sorted(expected) == list(range(1, 2 * N + 1))
@@ -42,6 +45,7 @@ def test_loss_falls_and_exact_resume_after_sigkill(cifar_tokens, tmp_path, stage
     assert train_ranks(cut_args, cut, resume="auto") == [0, 0], all_logs(cut)
     assert f"resumed from {cut / 'checkpoints' / ckpt.tag_for(N)} at step {N}" in read_log(cut)
     assert step_losses(cut) == expected  # bit-identical per-step losses, steps 1..2N
+    assert "n_ctx: 256" in (cut / "config.yaml").read_text()  # the training size, also on 20x20 margin shards
 
 
 def test_zero1_preemption_checkpoint_resume_and_mlflow(cifar_tokens, tmp_path):
