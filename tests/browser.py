@@ -1,6 +1,6 @@
 """Headless Chromium for UI tests, driven over the DevTools protocol (one page, JavaScript probes, screenshots).
 
-Chromium is Debian's ``chromium`` (``scripts/install_chromium.sh``); the flags keep it from reaching
+Chromium is Debian's ``chromium`` (``scripts/install_test_deps.sh``); the flags keep it from reaching
 for the network (background networking, component updates, sync) and from needing a GPU or sandbox.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Browser:
     def __enter__(self) -> "Browser":
         binary = chromium_binary()
         if binary is None:
-            raise FileNotFoundError("chromium is not installed (scripts/install_chromium.sh)")
+            raise FileNotFoundError("chromium is not installed (scripts/install_test_deps.sh)")
         self.log = open(self.profile.parent / f"{self.profile.name}.log", "w")
         self.proc = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={self.profile}",
                                       f"--window-size={self.size[0]},{self.size[1]}", "about:blank"],

@@ -50,7 +50,7 @@ def _free_port_range(count: int, lo: int = 20000, hi: int = 40000) -> int:
 def _sbin(name: str) -> str:
     found = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     if found is None:
-        raise FileNotFoundError(f"{name} not found; run scripts/install_slurm.sh")
+        raise FileNotFoundError(f"{name} not found; run scripts/install_test_deps.sh")
     return found
 
 

@@ -28,7 +28,7 @@ def slurm(tmp_path_factory):
     """A 2-node SLURM cluster; skipped loudly outside CI when SLURM is not installed, an error in CI."""
     missing = missing_slurm_binaries()
     if missing:
-        reason = (f"SLURM binaries missing: {', '.join(missing)} — run `sudo scripts/install_slurm.sh` "
+        reason = (f"SLURM binaries missing: {', '.join(missing)} — run `sudo scripts/install_test_deps.sh` "
                   "(slurm-wlm + munge) to run the real-cluster tests")
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"CI=true but {reason}")

@@ -38,7 +38,7 @@ LOSS_CHART = """(() => {
 def chromium() -> str:
     binary = chromium_binary()
     if binary is None:
-        reason = "Chromium missing — run `sudo scripts/install_chromium.sh` to check the MLflow UI in a browser"
+        reason = "Chromium missing — run `sudo scripts/install_test_deps.sh` to check the MLflow UI in a browser"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"CI=true but {reason}")
         pytest.skip(f"SKIPPING MLFLOW UI BROWSER TEST: {reason}")
