@@ -119,7 +119,8 @@ def test_browser_shows_the_loss_chart_and_trials_nested_under_their_eval(chromiu
     parents = {r["info"]["run_id"] for r in runs if "mlflow.parentRunId" not in r["tags"]}
     (probe,) = [r["info"]["run_id"] for r in runs if r["info"]["run_name"] == "probe"]
     trials = {r["info"]["run_id"] for r in runs if r["tags"].get("mlflow.parentRunId") == probe}
-    assert len(trials) == 6 and len(parents) == 4  # model, raw-pixel and random-init probes, 2 L2 values each
+    # model, raw-pixel and random-init probes: the initial grid's 2 L2 values each, plus those it widened to
+    assert len(trials) >= 6 and len(parents) == 4
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with Browser(tmp_path / "chromium") as page:
         page.goto(f"{server}/#/experiments/{exp_id}/runs/{train}/model-metrics?{TRAINING_VIEW}")
