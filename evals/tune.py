@@ -43,6 +43,8 @@ def ensure_ray(res: Resources, verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     level = logging.INFO if verbose else logging.WARNING
+    if not verbose:  # Ray's notice that token authentication is on (its default) shows with --verbose only
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     if res.address:
         ray.init(address=res.address, log_to_driver=False, logging_level=level)
     else:
