@@ -4,10 +4,10 @@ Palette quantisation maps every pixel on its own, so the flip or crop of a token
 token grid of the flipped or cropped image. Train splits stored with a margin (``igpt data shard
 --margin M``: each image decoded at the training side R and mirror-padded to R + M, ``pad_margin``) are
 cut to R: at a random offset in [0, M]² with ``random_crop`` (a shift of up to M/2 pixels, borders
-mirrored, as CIFAR training usually does), else at the centre (offset M // 2), which is the image itself. A sample's draws are a pure function
-of (seed, epoch, shard index, position in the shard): they do not depend on the world size, the
-workers, the batch size or the order, so a resumed or re-split stream augments every sample exactly
-as the uninterrupted stream does.
+mirrored, as CIFAR training usually does), else at the centre (offset M // 2), which is the image
+itself. A sample's draws are a pure function of (seed, epoch, shard index, position in the shard):
+they do not depend on the world size, the workers, the batch size or the order, so a resumed or
+re-split stream augments every sample exactly as the uninterrupted stream does.
 """
 from __future__ import annotations
 
