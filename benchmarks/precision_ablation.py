@@ -95,7 +95,8 @@ def plain_row(args: argparse.Namespace, row: str, run_dir: Path) -> dict:
                             weight_decay=o.weight_decay, fused=True)
     _seed_everything(t.seed)
     stream = iter(TokenStream(args.data, cfg.data.train_split, t.micro_batch_size, num_workers=cfg.data.num_workers,
-                              seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=dev == "cuda"))
+                              seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=dev == "cuda",
+                              hflip=cfg.data.hflip, random_crop=cfg.data.random_crop))
     curve, t0 = {}, time.perf_counter()
     for step in range(t.steps):
         for group in adam.param_groups:
@@ -135,7 +136,7 @@ def engine_row(args: argparse.Namespace, row: str, run_dir: Path) -> dict:
         step = int(ckpt.TAG_RE.match(tag.name).group(1))
         curve[step] = evaluate_state(consolidated_state_dict(tag), cfg, args.data, args.device)
     metrics = [json.loads(line) for line in (run_dir / "tracking" / "metrics.jsonl").read_text().splitlines()]
-    own = next(m.val_loss for m in reversed(metrics) if "val_loss" in m)
+    own = next(m["val_loss"] for m in reversed(metrics) if "val_loss" in m)
     return {"val_nll": curve, "training_val_loss": own, "process_s": seconds}
 
 
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     resolve_model_section(cfg, load_manifest(args.data))
     m, t = cfg.model, cfg.train
     results = {"device": args.device, "steps": args.steps, "seed": t.seed, "config": args.config,
-               "overrides": args.overrides, "shape": f"{m['n_layer']}x{m['n_embd']} ({m['n_head']} heads), ctx {m['n_ctx']}",
+               "overrides": args.overrides, "shape": f"{m.n_layer}x{m.n_embd} ({m.n_head} heads), ctx {m.n_ctx}",
                "tokens_per_step": t.micro_batch_size * t.grad_accum * m.n_ctx, "torch": torch.__version__,
                "rows": {}}
     stem = args.results or REPO / "benchmarks" / "results" / f"precision_ablation_{args.device}.json"

@@ -1,0 +1,59 @@
+"""The training issue's GPU benchmarks, run small on the CPU with the GPU recipe's config, as
+scripts/gpu_training_check.sh calls them: they must not spend a GPU session on a plumbing error."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = str(REPO / "configs" / "cifar10-gpu-recipe.yaml")
+REFERENCE = REPO.parent / "shared" / "reference" / "plain_igpt.py"
+TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "train.micro_batch_size=8", "data.num_workers=1",
+        "optim.warmup_steps=2"]
+
+
+def _bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, env={**env, "DS_ACCELERATOR": "cpu"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_precision_ablation_engine_equals_the_plain_loop_on_the_same_augmented_stream(cifar_tokens_margin, tmp_path):
+    results = tmp_path / "ablation.json"
+    _bench("precision_ablation.py", "--data", str(cifar_tokens_margin), "--config", RECIPE, "--device", "cpu",
+           "--steps", "4", "--eval-every", "2", "--rows", "plain-fp32", "engine-fp32-sdpa", "--out",
+           str(tmp_path / "runs"), "--results", str(results), *TINY, "data.hflip=true", "data.random_crop=true")
+    rows = json.loads(results.read_text())["rows"]
+    plain, engine = rows["plain-fp32"]["val_nll"], rows["engine-fp32-sdpa"]["val_nll"]
+    assert list(plain) == list(engine) == ["2", "4"]
+    for step in plain:  # the same stream (flips and crops drawn alike), init, optimizer and schedule
+        assert engine[step] == pytest.approx(plain[step], abs=1e-5)
+    assert plain["4"] < plain["2"]
+    assert rows["engine-fp32-sdpa"]["training_val_loss"] == pytest.approx(engine["4"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_recipe_vs_plain_runs_the_recipe_unaugmented_on_exact_shards(cifar_tokens, tmp_path):
+    out = tmp_path / "result.json"
+    reference = ["--reference", str(REFERENCE)] if REFERENCE.is_file() else ["--skip-reference"]
+    printed = _bench("recipe_vs_plain.py", "--data", str(cifar_tokens), "--tokens", "4e4", "--device", "cpu",
+                     *reference, "--out", str(tmp_path / "runs"), "--json", str(out), *TINY,
+                     "train.precision=fp32", "data.hflip=false", "data.random_crop=false").stdout
+    result = json.loads(out.read_text())
+    assert result["steps"] == 4e4 // (8 * 256) and result["shape"]["n_layer"] == 1
+    ours = result["ours"]
+    assert ours["val_nll"] < 6.1 and ours["tokens_per_s"] > 0
+    assert ours["training_val_loss"] == pytest.approx(ours["val_nll"], abs=1e-3)
+    assert 0.0 < ours["probe_best_accuracy"] <= 1.0
+    if REFERENCE.is_file():
+        assert result["plain"]["val_nll"] < 6.1 and "val_nll_delta" in result["ours_vs_plain"]
+    assert "| val NLL (nats/token) |" in printed
