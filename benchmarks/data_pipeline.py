@@ -69,7 +69,9 @@ def bench_shard(work: Path, limit: int | None) -> dict:
     sources = [str(CIFAR / "cifar10-train-{000000..000009}.tar")]
     cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
-    m = shard_dataset(sources, work / "tokens", palette_path, 32, val_fraction=0.1, shard_size=5000,
+    # 5,000 per shard, fewer with --limit: the loader benchmark's 2 workers each need a train shard
+    shard_size = 5000 if limit is None else max(1, min(5000, limit // 4))
+    m = shard_dataset(sources, work / "tokens", palette_path, 32, val_fraction=0.1, shard_size=shard_size,
                       num_workers=os.cpu_count(), limit=limit, progress=False)
     wall = time.perf_counter() - t0
     cpu = _cpu_seconds() - cpu0
