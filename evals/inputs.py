@@ -140,8 +140,9 @@ def check_layers(layers: list[int], n_layer: int) -> list[int]:
     return sorted(set(layers))
 
 
-def parse_layers(spec: str, n_layer: int) -> list[int]:
-    """``all`` → 0..n_layer-1 (block inputs); ``mid`` → the middle block; else comma-separated ints."""
+def parse_layers(spec: str, n_layer: int, option: str = "--layers") -> list[int]:
+    """``all`` → 0..n_layer-1 (block inputs); ``mid`` → the middle block; else comma-separated ints. ``option``
+    names the command-line option in the errors."""
     if spec == "all":
         return list(range(n_layer))
     if spec == "mid":
@@ -149,7 +150,7 @@ def parse_layers(spec: str, n_layer: int) -> list[int]:
     try:
         layers = [int(s) for s in spec.split(",") if s.strip()]
     except ValueError as e:
-        raise EvalInputError(f"bad --layers {spec!r}: expected 'all', 'mid' or comma-separated integers") from e
+        raise EvalInputError(f"bad {option} {spec!r}: expected 'all', 'mid' or comma-separated integers") from e
     if not layers:
-        raise EvalInputError(f"bad --layers {spec!r}: no layer given")
+        raise EvalInputError(f"bad {option} {spec!r}: no layer given")
     return check_layers(layers, n_layer)

@@ -101,13 +101,6 @@ def score_model(model: IGPT, palette_sha256: str, data_dir: str, *, layers: Sequ
     return result
 
 
-def _ints(spec: str) -> list[int]:
-    try:
-        return [int(s) for s in spec.split(",") if s.strip()]
-    except ValueError as e:
-        raise EvalInputError(f"expected comma-separated layer indices, got {spec!r}") from e
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m evals.score CHECKPOINT --data DIR …``: the scores as JSON on stdout (and in ``--json``)."""
     from igpt_cli import add_common_options, run
@@ -115,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m evals.score", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="release dir or training run dir")
     p.add_argument("--data", required=True, help="token shards at the training size (train and val splits)")
-    p.add_argument("--layers", default="", help="comma-separated block indices to probe one by one")
+    p.add_argument("--layers", default="", help="block indices to probe one by one: comma-separated, 'all' or 'mid'")
     p.add_argument("--concat", default="", help="comma-separated block indices probed concatenated")
     p.add_argument("--l2", type=float, nargs="+", default=list(DEFAULT_L2), help="the initial L2 grid")
     p.add_argument("--widen", type=int, default=DEFAULT_WIDEN, help="rounds of widening the grid past an edge")
@@ -131,12 +124,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cmd(args: argparse.Namespace) -> int:
     from data_pipeline.io import write_json_atomic
-    from evals.inputs import pick_device
+    from evals.inputs import parse_layers, pick_device
     from pretrain.release import load_model
 
     model, _, sha = load_model(args.checkpoint)
+    n_layer = model.cfg.n_layer
+    layers = parse_layers(args.layers, n_layer) if args.layers else []
+    concat = parse_layers(args.concat, n_layer, "--concat") if args.concat else []
     device = pick_device(args.device)
-    result = score_model(model.to(device), sha, args.data, layers=_ints(args.layers), concat=_ints(args.concat),
+    result = score_model(model.to(device), sha, args.data, layers=layers, concat=concat,
                          device=device, l2_grid=args.l2, widen=args.widen, batch_size=args.batch_size,
                          train_limit=args.train_limit, raw_pixels=args.raw_pixels)
     if args.json:
