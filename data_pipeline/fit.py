@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .decode import SkipImage, decode_image
 from .palette import fit_kmeans_palette
 from .progress import bar
-from .sources import find_images, read_item
+from .sources import decoded_images, find_images
 
 
 def sample_pixels(
@@ -17,12 +16,10 @@ def sample_pixels(
     items = find_images(sources).items
     rng = np.random.default_rng(seed)
     chosen = rng.permutation(len(items))[:max_images]
-    out, fds = [], {}
-    for i in bar(sorted(chosen), desc="palette: sample pixels", unit="img"):
-        try:
-            rgb = decode_image(read_item(items[i], fds), resolution).reshape(-1, 3)
-        except SkipImage:
-            continue
+    out = []
+    picked = bar([items[i] for i in sorted(chosen)], desc="palette: sample pixels", unit="img")
+    for image in decoded_images(picked, resolution):
+        rgb = image.reshape(-1, 3)
         out.append(rgb[rng.choice(len(rgb), size=min(pixels_per_image, len(rgb)), replace=False)])
     if not out:
         raise ValueError(f"no decodable images in {sources} to fit a palette on")

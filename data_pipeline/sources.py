@@ -12,10 +12,12 @@ import glob
 import mmap
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
+import numpy as np
 from braceexpand import braceexpand
 
+from .decode import SkipImage, decode_image
 from .tario import TarFormatError, index_tar_file
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
@@ -156,3 +158,18 @@ def read_item(item: Item, fds: dict[str, int]) -> bytes:
     if fd is None:
         fd = fds[item.path] = os.open(item.path, os.O_RDONLY)
     return os.pread(fd, item.size, item.offset)
+
+
+def decoded_images(items: Iterable[Item], resolution: int) -> Iterator[np.ndarray]:
+    """Each item decoded as the shards decode it, (resolution, resolution, 3) uint8; undecodable ones are
+    skipped. The tar files opened on the way are closed when the iteration ends."""
+    fds: dict[str, int] = {}
+    try:
+        for item in items:
+            try:
+                yield decode_image(read_item(item, fds), resolution)
+            except SkipImage:
+                continue
+    finally:
+        for fd in fds.values():
+            os.close(fd)

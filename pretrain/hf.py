@@ -19,7 +19,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,32 +162,16 @@ def _preset(fields: dict[str, Any]) -> str:
     return next((name for name, values in MODEL_PRESETS.items() if values == shape), ModelSection.preset)
 
 
-def _decoded(sources: list[str], side: int) -> Iterator[np.ndarray]:
-    """Every image of ``sources`` as our shards decode it, (side, side, 3) uint8; undecodable ones skipped."""
-    from data_pipeline.decode import SkipImage, decode_image
-    from data_pipeline.sources import find_images, read_item
-
-    fds: dict[str, int] = {}
-    try:
-        for item in find_images(sources).items:
-            try:
-                yield decode_image(read_item(item, fds), side)
-            except SkipImage:
-                continue
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-
-
 def token_disagreement(palette: np.ndarray, clusters: np.ndarray, sources: list[str], side: int,
                        limit: int) -> TokenDisagreement:
     """Our tokens (``palette``) against the nearest float centres' (``clusters``, as Hugging Face's processor
     assigns them) on the same pixels: up to ``limit`` images of ``sources`` decoded at ``side``×``side`` as our
     shards are."""
     from data_pipeline.quantize import Quantizer
+    from data_pipeline.sources import decoded_images, find_images
 
     quantizer = Quantizer(palette, progress=False)
-    decoded = itertools.islice(_decoded(sources, side), limit)
+    decoded = itertools.islice(decoded_images(find_images(sources).items, side), limit)
     images = pixels = differing = ties = 0
     while batch := list(itertools.islice(decoded, 256)):
         rgb = np.stack(batch).reshape(-1, 3)
