@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pretrain.config import TrainConfig  # noqa: E402
+from pretrain.tracking import METRICS_FILE, read_metrics  # noqa: E402
 
 CPU_ROWS = ["plain-fp32", "plain-bf16", "engine-fp32-sdpa", "engine-bf16-sdpa", "engine-bf16-module-sdpa",
             "engine-bf16-reference"]
@@ -135,7 +136,7 @@ def engine_row(args: argparse.Namespace, row: str, run_dir: Path) -> dict:
     for tag in sorted(ckpt.find_resumable(run_dir), key=lambda p: p.name):
         step = int(ckpt.TAG_RE.match(tag.name).group(1))
         curve[step] = evaluate_state(consolidated_state_dict(tag), cfg, args.data, args.device)
-    metrics = [json.loads(line) for line in (run_dir / "tracking" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run_dir / "tracking" / METRICS_FILE)
     own = next(m["val_loss"] for m in reversed(metrics) if "val_loss" in m)
     return {"val_nll": curve, "training_val_loss": own, "process_s": seconds}
 
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     m, t = cfg.model, cfg.train
     results = {"device": args.device, "steps": args.steps, "seed": t.seed, "config": args.config,
                "overrides": args.overrides, "shape": f"{m.n_layer}x{m.n_embd} ({m.n_head} heads), ctx {m.n_ctx}",
-               "tokens_per_step": t.micro_batch_size * t.grad_accum * m.n_ctx, "torch": torch.__version__,
+               "tokens_per_step": cfg.tokens_per_step(), "torch": torch.__version__,
                "rows": {}}
     stem = args.results or REPO / "benchmarks" / "results" / f"precision_ablation_{args.device}.json"
     for row in args.rows or (GPU_ROWS if args.device == "cuda" else CPU_ROWS):

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from data_pipeline.io import write_json_atomic  # noqa: E402
 from pretrain.config import TrainConfig  # noqa: E402
+from pretrain.tracking import METRICS_FILE, read_metrics, training_windows  # noqa: E402
 
 DEFAULT_REFERENCE = REPO.parent / "shared" / "reference" / "plain_igpt.py"
 
@@ -48,15 +49,9 @@ def _run(cmd: list[str], log: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
-def our_throughput(run_dir: Path, tokens_per_step: int, log_every: int) -> dict[str, float]:
+def our_throughput(rows: list[dict[str, float]], tokens_per_step: int) -> dict[str, float]:
     """tokens/s over the whole loop and after the first log window, from the run's tracked windows."""
-    rows = [json.loads(line) for line in (run_dir / "tracking" / "metrics.jsonl").read_text().splitlines()]
-    windows, last_step = [], 0
-    for row in rows:
-        if "tokens_per_s" in row:
-            tokens = (row["step"] - last_step) * tokens_per_step
-            windows.append((tokens, tokens / row["tokens_per_s"]))
-            last_step = row["step"]
+    windows = [(steps * tokens_per_step, s) for steps, s in training_windows(rows, tokens_per_step)]
     tokens, seconds = sum(w[0] for w in windows), sum(w[1] for w in windows)
     steady = windows[1:] or windows
     return {"tokens_per_s": tokens / seconds, "train_s": seconds, "first_window_s": windows[0][1],
@@ -75,14 +70,12 @@ def run_ours(args: argparse.Namespace, cfg: TrainConfig, steps: int, out: Path, 
                  *args.overrides]
     _run([sys.executable, "-m", "pretrain.cli", "train", args.config, *overrides], out / "ours.log", env)
     _run([sys.executable, "-m", "pretrain.cli", "export", str(run_dir), "--out", str(release)], out / "ours.log", env)
-    t = cfg.train
-    tokens_per_step = t.micro_batch_size * t.grad_accum * cfg.model.n_ctx
-    result = our_throughput(run_dir, tokens_per_step, t.log_every)
+    rows = read_metrics(run_dir / "tracking" / METRICS_FILE)
+    result = our_throughput(rows, cfg.tokens_per_step())
     model, _, sha = load_model(release)
     result.update(score_model(model, sha, args.data, layers=range(model.cfg.n_layer + 1), device=args.device,
                               l2_grid=args.l2))
-    metrics = [json.loads(line) for line in (run_dir / "tracking" / "metrics.jsonl").read_text().splitlines()]
-    result["training_val_loss"] = next(m["val_loss"] for m in reversed(metrics) if "val_loss" in m)
+    result["training_val_loss"] = next(m["val_loss"] for m in reversed(rows) if "val_loss" in m)
     return result
 
 
@@ -129,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, [f"data.dir={args.data}", f"train.device={args.device}", *args.overrides])
     resolve_model_section(cfg, load_manifest(args.data))
     t = cfg.train
-    steps = max(1, int(args.tokens // (t.micro_batch_size * t.grad_accum * cfg.model.n_ctx)))
+    steps = max(1, int(args.tokens // cfg.tokens_per_step()))
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # each side is a plain single process

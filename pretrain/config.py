@@ -182,6 +182,10 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        """Tokens of one optimizer step on ``world_size`` ranks (``model.n_ctx`` resolved from the data)."""
+        return self.train.micro_batch_size * self.train.grad_accum * world_size * self.model.n_ctx
+
 
 class ConfigError(ValueError):
     """A config that does not match the schema; the message names the offending key."""

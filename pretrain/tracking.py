@@ -153,6 +153,26 @@ class MlflowTracker:
             self.client.set_terminated(self.run_id, status=status)
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
+    """The lines of a ``metrics.jsonl`` (``JsonlTracker``'s ``RUN_DIR/tracking/metrics.jsonl``, or a copy)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def training_windows(rows: list[dict[str, float]], tokens_per_step: int) -> list[tuple[int, float]]:
+    """(steps, seconds) of each logged training window, in order: the lines with ``tokens_per_s`` (their
+    seconds leave out validation and checkpoints)."""
+    windows, last = [], 0
+    for row in rows:
+        if "tokens_per_s" in row:
+            steps = int(row["step"]) - last
+            windows.append((steps, steps * tokens_per_step / row["tokens_per_s"]))
+            last = int(row["step"])
+    return windows
+
+
 class JsonlTracker:
     """The same calls as MlflowTracker, written as plain files under ``RUN_DIR/tracking/``.
 
@@ -175,7 +195,7 @@ class JsonlTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.enabled:
             line = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
-            with open(self.root / "metrics.jsonl", "a") as f:
+            with open(self.root / METRICS_FILE, "a") as f:
                 f.write(json.dumps(line) + "\n")
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:

@@ -364,8 +364,7 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
-        t = self.cfg.train
-        return t.micro_batch_size * t.grad_accum * self.world * self.model_cfg.n_ctx
+        return self.cfg.tokens_per_step(self.world)
 
     def _lr(self) -> float:
         o = self.cfg.optim

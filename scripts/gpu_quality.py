@@ -15,29 +15,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pretrain.config import TrainConfig, load_config  # noqa: E402
-
-
-def tokens_per_step(cfg: TrainConfig) -> int:
-    """Tokens of one optimizer step on one rank (the resolved config's n_ctx)."""
-    return cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.n_ctx
-
-
-def windows(metrics: Path, per_step: int) -> list[tuple[int, float]]:
-    """(steps, seconds) of each logged training window."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    out, last = [], 0
-    for row in rows:
-        if "tokens_per_s" in row:
-            steps = row["step"] - last
-            out.append((steps, steps * per_step / row["tokens_per_s"]))
-            last = row["step"]
-    return out
+from pretrain.config import load_config  # noqa: E402
+from pretrain.tracking import METRICS_FILE, read_metrics, training_windows  # noqa: E402
 
 
 def steady_steps_per_s(run_dir: Path) -> float:
-    per_step = tokens_per_step(load_config(run_dir / "config.yaml"))
-    got = windows(run_dir / "tracking" / "metrics.jsonl", per_step)
+    per_step = load_config(run_dir / "config.yaml").tokens_per_step()
+    got = training_windows(read_metrics(run_dir / "tracking" / METRICS_FILE), per_step)
     steady = got[1:] or got
     return sum(s for s, _ in steady) / sum(t for _, t in steady)
 
@@ -45,8 +29,8 @@ def steady_steps_per_s(run_dir: Path) -> float:
 def summary(out: Path) -> str:
     """A markdown table: the recipe's settings → val NLL, probes, raw pixels, training minutes."""
     cfg = load_config(out / "config.yaml")
-    per_step = tokens_per_step(cfg)
-    got = windows(out / "metrics.jsonl", per_step)
+    per_step = cfg.tokens_per_step()
+    got = training_windows(read_metrics(out / METRICS_FILE), per_step)
     steps, seconds = sum(s for s, _ in got), sum(t for _, t in got)
     score = json.loads((out / "score.json").read_text())
     m, d, o = cfg.model, cfg.data, cfg.optim
