@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pretrain.config import TrainConfig  # noqa: E402
+from pretrain.distributed import single_process_env  # noqa: E402
 from pretrain.tracking import METRICS_FILE, read_metrics  # noqa: E402
 
 CPU_ROWS = ["plain-fp32", "plain-bf16", "engine-fp32-sdpa", "engine-bf16-sdpa", "engine-bf16-module-sdpa",
@@ -123,7 +123,7 @@ def engine_row(args: argparse.Namespace, row: str, run_dir: Path) -> dict:
     from pretrain.config import load_config
     from pretrain.export import consolidated_state_dict
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = single_process_env()
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "pretrain.cli", "train", args.config, *row_overrides(args, row, run_dir)]
     with open(run_dir.with_suffix(".log"), "w") as log:

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from data_pipeline.io import write_json_atomic  # noqa: E402
 from pretrain.config import TrainConfig  # noqa: E402
+from pretrain.distributed import single_process_env  # noqa: E402
 from pretrain.tracking import METRICS_FILE, read_metrics, training_windows  # noqa: E402
 
 DEFAULT_REFERENCE = REPO.parent / "shared" / "reference" / "plain_igpt.py"
@@ -123,9 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     resolve_model_section(cfg, load_manifest(args.data))
     t = cfg.train
     steps = max(1, int(args.tokens // cfg.tokens_per_step()))
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # each side is a plain single process
+    env = {**single_process_env(),  # each side is a plain single process
+           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")}
     results: dict = {"device": args.device, "tokens": args.tokens, "steps": steps, "config": args.config,
                      "overrides": args.overrides, "shape": {k: getattr(cfg.model, k) for k in ("n_layer", "n_embd", "n_head", "n_ctx")},
                      "precision": t.precision, "zero_stage": cfg.deepspeed.zero_stage}

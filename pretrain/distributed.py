@@ -13,7 +13,16 @@ import re
 import socket
 import time
 from dataclasses import dataclass
-from typing import MutableMapping
+from typing import Mapping, MutableMapping
+
+
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun exports
+
+
+def single_process_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``env`` (default: this process's) without ``LAUNCHER_VARS``: a child started with it is a plain
+    single process (``detect`` gives it rank 0 of 1 on a free port), whatever launched this one."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if k not in LAUNCHER_VARS}
 
 
 @dataclass(frozen=True)

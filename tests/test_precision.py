@@ -3,7 +3,6 @@ matmuls use, read off a real DeepSpeed engine built by the training loop (one ra
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.distributed import single_process_env
 from pretrain.model import IGPT
 from pretrain.precision import eval_autocast, resolve_precision
 from pretrain.presets import model_config
@@ -58,9 +58,7 @@ print("REPORT " + json.dumps(report))
 
 @pytest.mark.slow
 def test_precision_modes_keep_what_they_promise_in_fp32(cifar_tokens, tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = {**single_process_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", PROBE, str(cifar_tokens), str(tmp_path)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

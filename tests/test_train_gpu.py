@@ -1,13 +1,14 @@
 """The training step on a CUDA device: no host sync per step (torch's sync debug mode turns one into an error)."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from pretrain.distributed import single_process_env
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 REPO = Path(__file__).resolve().parent.parent
@@ -42,8 +43,7 @@ print("OK", [round(r.loss, 4) for r in seen])
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_training_step_makes_no_host_sync(cifar_tokens, tmp_path, grad_accum):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                             "MASTER_PORT", "DS_ACCELERATOR")}
+    env = {k: v for k, v in single_process_env().items() if k != "DS_ACCELERATOR"}
     out = subprocess.run([sys.executable, "-c", STEPS, str(cifar_tokens), str(tmp_path / "run"), str(grad_accum)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-3000:] + out.stderr[-4000:]

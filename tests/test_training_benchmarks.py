@@ -3,12 +3,13 @@ scripts/gpu_training_check.sh calls them: they must not spend a GPU session on a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from pretrain.distributed import single_process_env
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "configs" / "cifar10-gpu-recipe.yaml")
@@ -18,9 +19,8 @@ TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "train.micro_bat
 
 
 def _bench(script: str, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                           "MASTER_PORT")}
-    done = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, env={**env, "DS_ACCELERATOR": "cpu"},
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO,
+                          env={**single_process_env(), "DS_ACCELERATOR": "cpu"},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
