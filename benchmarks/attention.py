@@ -36,11 +36,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_pipeline.io import write_json_atomic, write_text_atomic  # noqa: E402
-from kernels import flash_attention  # noqa: E402
-from kernels.flash_attention import tuned_configs  # noqa: E402
-from kernels.reference import attention_reference  # noqa: E402
-from pretrain.attention_table import dumps, load_entries, merge, table_entries  # noqa: E402
+from igpt.data_pipeline.io import write_json_atomic, write_text_atomic  # noqa: E402
+from igpt.kernels.flash_attention import flash_attention  # noqa: E402
+from igpt.kernels.flash_attention import tuned_configs  # noqa: E402
+from igpt.kernels.reference import attention_reference  # noqa: E402
+from igpt.pretrain.attention_table import DEFAULT_TABLE, dumps, load_entries, merge, table_entries  # noqa: E402
 
 # the iGPT shapes (S, M, L at 32x32, L at 48x48, XL at 64x64) and the GPU recipe's (64, 8, 1024, 64)
 SHAPES = [(16, 8, 1024, 64), (64, 8, 1024, 64), (16, 8, 1024, 128), (16, 16, 1024, 96), (7, 16, 2304, 96),
@@ -125,7 +125,7 @@ def _report_line(name: str, res: dict) -> str:
 def _compile_job(job) -> str | None:
     """Compile (into Triton's disk cache) forward and backward with one candidate config per kernel."""
     d, picks = job
-    fa = importlib.import_module("kernels.flash_attention")
+    fa = importlib.import_module("igpt.kernels.flash_attention")
     fa.select_configs = lambda *a, **kw: {kind: fa.KernelConfig(*cfg) for kind, cfg in picks.items()}
     try:
         q, k, v, do = (torch.randn(1, 2, 1024, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
@@ -138,7 +138,7 @@ def _compile_job(job) -> str | None:
 
 def precompile(head_dims, workers: int) -> None:
     """Compile every autotuning candidate in parallel processes, so autotuning only times them."""
-    space = importlib.import_module("kernels.flash_attention").AUTOTUNE_SPACE
+    space = importlib.import_module("igpt.kernels.flash_attention").AUTOTUNE_SPACE
     n = max(len(c) for c in space.values())
     jobs = [(d, {kind: cands[i % len(cands)] for kind, cands in space.items()}) for d in head_dims for i in range(n)]
     _compile_in_parallel(_compile_job, jobs, workers, "config sets")
@@ -195,7 +195,7 @@ def run_shape(shape, impls, repeats: int) -> dict:
 
 
 def _fa():
-    return importlib.import_module("kernels.flash_attention")
+    return importlib.import_module("igpt.kernels.flash_attention")
 
 
 def sweep_space(kind: str) -> list[tuple[int, int, int, int]]:
@@ -341,7 +341,7 @@ def _wait_for(path: str | None, limit_s: float) -> None:
 
 def kernel_resources() -> dict:
     """Registers, spills and shared memory of every compiled variant of our kernels (best effort)."""
-    fa = importlib.import_module("kernels.flash_attention")
+    fa = importlib.import_module("igpt.kernels.flash_attention")
     out: dict = {}
     for name in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_kernel"):
         try:
@@ -419,7 +419,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=None, help="B,H,S,D;B,H,S,D;... (default: SHAPES, the iGPT and recipe shapes)")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds per shape (median and range)")
     ap.add_argument("--table", type=Path, default=None,
-                    help="the attn_backend=auto table to update (default: attention_table.json beside --out)")
+                    help="the attn_backend=auto table to update (default: pretrain/attention_table.json, the package data)")
     ap.add_argument("--table-from", type=Path, default=None, metavar="RESULTS",
                     help="only write the table from an earlier report of this benchmark (no GPU needed)")
     ap.add_argument("--sweep", action="store_true", help="tune the backward kernels at SWEEP_SHAPES first, then use the best")
@@ -427,7 +427,7 @@ def main() -> None:
     ap.add_argument("--wait-limit", type=float, default=90.0)
     ap.add_argument("--deadline", type=float, default=float("inf"), help="skip shapes once this many seconds have passed")
     args = ap.parse_args()
-    table = args.table or args.out.with_name("attention_table.json")
+    table = args.table or DEFAULT_TABLE
     if args.table_from:
         print_choices(write_table(json.loads(args.table_from.read_text()), table))
         print(f"wrote {table}")

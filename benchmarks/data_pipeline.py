@@ -29,10 +29,10 @@ import torch
 # This script shares the package's name: make `data_pipeline` resolve to the package, not to this file.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from data_pipeline.loader import TokenStream
-from data_pipeline.palette import save_palette, uniform9_palette
-from data_pipeline.quantize import Quantizer, build_lut, quantize_bruteforce
-from data_pipeline.shard import shard_dataset
+from igpt.data_pipeline.loader import TokenStream
+from igpt.data_pipeline.palette import save_palette, uniform9_palette
+from igpt.data_pipeline.quantize import Quantizer, build_lut, quantize_bruteforce
+from igpt.data_pipeline.shard import shard_dataset
 
 CIFAR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-train"
 

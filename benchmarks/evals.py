@@ -32,12 +32,12 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
-from data_pipeline.io import write_json_atomic
-from data_pipeline.palette import uniform9_palette
-from data_pipeline.quantize import Quantizer
-from evals.probe import fit_probe
-from pretrain.model import IGPT
-from pretrain.presets import model_config
+from igpt.data_pipeline.io import write_json_atomic
+from igpt.data_pipeline.palette import uniform9_palette
+from igpt.data_pipeline.quantize import Quantizer
+from igpt.evals.probe import fit_probe
+from igpt.pretrain.model import IGPT
+from igpt.pretrain.presets import model_config
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train"
 

@@ -8,12 +8,12 @@ attention backend, at equal tokens, seeds, data order and initialisation; val NL
 Rows (``--rows`` picks a subset): ``plain-fp32`` and ``plain-bf16`` are a plain loop (our IGPT, fused
 Adam, the same schedule and clipping, torch.autocast for bf16, no DeepSpeed); ``engine-<precision>-
 <backend>`` is ``igpt train`` at ZeRO-0 with ``train.precision`` = fp32 | bf16 | bf16-module (see
-``pretrain.precision``) and ``model.attn_backend`` = sdpa | reference | triton (triton on GPU only: the
+``igpt.pretrain.precision``) and ``model.attn_backend`` = sdpa | reference | triton (triton on GPU only: the
 CPU interpreter's bf16 is wrong and slow). Every row reads the same TokenStream (same seed, workers,
 batch) from the same initial weights.
 
 Every row is scored the same way at every ``--eval-every`` step: fp32 weights (the engine's
-checkpoint consolidated as ``igpt export`` does it), ``evals.nll`` over the whole val split in the
+checkpoint consolidated as ``igpt export`` does it), ``igpt.evals.nll`` over the whole val split in the
 evaluation numerics (bf16 autocast on GPU, fp32 on CPU). The engine's own last validation (whole
 split) is reported beside it. Writes JSON and a markdown table (``--out``).
 """
@@ -29,9 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pretrain.config import TrainConfig  # noqa: E402
-from pretrain.distributed import single_process_env  # noqa: E402
-from pretrain.tracking import METRICS_FILE, read_metrics  # noqa: E402
+from igpt.pretrain.config import TrainConfig  # noqa: E402
+from igpt.pretrain.distributed import single_process_env  # noqa: E402
+from igpt.pretrain.tracking import METRICS_FILE, read_metrics  # noqa: E402
 
 CPU_ROWS = ["plain-fp32", "plain-bf16", "engine-fp32-sdpa", "engine-bf16-sdpa", "engine-bf16-module-sdpa",
             "engine-bf16-reference"]
@@ -61,9 +61,9 @@ def evaluate_state(state: dict, cfg: TrainConfig, data: str, device: str) -> flo
     """Val nats/token of fp32 ``state`` over the whole val split, in the evaluation numerics."""
     import torch
 
-    from evals.inputs import EvalData
-    from evals.nll import evaluate_nll
-    from pretrain.model import IGPT
+    from igpt.evals.inputs import EvalData
+    from igpt.evals.nll import evaluate_nll
+    from igpt.pretrain.model import IGPT
 
     model = IGPT(cfg.model)
     model.load_state_dict({k: v.float() for k, v in state.items()})
@@ -78,13 +78,13 @@ def plain_row(args: argparse.Namespace, row: str, run_dir: Path) -> dict:
     """A plain PyTorch loop over the same stream, init, optimizer, schedule and clipping as the engine."""
     import torch
 
-    from data_pipeline.loader import TokenStream
-    from data_pipeline.manifest import load_manifest
-    from pretrain.config import load_config
-    from pretrain.model import IGPT
-    from pretrain.precision import training_autocast
-    from pretrain.schedule import lr_at
-    from pretrain.train import _seed_everything, resolve_model_section
+    from igpt.data_pipeline.loader import TokenStream
+    from igpt.data_pipeline.manifest import load_manifest
+    from igpt.pretrain.config import load_config
+    from igpt.pretrain.model import IGPT
+    from igpt.pretrain.precision import training_autocast
+    from igpt.pretrain.schedule import lr_at
+    from igpt.pretrain.train import _seed_everything, resolve_model_section
 
     _, precision, _ = parse_row(row)
     cfg = load_config(args.config, row_overrides(args, row, run_dir))
@@ -119,13 +119,13 @@ def plain_row(args: argparse.Namespace, row: str, run_dir: Path) -> dict:
 
 def engine_row(args: argparse.Namespace, row: str, run_dir: Path) -> dict:
     """``igpt train`` as a plain single process, then every kept checkpoint scored as an export would be."""
-    from pretrain import checkpoint as ckpt
-    from pretrain.config import load_config
-    from pretrain.export import consolidated_state_dict
+    from igpt.pretrain import checkpoint as ckpt
+    from igpt.pretrain.config import load_config
+    from igpt.pretrain.export import consolidated_state_dict
 
     env = single_process_env()
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "pretrain.cli", "train", args.config, *row_overrides(args, row, run_dir)]
+    cmd = [sys.executable, "-m", "igpt.pretrain.cli", "train", args.config, *row_overrides(args, row, run_dir)]
     with open(run_dir.with_suffix(".log"), "w") as log:
         code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0:
@@ -183,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         print("ROW " + json.dumps(run_row(args, args.row)), flush=True)
         return 0
 
-    from data_pipeline.manifest import load_manifest
-    from pretrain.config import load_config
-    from pretrain.train import resolve_model_section
+    from igpt.data_pipeline.manifest import load_manifest
+    from igpt.pretrain.config import load_config
+    from igpt.pretrain.train import resolve_model_section
 
     cfg = load_config(args.config, row_overrides(args, "plain-fp32", args.out / "x"))
     resolve_model_section(cfg, load_manifest(args.data))

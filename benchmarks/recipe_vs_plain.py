@@ -9,7 +9,7 @@
 Both sides train the same shape (layers, width, heads from our resolved config), batch, peak
 learning rate, warmup and token budget on the same shards (``steps = tokens // (batch x context)``,
 as the reference computes it). Ours runs ``igpt train`` as a plain single process (jsonl tracking,
-no MLflow or Ray needed), is exported, and is scored by ``evals.score`` (val NLL over the whole val
+no MLflow or Ray needed), is exported, and is scored by ``igpt.evals.score`` (val NLL over the whole val
 split, probes with the reference's protocol). The reference scores itself the same way: whole val
 split, fp32 weights under bf16 autocast on CUDA, fp32 on CPU; L2 chosen on 10% of train, the best
 layer on val. tokens/s is steps x batch x context / the training loop's seconds on both sides (ours
@@ -29,10 +29,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from data_pipeline.io import write_json_atomic  # noqa: E402
-from pretrain.config import TrainConfig  # noqa: E402
-from pretrain.distributed import single_process_env  # noqa: E402
-from pretrain.tracking import METRICS_FILE, read_metrics, training_windows  # noqa: E402
+from igpt.data_pipeline.io import write_json_atomic  # noqa: E402
+from igpt.pretrain.config import TrainConfig  # noqa: E402
+from igpt.pretrain.distributed import single_process_env  # noqa: E402
+from igpt.pretrain.tracking import METRICS_FILE, read_metrics, training_windows  # noqa: E402
 
 DEFAULT_REFERENCE = REPO.parent / "shared" / "reference" / "plain_igpt.py"
 
@@ -61,16 +61,16 @@ def our_throughput(rows: list[dict[str, float]], tokens_per_step: int) -> dict[s
 
 
 def run_ours(args: argparse.Namespace, cfg: TrainConfig, steps: int, out: Path, env: dict[str, str]) -> dict:
-    from pretrain.release import load_model
-    from evals.score import score_model
+    from igpt.pretrain.release import load_model
+    from igpt.evals.score import score_model
 
     run_dir, release = out / "ours", out / "ours-release"
     overrides = [f"data.dir={args.data}", f"train.run_dir={run_dir}", f"train.steps={steps}",
                  "logging.backend=jsonl", f"train.val_every={steps}", "train.val_batches=null",
                  f"train.sample_every={10 * steps}", f"checkpoint.every={steps}", f"train.device={args.device}",
                  *args.overrides]
-    _run([sys.executable, "-m", "pretrain.cli", "train", args.config, *overrides], out / "ours.log", env)
-    _run([sys.executable, "-m", "pretrain.cli", "export", str(run_dir), "--out", str(release)], out / "ours.log", env)
+    _run([sys.executable, "-m", "igpt.pretrain.cli", "train", args.config, *overrides], out / "ours.log", env)
+    _run([sys.executable, "-m", "igpt.pretrain.cli", "export", str(run_dir), "--out", str(release)], out / "ours.log", env)
     rows = read_metrics(run_dir / "tracking" / METRICS_FILE)
     result = our_throughput(rows, cfg.tokens_per_step())
     model, _, sha = load_model(release)
@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of our training config")
     args = ap.parse_args(argv)
 
-    from pretrain.config import load_config
-    from pretrain.train import resolve_model_section
-    from data_pipeline.manifest import load_manifest
+    from igpt.pretrain.config import load_config
+    from igpt.pretrain.train import resolve_model_section
+    from igpt.data_pipeline.manifest import load_manifest
 
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args.config, [f"data.dir={args.data}", f"train.device={args.device}", *args.overrides])

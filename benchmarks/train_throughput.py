@@ -8,7 +8,7 @@ Each shape runs these ways in one process, on the same random tokens:
   plain          IGPT with SDPA, fused AdamW(0.9, 0.95), clip_grad_norm_, bf16 autocast on GPU (fp32 on
                  CPU): the baseline every ratio is measured against;
   plain_compile  the same with torch.compile(model) (GPU, or --compile-cpu);
-  ours           ``pretrain.train.Trainer.train_step`` (the real step: DeepSpeed ZeRO-0 engine,
+  ours           ``igpt.pretrain.train.Trainer.train_step`` (the real step: DeepSpeed ZeRO-0 engine,
                  ``train.precision=auto`` (bf16 autocast on GPU), the device-side loss / non-finite /
                  preemption record and its ``StepRecords`` read-back), SDPA attention;
   ours_compile   the same with ``train.compile=true`` (engine.compile());
@@ -21,7 +21,7 @@ reported separately, and for the compiled ways ``compile_s`` = warmup_s − warm
 step's compilation), ``graph_breaks`` (Dynamo's count) and ``dynamo_warnings`` (e.g. tracing into
 lru_cache-wrapped functions). The process's CPU seconds are reported too: on a one-thread CPU
 run they measure the work whatever else the machine runs (``cpu_vs_plain``); on a GPU they are the host's
-time to issue a step (``host_ms_per_step``). MFU = tokens/s × model.flops_per_token() / peak (pretrain.tracking.PEAK_TFLOPS
+time to issue a step (``host_ms_per_step``). MFU = tokens/s × model.flops_per_token() / peak (igpt.pretrain.tracking.PEAK_TFLOPS
 by device name, or --peak-tflops).
 """
 from __future__ import annotations
@@ -42,10 +42,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_pipeline.io import write_json_atomic  # noqa: E402
-from pretrain.model import IGPT  # noqa: E402
-from pretrain.presets import model_config  # noqa: E402
-from pretrain.tracking import device_label, peak_flops  # noqa: E402
+from igpt.data_pipeline.io import write_json_atomic  # noqa: E402
+from igpt.pretrain.model import IGPT  # noqa: E402
+from igpt.pretrain.presets import model_config  # noqa: E402
+from igpt.pretrain.tracking import device_label, peak_flops  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_SHAPES = {"igpt-s": 32, "igpt-m": 16, "igpt-l": 8}  # preset → micro-batch per GPU
@@ -68,8 +68,8 @@ def random_shards(root: Path, resolution: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    from data_pipeline.palette import save_palette, uniform9_palette
-    from data_pipeline.shard import shard_dataset
+    from igpt.data_pipeline.palette import save_palette, uniform9_palette
+    from igpt.data_pipeline.shard import shard_dataset
 
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
@@ -124,9 +124,9 @@ def plain_loop(preset: str, batch: int, ctx: int, device: str, compiled: bool, w
 
 def our_step(data: str, preset: str, batch: int, device: str, backend: str, compiled: bool, warmup: int,
              steps: int) -> tuple[float, float, float]:
-    from pretrain.config import load_config
-    from pretrain.metrics import StepRecords
-    from pretrain.train import Trainer
+    from igpt.pretrain.config import load_config
+    from igpt.pretrain.metrics import StepRecords
+    from igpt.pretrain.train import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(REPO / "configs" / "cifar10-cpu-tiny.yaml", [
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_pipeline.manifest import load_manifest
-    from pretrain.distributed import setup_env
+    from igpt.data_pipeline.manifest import load_manifest
+    from igpt.pretrain.distributed import setup_env
 
     cuda = args.device == "cuda"
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from igpt.errors import UserError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `launch slurm` and `launch ray` to the igpt command line."""
@@ -65,7 +67,8 @@ def _add_ray(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--python", default="python", help="interpreter on the cluster's nodes")
     p.add_argument("--working-dir", default=None,
-                   help="code uploaded with the job (default: this checkout); 'none': use what is installed")
+                   help="code uploaded with the job (default: this checkout; from a wheel install, the installed igpt "
+                        "package as a py_module); 'none': use what is installed on the cluster")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable (repeatable)")
     p.add_argument("--submission-id", default=None)
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
@@ -75,7 +78,7 @@ def _add_ray(sub: argparse._SubParsersAction) -> None:
 def _checked(command: list[str], launcher: str, resume: str | None = "auto") -> tuple[list[str], dict | None]:
     """``igpt_args`` of ``command``, validated here first, and its training config (None for eval/export);
     warnings for paths not seen here."""
-    from cluster.command import check_command, igpt_args
+    from igpt.cluster.command import check_command, igpt_args
 
     argv = igpt_args(command, resume=resume)
     checked = check_command(argv)
@@ -85,8 +88,8 @@ def _checked(command: list[str], launcher: str, resume: str | None = "auto") -> 
 
 
 def _run_slurm(args: argparse.Namespace) -> int:
-    from cluster.command import python_igpt
-    from cluster.slurm import SlurmJob, follow, render_sbatch, submit
+    from igpt.cluster.command import python_igpt
+    from igpt.cluster.slurm import SlurmJob, follow, render_sbatch, submit
 
     setup = args.setup
     if args.setup_file is not None:
@@ -124,17 +127,19 @@ def _run_slurm(args: argparse.Namespace) -> int:
 def _run_ray(args: argparse.Namespace) -> int:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from cluster.ray_job import REPO_ROOT, RayJob, submit, wait
+    from igpt.cluster.ray_job import RayJob, default_working_dir, installed_package, submit, wait
 
     env_vars = {}
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--env {item!r}: expected KEY=VALUE")
+            raise UserError(f"--env {item!r}: expected KEY=VALUE")
         env_vars[key] = value
     _checked(args.command, "ray")
-    working_dir = None if args.working_dir == "none" else (args.working_dir or str(REPO_ROOT))
-    job = RayJob(command=args.command, address=args.address, workers=args.workers,
+    working_dir = None if args.working_dir == "none" else (args.working_dir or default_working_dir())
+    # From a wheel install (no checkout to upload) the jobs run the installed igpt package, uploaded.
+    py_modules = [installed_package()] if args.working_dir is None and working_dir is None else []
+    job = RayJob(py_modules=py_modules, command=args.command, address=args.address, workers=args.workers,
                  cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, python=args.python,
                  working_dir=working_dir, env_vars=env_vars, submission_id=args.submission_id)
     client = JobSubmissionClient(args.address)

@@ -1,6 +1,6 @@
 """Submit an igpt training or eval as a Ray job (the job submission API), tail it, report its end.
 
-Training (``CONFIG.yaml [key=val …]`` or ``train …``) runs through ``cluster.ray_train`` with one
+Training (``CONFIG.yaml [key=val …]`` or ``train …``) runs through ``igpt.cluster.ray_train`` with one
 rank per Ray worker; an eval (``eval probe …``) runs as the entrypoint itself and spreads its
 Ray Tune trials over the cluster it is attached to.
 """
@@ -14,11 +14,23 @@ from pathlib import Path
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from cluster.command import igpt_args, python_igpt
+import igpt
+from igpt.cluster.command import igpt_args, python_igpt
+from igpt.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # Never uploaded with the working dir (on top of what .gitignore excludes).
 EXCLUDES = [".git", ".venv", "runs", "mlruns", "slurm-logs", "*.pt", "*.safetensors", "*.tar", "benchmarks/results"]
+
+
+def default_working_dir() -> str | None:
+    """The code a job runs by default: the checkout this igpt runs from, uploaded as the working dir; from a
+    wheel install, None (``_run_ray`` then uploads the installed ``igpt`` package with ``py_modules``)."""
+    return None if igpt.CHECKOUT is None else str(igpt.CHECKOUT)
+
+
+def installed_package() -> str:
+    """The directory of the installed ``igpt`` package (a wheel install's; in a checkout, CHECKOUT/igpt)."""
+    return str(Path(igpt.__file__).resolve().parent)
 
 
 @dataclass
@@ -31,7 +43,8 @@ class RayJob:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     python: str = "python"  # the interpreter on the cluster's nodes
-    working_dir: str | None = str(REPO_ROOT)  # uploaded; None: use the code installed on the cluster
+    working_dir: str | None = field(default_factory=default_working_dir)  # uploaded; None: the cluster's igpt
+    py_modules: list[str] = field(default_factory=list)  # local package dirs uploaded onto the jobs' PYTHONPATH
     env_vars: dict[str, str] = field(default_factory=dict)
     submission_id: str | None = None
 
@@ -40,7 +53,7 @@ def entrypoint(job: RayJob) -> str:
     """The shell command the Ray job runs on the head node."""
     args = igpt_args(job.command)
     if args[0] == "train":
-        argv = [job.python, "-m", "cluster.ray_train", "--workers", str(job.workers),
+        argv = [job.python, "-m", "igpt.cluster.ray_train", "--workers", str(job.workers),
                 "--cpus-per-worker", str(job.cpus_per_worker), "--gpus-per-worker", str(job.gpus_per_worker),
                 "--python", job.python, "--", *args]
     else:
@@ -52,10 +65,13 @@ def runtime_env(job: RayJob) -> dict:
     """The runtime environment: the uploaded working dir (code) and the environment variables."""
     env: dict = {"env_vars": dict(job.env_vars)}
     if job.working_dir:
-        if not Path(job.working_dir, "cluster").is_dir():
-            raise ValueError(f"working dir {job.working_dir} has no cluster/ package; point it at the repo root")
+        if not Path(job.working_dir, "igpt").is_dir() or not Path(job.working_dir, "cluster").is_dir():
+            raise UserError(f"working dir {job.working_dir} has no igpt/ and cluster/ folders; point it at the "
+                            "checkout's root")
         env["working_dir"] = job.working_dir
         env["excludes"] = EXCLUDES
+    if job.py_modules:
+        env["py_modules"] = list(job.py_modules)
     return env
 
 

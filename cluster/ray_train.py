@@ -1,7 +1,7 @@
 """Multi-rank training on a Ray cluster: one rank per Ray worker, each with a torch rank environment.
 
 Run as a Ray job's entrypoint (``igpt launch ray`` builds it):
-``python -m cluster.ray_train --workers 4 --gpus-per-worker 1 -- train CONFIG.yaml key=val …``.
+``python -m igpt.cluster.ray_train --workers 4 --gpus-per-worker 1 -- train CONFIG.yaml key=val …``.
 It places one ``RankWorker`` actor per rank (a placement group spread over the nodes), gives
 each RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT (and
 CUDA_VISIBLE_DEVICES covering its node's ranks, as torchrun would), and runs the igpt command
@@ -23,7 +23,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.command import igpt_args, python_igpt
+from igpt.cluster.command import igpt_args, python_igpt
+from igpt.errors import UserError
 
 
 def _die_with_parent() -> None:
@@ -82,7 +83,7 @@ def run(args: list[str], workers: int, cpus_per_worker: float, gpus_per_worker: 
         strategy: str = "SPREAD") -> int:
     """Run ``igpt ARGS`` as ``workers`` ranks on the connected Ray cluster; return the exit code."""
     if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
+        raise UserError(f"--workers must be >= 1, got {workers}")
     bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     pg = placement_group([bundle] * workers, strategy=strategy)
     ray.get(pg.ready(), timeout=600)
@@ -102,7 +103,7 @@ def run(args: list[str], workers: int, cpus_per_worker: float, gpus_per_worker: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.ray_train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m igpt.cluster.ray_train", description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, required=True)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)

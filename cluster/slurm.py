@@ -15,9 +15,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
+from igpt.errors import UserError
+
+TEMPLATES = files("igpt.cluster.templates")  # package data
 # The exit code that means "checkpointed after a signal, requeue me": the default of the training's
 # `checkpoint.preempt_exit_code` (tests/test_cluster_slurm.py checks that they agree). torchrun
 # reports any failed rank as 1 (and exits 1 after forwarding a TERM), so each node's task turns
@@ -63,7 +66,7 @@ def render_template(template: str, values: dict[str, object]) -> str:
     names = set(_PLACEHOLDER.findall(template))
     missing, unused = names - values.keys(), values.keys() - names
     if missing or unused:
-        raise ValueError(f"template placeholders missing values: {sorted(missing)}, "
+        raise UserError(f"template placeholders missing values: {sorted(missing)}, "
                          f"values without placeholder: {sorted(unused)}")
     return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), template)
 
@@ -73,31 +76,31 @@ def signal_name(name: str) -> str:
     an unknown signal or one that cannot be caught."""
     key = name.strip().upper().removeprefix("SIG")
     if "SIG" + key not in signal.Signals.__members__ or key in _UNCATCHABLE:
-        raise ValueError(f"preemption signal {name!r} (checkpoint.preempt_signal) is not a signal the job can catch; "
+        raise UserError(f"preemption signal {name!r} (checkpoint.preempt_signal) is not a signal the job can catch; "
                          "e.g. USR1, USR2")
     return key
 
 
 def _check(job: SlurmJob) -> None:
     if job.nodes < 1:
-        raise ValueError(f"--nodes must be >= 1, got {job.nodes}")
+        raise UserError(f"--nodes must be >= 1, got {job.nodes}")
     if job.gpus_per_node < 0 or job.cpus_per_task < 1:
-        raise ValueError(f"bad resources: gpus_per_node={job.gpus_per_node}, cpus_per_task={job.cpus_per_task}")
+        raise UserError(f"bad resources: gpus_per_node={job.gpus_per_node}, cpus_per_task={job.cpus_per_task}")
     if job.procs_per_node is not None and job.procs_per_node < 1:
-        raise ValueError(f"--procs-per-node must be >= 1, got {job.procs_per_node}")
+        raise UserError(f"--procs-per-node must be >= 1, got {job.procs_per_node}")
     if not _TIME.match(job.time):
-        raise ValueError(f"--time {job.time!r} is not a SLURM time (MM, HH:MM:SS, D-HH:MM:SS)")
+        raise UserError(f"--time {job.time!r} is not a SLURM time (MM, HH:MM:SS, D-HH:MM:SS)")
     if not 0 <= job.signal_seconds <= 65535:
-        raise ValueError(f"--signal-seconds must be in 0..65535, got {job.signal_seconds}")
+        raise UserError(f"--signal-seconds must be in 0..65535, got {job.signal_seconds}")
     if not 1 <= job.requeue_exit_code <= 255:
-        raise ValueError(f"requeue exit code must be in 1..255, got {job.requeue_exit_code}")
+        raise UserError(f"requeue exit code must be in 1..255, got {job.requeue_exit_code}")
     for name in ("job_name", "log_dir", "workdir", "partition", "account", "mem"):
         value = getattr(job, name)
         if value is not None and (not value or re.search(r"\s", value)):
-            raise ValueError(f"{name} {value!r} must be non-empty and contain no whitespace "
+            raise UserError(f"{name} {value!r} must be non-empty and contain no whitespace "
                              "(it goes into an #SBATCH line)")
     if not job.command and not job.ray_cluster:
-        raise ValueError("no command to run")
+        raise UserError("no command to run")
 
 
 def render_sbatch(job: SlurmJob) -> str:
@@ -138,7 +141,7 @@ def render_sbatch(job: SlurmJob) -> str:
 
 def _write_script(script: str, log_dir: str, job_name: str) -> Path:
     """Keep the rendered script beside the logs (temp name, then rename)."""
-    from data_pipeline.io import write_text_atomic
+    from igpt.data_pipeline.io import write_text_atomic
 
     directory = Path(log_dir)
     directory.mkdir(parents=True, exist_ok=True)

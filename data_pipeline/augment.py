@@ -17,6 +17,8 @@ from typing import Hashable
 
 import numpy as np
 
+from igpt.errors import UserError
+
 
 def pad_margin(image: np.ndarray, margin: int) -> np.ndarray:
     """An (R, R, 3) image mirror-padded to (R + margin)²: margin // 2 pixels before, the rest after, so the
@@ -44,9 +46,9 @@ class Augment:
 
     def __post_init__(self) -> None:
         if self.stored < self.resolution:
-            raise ValueError(f"stored side {self.stored} is smaller than the training side {self.resolution}")
+            raise UserError(f"stored side {self.stored} is smaller than the training side {self.resolution}")
         if self.random_crop and self.stored == self.resolution:
-            raise ValueError("random crops need token shards stored with a margin (igpt data shard --margin M); "
+            raise UserError("random crops need token shards stored with a margin (igpt data shard --margin M); "
                              f"these are stored at the training size {self.resolution}")
 
     @property

@@ -25,9 +25,10 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from .io import write_bytes_atomic, write_json_atomic
-from .progress import bar
-from .tario import tar_bytes
+from igpt.data_pipeline.io import write_bytes_atomic, write_json_atomic
+from igpt.data_pipeline.progress import bar
+from igpt.data_pipeline.tario import tar_bytes
+from igpt.errors import UserError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -44,7 +45,7 @@ CHUNK = 1 << 20
 Log = Callable[[str], None]
 
 
-class DownloadError(Exception):
+class DownloadError(UserError):
     """The archive could not be fetched or is not the one expected (message says what to do)."""
 
 
@@ -129,13 +130,13 @@ def read_batches(archive: Path) -> tuple[list[bytes], list[str]]:
                 if member.name in want and member.isfile():
                     found[member.name] = tf.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise ValueError(f"{archive} is not a readable CIFAR-10 binary archive ({e})") from e
+        raise UserError(f"{archive} is not a readable CIFAR-10 binary archive ({e})") from e
     missing = sorted(want - set(found))
     if missing:
-        raise ValueError(f"{archive} lacks {missing}: not the CIFAR-10 binary archive (cifar-10-binary.tar.gz)")
+        raise UserError(f"{archive} lacks {missing}: not the CIFAR-10 binary archive (cifar-10-binary.tar.gz)")
     for name in TRAIN_BATCHES:
         if len(found[name]) % RECORD:
-            raise ValueError(f"{archive}:{name} is {len(found[name])} bytes, not a whole number of "
+            raise UserError(f"{archive}:{name} is {len(found[name])} bytes, not a whole number of "
                              f"{RECORD}-byte records")
     names = [line.strip() for line in found[META].decode().splitlines() if line.strip()]
     return [found[name] for name in TRAIN_BATCHES], names
@@ -156,7 +157,7 @@ def _members(batches: list[bytes], n_classes: int) -> Iterator[tuple[tuple[str, 
         for pos in range(0, len(batch), RECORD):
             label = view[pos]
             if label >= n_classes:
-                raise ValueError(f"record {i} has label {label}, beyond the {n_classes} classes")
+                raise UserError(f"record {i} has label {label}, beyond the {n_classes} classes")
             key = f"cifar10_train_{i:05d}"
             yield (f"{key}.png", _png(view[pos + 1:pos + RECORD])), (f"{key}.cls", b"%d" % label)
             i += 1

@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .fit import fit_palette_from_sources
-from .inspect import inspect_dir
-from .palette import save_palette, uniform9_palette
-from .quantize import Quantizer
-from .shard import shard_dataset
+from igpt.data_pipeline.fit import fit_palette_from_sources
+from igpt.data_pipeline.inspect import inspect_dir
+from igpt.data_pipeline.palette import save_palette, uniform9_palette
+from igpt.data_pipeline.quantize import Quantizer
+from igpt.data_pipeline.shard import shard_dataset
+from igpt.errors import UserError
+from igpt.runner import standalone_main
 
 
 def _palette_fit(args: argparse.Namespace) -> int:
@@ -16,7 +18,7 @@ def _palette_fit(args: argparse.Namespace) -> int:
         palette = uniform9_palette()
     else:
         if not args.source:
-            raise ValueError("--kind kmeans512 needs --source (the images to fit on), or use --kind uniform9")
+            raise UserError("--kind kmeans512 needs --source (the images to fit on), or use --kind uniform9")
         palette = fit_palette_from_sources(
             args.source, args.resolution, 512, args.max_images, args.pixels_per_image, args.seed, args.iters, args.device
         )
@@ -85,12 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The data-stage commands on their own: ``python -m data_pipeline.cli data shard …``."""
-    from igpt_cli import add_common_options, run
-
-    parser = argparse.ArgumentParser(prog="igpt")
-    register(parser.add_subparsers(dest="cmd", required=True))
-    return run(add_common_options(parser).parse_args(argv))
+    """The data-stage commands on their own: ``python -m igpt.data_pipeline.cli data shard …``."""
+    return standalone_main(register, argv)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .palette import fit_kmeans_palette
-from .progress import bar
-from .sources import decoded_images, find_images
+from igpt.data_pipeline.palette import fit_kmeans_palette
+from igpt.data_pipeline.progress import bar
+from igpt.data_pipeline.sources import decoded_images, find_images
+from igpt.errors import UserError
 
 
 def sample_pixels(
@@ -22,7 +23,7 @@ def sample_pixels(
         rgb = image.reshape(-1, 3)
         out.append(rgb[rng.choice(len(rgb), size=min(pixels_per_image, len(rgb)), replace=False)])
     if not out:
-        raise ValueError(f"no decodable images in {sources} to fit a palette on")
+        raise UserError(f"no decodable images in {sources} to fit a palette on")
     return np.concatenate(out)
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .io import atomic_path
+from igpt.data_pipeline.io import atomic_path
+from igpt.errors import UserError
 
 
 def image_grid(rows: list[list[np.ndarray]], scale: int = 1, pad: int = 2, background: int = 255) -> np.ndarray:
@@ -14,7 +15,7 @@ def image_grid(rows: list[list[np.ndarray]], scale: int = 1, pad: int = 2, backg
 
     Size: (rows·R·scale + (rows+1)·pad, cols·R·scale + (cols+1)·pad, 3), cols = the longest row."""
     if not rows or not rows[0]:
-        raise ValueError("image_grid needs at least one image")
+        raise UserError("image_grid needs at least one image")
     h, w = rows[0][0].shape[:2]
     ch, cw = h * scale, w * scale
     ncols = max(len(r) for r in rows)

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .grid import chunk_rows, image_grid
-from .loader import read_shard
-from .manifest import load_manifest, split_info, stored_resolution
-from .token_shards import TokenShards
-from .quantize import dequantize
+from igpt.data_pipeline.grid import chunk_rows, image_grid
+from igpt.data_pipeline.loader import read_shard
+from igpt.data_pipeline.manifest import load_manifest, split_info, stored_resolution
+from igpt.data_pipeline.token_shards import TokenShards
+from igpt.data_pipeline.quantize import dequantize
+from igpt.errors import UserError
 
 
 def summary(manifest: dict) -> str:
@@ -54,7 +55,7 @@ def sample_grid(data_dir: str | Path, split: str = "train", count: int = 64, sca
         if len(tokens) == count:
             break
     if not tokens:
-        raise ValueError(f"split {split!r} of {data_dir} has no samples")
+        raise UserError(f"split {split!r} of {data_dir} has no samples")
     images = dequantize(np.stack(tokens).reshape(-1, r, r), palette)
     grid = image_grid(chunk_rows(images, math.ceil(math.sqrt(len(images)))), pad=1)
     scale = scale or max(1, 256 // r)

@@ -30,7 +30,7 @@ already seen.
 ``with_keys`` adds each sample's WebDataset key to its batch (``batch["keys"]``), to tell which
 samples a run has seen.
 
-Augmentation (``hflip``, ``random_crop``; ``data_pipeline.augment``) happens in the workers, per
+Augmentation (``hflip``, ``random_crop``; ``igpt.data_pipeline.augment``) happens in the workers, per
 sample, drawn from (seed, epoch, shard index, position in the shard): a resumed or re-split stream
 gives every sample the augmentation the uninterrupted stream gives it. A split stored with a margin
 is cut to the training size: random crops with ``random_crop``, else the centre crop (also in
@@ -52,10 +52,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .augment import Augment
-from .manifest import load_manifest, split_info, stored_resolution
-from .shard import npy_header
-from .tario import iter_members
+from igpt.data_pipeline.augment import Augment
+from igpt.data_pipeline.manifest import load_manifest, split_info, stored_resolution
+from igpt.data_pipeline.shard import npy_header
+from igpt.data_pipeline.tario import iter_members
+from igpt.errors import UserError
 
 Unit = tuple[str, int, int, int]  # (shard path, part, parts, samples in that part)
 
@@ -103,7 +104,7 @@ def read_samples(path: str, resolution: int, part: int = 0, parts: int = 1,
             if size == hlen + 2 * ntok and data[offset : offset + hlen] == header:
                 tokens = np.frombuffer(data, np.uint16, ntok, offset + hlen)
             else:
-                raise ValueError(f"{path}:{name} is not a uint16 token array of the split's stored resolution")
+                raise UserError(f"{path}:{name} is not a uint16 token array of the split's stored resolution")
         elif ext == "cls":
             label = int(data[offset : offset + size])
     if tokens is not None and wanted(j):
@@ -237,18 +238,18 @@ class TokenStream:
         random_crop: bool = False,
     ):
         if mode not in ("epoch", "resampled"):
-            raise ValueError(f"mode must be 'epoch' or 'resampled', got {mode!r}")
+            raise UserError(f"mode must be 'epoch' or 'resampled', got {mode!r}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
+            raise UserError(f"rank {rank} outside world size {world_size}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise UserError(f"batch_size must be positive, got {batch_size}")
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(self.data_dir)
         info = split_info(self.manifest, split)
         if not info["shards"]:
-            raise ValueError(f"split {split!r} of {self.data_dir} has no samples")
+            raise UserError(f"split {split!r} of {self.data_dir} has no samples")
         if with_labels and not self.manifest.get("labelled"):
-            raise ValueError(f"{self.data_dir} has no class labels (with_labels=True)")
+            raise UserError(f"{self.data_dir} has no class labels (with_labels=True)")
         missing = [sh["file"] for sh in info["shards"] if not (self.data_dir / sh["file"]).is_file()]
         if missing:
             raise FileNotFoundError(f"{self.data_dir}: shards in the manifest are missing: {missing[:5]}")
@@ -331,7 +332,7 @@ class TokenStream:
     def iter_epoch(self) -> Iterator[dict]:
         """The rest of the current epoch (all of it when at its start); then the epoch advances."""
         if self.mode == "resampled":
-            raise ValueError("resampled mode has no epochs; iterate the stream itself")
+            raise UserError("resampled mode has no epochs; iterate the stream itself")
         schedule = self._schedule(self.epoch)
         done = schedule[: self.batches_in_epoch]
         skips = [done.count(w) for w in range(max(self.num_workers, 1))]
@@ -456,7 +457,7 @@ def iterate_split(data_dir: str | Path, split: str, batch_size: int, with_labels
     manifest = load_manifest(data_dir)
     shards = split_info(manifest, split)["shards"]
     if with_labels and not manifest.get("labelled"):
-        raise ValueError(f"{data_dir} has no class labels (with_labels=True)")
+        raise UserError(f"{data_dir} has no class labels (with_labels=True)")
     centre = Augment(manifest["resolution"], stored_resolution(manifest, split))
     samples = (x._replace(tokens=centre(x.tokens, 0, 0, 0)) for sh in shards
                for x in read_samples(str(data_dir / sh["file"]), centre.stored))

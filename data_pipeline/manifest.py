@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from igpt.errors import UserError
+
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
@@ -36,14 +38,14 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
     manifest = json.loads(path.read_text())
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
-        raise ValueError(f"{path} lacks keys {missing}")
+        raise UserError(f"{path} lacks keys {missing}")
     if manifest["format_version"] not in READABLE_VERSIONS:
-        raise ValueError(f"{path} has format_version {manifest['format_version']}, this code reads "
+        raise UserError(f"{path} has format_version {manifest['format_version']}, this code reads "
                          f"{' and '.join(map(str, READABLE_VERSIONS))}")
     return manifest
 
 
-class UnknownSplit(ValueError, KeyError):
+class UnknownSplit(UserError, KeyError):
     """A split the manifest does not have (a ValueError for the CLI's one-line errors, a KeyError as before)."""
 
     __str__ = ValueError.__str__  # the message as is, not quoted like a KeyError's

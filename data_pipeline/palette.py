@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import atomic_path, file_sha256
-from .progress import bar
+from igpt.data_pipeline.io import atomic_path, file_sha256
+from igpt.data_pipeline.progress import bar
+from igpt.errors import UserError
 
 PALETTE_FILE = "palette.npy"
 
@@ -27,9 +28,9 @@ def uniform9_palette() -> np.ndarray:
 def _check_palette(palette: np.ndarray) -> np.ndarray:
     palette = np.asarray(palette)
     if palette.ndim != 2 or palette.shape[1] != 3 or palette.dtype != np.uint8:
-        raise ValueError(f"a palette is a (K, 3) uint8 array, got {palette.dtype} {palette.shape}")
+        raise UserError(f"a palette is a (K, 3) uint8 array, got {palette.dtype} {palette.shape}")
     if not 1 <= palette.shape[0] <= 65536:
-        raise ValueError(f"a palette has 1..65536 colours (uint16 tokens), got {palette.shape[0]}")
+        raise UserError(f"a palette has 1..65536 colours (uint16 tokens), got {palette.shape[0]}")
     return np.ascontiguousarray(palette)
 
 
@@ -51,7 +52,7 @@ def load_palette(path: str | os.PathLike) -> tuple[np.ndarray, str]:
     try:
         palette = np.load(path, allow_pickle=False)
     except ValueError as e:
-        raise ValueError(f"{path} is not a valid palette .npy file: {e}") from e
+        raise UserError(f"{path} is not a valid palette .npy file: {e}") from e
     return _check_palette(palette), file_sha256(path)
 
 
@@ -103,9 +104,9 @@ def fit_kmeans_palette(
     """
     pixels = np.asarray(pixels)
     if pixels.ndim != 2 or pixels.shape[1] != 3 or pixels.dtype != np.uint8:
-        raise ValueError(f"pixels must be (N, 3) uint8, got {pixels.dtype} {pixels.shape}")
+        raise UserError(f"pixels must be (N, 3) uint8, got {pixels.dtype} {pixels.shape}")
     if pixels.shape[0] == 0:
-        raise ValueError("no pixels to fit a palette on")
+        raise UserError("no pixels to fit a palette on")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     codes = (pixels[:, 0].astype(np.int64) << 16) | (pixels[:, 1].astype(np.int64) << 8) | pixels[:, 2]
     uniq, counts = np.unique(codes, return_counts=True)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_path
-from .palette import _check_palette, load_palette
-from .progress import bar
+from igpt.data_pipeline.io import atomic_path
+from igpt.data_pipeline.palette import _check_palette, load_palette
+from igpt.data_pipeline.progress import bar
+from igpt.errors import UserError
 
 _MIN_BLOCK = 4  # smallest colour-cube block that candidate pruning subdivides to
 _MAX_CAND = 16  # a block with more surviving candidates than this is split into 8
@@ -135,7 +136,7 @@ class Quantizer:
         """Nearest palette index for every pixel of a (..., 3) uint8 array."""
         rgb = np.asarray(rgb)
         if rgb.dtype != np.uint8 or rgb.ndim < 1 or rgb.shape[-1] != 3:
-            raise ValueError(f"quantize expects (..., 3) uint8 RGB, got {rgb.dtype} {rgb.shape}")
+            raise UserError(f"quantize expects (..., 3) uint8 RGB, got {rgb.dtype} {rgb.shape}")
         return self.lut[rgb_codes(rgb)].reshape(rgb.shape[:-1])
 
 
@@ -144,5 +145,5 @@ def dequantize(tokens: np.ndarray, palette: np.ndarray) -> np.ndarray:
     palette = _check_palette(palette)
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= palette.shape[0]):
-        raise ValueError(f"tokens outside [0, {palette.shape[0]}) for this palette")
+        raise UserError(f"tokens outside [0, {palette.shape[0]}) for this palette")
     return palette[tokens.astype(np.intp)]

@@ -9,9 +9,9 @@ the rest, so an interrupted run resumes. A sample is ``KEY.tokens.npy`` (uint16,
 order) plus ``KEY.cls`` (ASCII integer) when labelled.
 
 With a ``margin`` the train split is stored ``margin`` pixels larger than ``resolution``: each image is
-decoded at ``resolution`` like any other and mirror-padded by the margin (``data_pipeline.augment.pad_margin``),
+decoded at ``resolution`` like any other and mirror-padded by the margin (``igpt.data_pipeline.augment.pad_margin``),
 so its centre crop is the exact-size image and random crops are shifts of up to margin/2 pixels, the
-usual CIFAR augmentation (``data_pipeline.augment``). Every other split is stored at ``resolution``, the
+usual CIFAR augmentation (``igpt.data_pipeline.augment``). Every other split is stored at ``resolution``, the
 exact size that validation and the evals read.
 """
 from __future__ import annotations
@@ -28,16 +28,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .augment import pad_margin
-from .decode import SkipImage, decode_image
-from .io import copy_atomic, write_bytes_atomic, write_json_atomic
-from .manifest import FORMAT_VERSION, MANIFEST_FILE
-from .palette import PALETTE_FILE, load_palette
-from .progress import bar
-from .quantize import Quantizer
-from .sources import Item, find_images, read_item
-from .tario import tar_bytes
-from .token_shards import check_palette
+from igpt.data_pipeline.augment import pad_margin
+from igpt.data_pipeline.decode import SkipImage, decode_image
+from igpt.data_pipeline.io import copy_atomic, write_bytes_atomic, write_json_atomic
+from igpt.data_pipeline.manifest import FORMAT_VERSION, MANIFEST_FILE
+from igpt.data_pipeline.palette import PALETTE_FILE, load_palette
+from igpt.data_pipeline.progress import bar
+from igpt.data_pipeline.quantize import Quantizer
+from igpt.data_pipeline.sources import Item, find_images, read_item
+from igpt.data_pipeline.tario import tar_bytes
+from igpt.data_pipeline.token_shards import check_palette
+from igpt.errors import UserError
 
 RECORDS_DIR = ".records"
 MARGIN_SPLITS = ("train",)  # the splits stored with the margin
@@ -149,17 +150,17 @@ def shard_dataset(
     ``limit`` keeps the first N inputs in listing order; ``class_names`` names integer labels
     of tar sources (ImageFolder sources name their own). ``num_workers`` processes (default:
     all CPUs; 0 or 1 runs in this process). ``progress=False`` hides the progress bars, which
-    otherwise show as ``data_pipeline.progress`` decides. ``margin``: the train split's extra pixels
+    otherwise show as ``igpt.data_pipeline.progress`` decides. ``margin``: the train split's extra pixels
     (see the module docstring).
     """
     if resolution < 1:
-        raise ValueError(f"resolution must be positive, got {resolution}")
+        raise UserError(f"resolution must be positive, got {resolution}")
     if not 0 <= margin < 2 * resolution - 1:
-        raise ValueError(f"margin must be in [0, {2 * resolution - 2}] at resolution {resolution}, got {margin}")
+        raise UserError(f"margin must be in [0, {2 * resolution - 2}] at resolution {resolution}, got {margin}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_size < 1:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
+        raise UserError(f"shard_size must be positive, got {shard_size}")
     palette, sha = load_palette(palette_path)
     found = find_images([str(s) for s in sources])
     items = found.items[:limit] if limit is not None else found.items
@@ -180,7 +181,7 @@ def shard_dataset(
     }
     settings_file = out / RECORDS_DIR / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
-        raise ValueError(f"{out} holds shards made with other settings ({settings_file}); use a new directory")
+        raise UserError(f"{out} holds shards made with other settings ({settings_file}); use a new directory")
     write_json_atomic(settings, settings_file)
     if (out / PALETTE_FILE).exists():
         check_palette(load_palette(out / PALETTE_FILE)[1], sha, f"{out / PALETTE_FILE} is a different palette than "
@@ -230,7 +231,7 @@ def _manifest(plan, out: Path, sha: str, resolution: int, margins: dict[str, int
                          "shards": shards}
     labelled = bool(labels) and unlabelled == 0
     if labelled and names is not None and max(labels) >= len(names):
-        raise ValueError(f"label {max(labels)} has no name among {len(names)} class names")
+        raise UserError(f"label {max(labels)} has no name among {len(names)} class names")
     return {
         "format_version": FORMAT_VERSION,
         "resolution": resolution,

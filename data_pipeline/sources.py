@@ -17,8 +17,9 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 from braceexpand import braceexpand
 
-from .decode import SkipImage, decode_image
-from .tario import TarFormatError, index_tar_file
+from igpt.data_pipeline.decode import SkipImage, decode_image
+from igpt.data_pipeline.tario import TarFormatError, index_tar_file
+from igpt.errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 
@@ -48,7 +49,7 @@ class Found(NamedTuple):
 def expand_sources(sources: list[str]) -> list[str]:
     """Brace- and glob-expand source strings into existing paths; a clear error for any that match nothing."""
     if not sources:
-        raise ValueError("no data sources given")
+        raise UserError("no data sources given")
     paths = []
     for source in sources:
         for pattern in braceexpand(str(source)):
@@ -87,7 +88,7 @@ def _tar(path: Path) -> tuple[list[Item], list[Skip]]:
     try:
         members = index_tar_file(path)
     except (TarFormatError, OSError) as e:
-        raise ValueError(f"data source {path} is not a readable tar: {e}") from e
+        raise UserError(f"data source {path} is not a readable tar: {e}") from e
     samples: dict[str, dict[str, tuple[int, int]]] = {}
     for name, offset, size in members:
         head, _, base = name.rpartition("/")
@@ -133,7 +134,7 @@ def find_images(sources: list[str]) -> Found:
             label_of = {name: i for i, name in enumerate(subdirs)} if subdirs else None
             if subdirs:
                 if class_names is not None and class_names != subdirs:
-                    raise ValueError(f"ImageFolder {path} has classes {subdirs}, another source has {class_names}")
+                    raise UserError(f"ImageFolder {path} has classes {subdirs}, another source has {class_names}")
                 class_names = subdirs
             found, bad = _folder(path, label_of)
         elif path.name.endswith((".tar", ".tar.gz", ".tgz")):
@@ -141,11 +142,11 @@ def find_images(sources: list[str]) -> Found:
         else:
             found, bad = [Item(path.as_posix(), str(path), -1, path.stat().st_size, None)], []
         if not found and not bad:
-            raise ValueError(f"data source {path} holds no images")
+            raise UserError(f"data source {path} holds no images")
         items.extend(found)
         skipped.extend(bad)
     if not items:
-        raise ValueError(f"data sources {sources} hold no images ({len(skipped)} inputs rejected)")
+        raise UserError(f"data sources {sources} hold no images ({len(skipped)} inputs rejected)")
     return Found(items, skipped, class_names)
 
 

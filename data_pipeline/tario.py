@@ -11,10 +11,12 @@ import os
 import tarfile
 from collections.abc import Iterable, Iterator
 
+from igpt.errors import UserError
+
 BLOCK = 512
 
 
-class TarFormatError(ValueError):
+class TarFormatError(UserError):
     """A file that is not a readable plain tar archive."""
 
 

@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from .manifest import load_manifest
-from .palette import load_palette
+from igpt.data_pipeline.manifest import load_manifest
+from igpt.data_pipeline.palette import load_palette
+from igpt.errors import UserError
 
 
-class PaletteMismatch(ValueError):
+class PaletteMismatch(UserError):
     """Two things that must share a palette (shards, a checkpoint, a release, a palette file) do not."""
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.quantize import dequantize
-from evals.features import FeatureCache, checkpoint_identity
-from evals.inputs import EvalData
-from pretrain.model import IGPT, IGPTConfig
+from igpt.data_pipeline.quantize import dequantize
+from igpt.evals.features import FeatureCache, checkpoint_identity
+from igpt.evals.inputs import EvalData
+from igpt.pretrain.model import IGPT, IGPTConfig
 
 RAW_PIXELS = "raw_pixels"
 RANDOM_INIT = "random_init"

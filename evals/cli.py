@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from evals.config import load_search_config
+from igpt.evals.config import load_search_config
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def _tuned(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace):
-    from evals.commands import EvalRun
+    from igpt.evals.commands import EvalRun
 
     return EvalRun(checkpoint=args.checkpoint, data=args.data, out=args.out, device=args.device,
                    batch_size=args.batch_size, limit=args.limit, tracking_uri=args.tracking_uri,
@@ -53,27 +53,27 @@ def _search(args: argparse.Namespace):
 
 
 def _splits(args: argparse.Namespace):
-    from evals.commands import SplitOptions
+    from igpt.evals.commands import SplitOptions
 
     return SplitOptions(args.train_split, args.val_split, getattr(args, "test_split", None),
                         getattr(args, "test_data", None))
 
 
 def _report(summary: dict) -> int:
-    from evals.commands import format_summary
+    from igpt.evals.commands import format_summary
 
     print(format_summary(summary))
     return 0
 
 
 def cmd_nll(args: argparse.Namespace) -> int:
-    from evals.commands import run_nll
+    from igpt.evals.commands import run_nll
 
     return _report(run_nll(_run(args), args.split))
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from evals.commands import SampleOptions, run_sample
+    from igpt.evals.commands import SampleOptions, run_sample
 
     opt = SampleOptions(split=args.split, num_samples=args.num_samples, num_images=args.num_images,
                         per_image=args.per_image, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
@@ -82,14 +82,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from evals.commands import run_probe
+    from igpt.evals.commands import run_probe
 
     return _report(run_probe(_run(args), _splits(args), args.layers, _search(args), args.cache_dir, args.baselines,
                              args.concat))
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from evals.commands import run_finetune
+    from igpt.evals.commands import run_finetune
 
     return _report(run_finetune(_run(args), _splits(args), _search(args)))
 

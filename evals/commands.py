@@ -9,19 +9,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from data_pipeline.grid import chunk_rows, image_grid, save_png
-from data_pipeline.io import write_text_atomic
-from evals.baselines import PIXEL_LAYER, RANDOM_INIT, RAW_PIXELS, pixel_features, random_init_cache
-from evals.config import EvalSearchConfig
-from evals.features import FeatureCache
-from evals.inputs import (EvalData, EvalInputError, Layer, check_compatible, concat_label, layer_order, load_checked,
+from igpt.data_pipeline.grid import chunk_rows, image_grid, save_png
+from igpt.data_pipeline.io import write_text_atomic
+from igpt.evals.baselines import PIXEL_LAYER, RANDOM_INIT, RAW_PIXELS, pixel_features, random_init_cache
+from igpt.evals.config import EvalSearchConfig
+from igpt.evals.features import FeatureCache
+from igpt.evals.inputs import (EvalData, EvalInputError, Layer, check_compatible, concat_label, layer_order, load_checked,
                           parse_layers, pick_device)
-from evals.nll import evaluate_nll
-from evals.plots import confusion_matrix, plot_confusion, plot_layer_accuracy
-from evals.probe import widen_l2
-from evals.sample import complete_bottom_half, completion_rows, sample_unconditional, to_rgb
-from evals.tracking import ParentRun, default_tracking_uri, parent_run
-from evals.tune import tune_finetune, tune_probe
+from igpt.evals.nll import evaluate_nll
+from igpt.evals.plots import confusion_matrix, plot_confusion, plot_layer_accuracy
+from igpt.evals.probe import widen_l2
+from igpt.evals.sample import complete_bottom_half, completion_rows, sample_unconditional, to_rgb
+from igpt.evals.tracking import ParentRun, default_tracking_uri, parent_run
+from igpt.evals.tune import tune_finetune, tune_probe
 
 
 @dataclass

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from igpt.errors import UserError
 
 
-class SearchConfigError(ValueError):
+
+class SearchConfigError(UserError):
     """A search config file or override is malformed or names an unknown key."""
 
 
@@ -56,7 +58,7 @@ class EvalSearchConfig:
 
 
 def load_search_config(path: str | None = None, overrides: list[str] | None = None) -> EvalSearchConfig:
-    """Defaults ← YAML file ← ``key=value`` overrides; unknown keys are errors (``pretrain.config.load_structured``)."""
-    from pretrain.config import load_structured
+    """Defaults ← YAML file ← ``key=value`` overrides; unknown keys are errors (``igpt.pretrain.config.load_structured``)."""
+    from igpt.pretrain.config import load_structured
 
     return load_structured(EvalSearchConfig, path, overrides or [], error=SearchConfigError, label="search config")

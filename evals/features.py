@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.io import atomic_path
-from evals.inputs import EvalData, check_layers
-from pretrain.model import IGPT
-from pretrain.precision import eval_autocast
+from igpt.data_pipeline.io import atomic_path
+from igpt.evals.inputs import EvalData, check_layers
+from igpt.pretrain.model import IGPT
+from igpt.pretrain.precision import eval_autocast
 
 
 def checkpoint_identity(model: IGPT) -> str:
@@ -56,7 +56,7 @@ def extract_features(
     labels: bool = True,
 ) -> tuple[dict[int, np.ndarray], np.ndarray | None, dict[str, float]]:
     """One pass over ``split``: ({layer: (N, D) float32}, labels (N,) or None, timing stats), in the
-    evaluation numerics of ``pretrain.precision``."""
+    evaluation numerics of ``igpt.pretrain.precision``."""
     layers = check_layers(layers, model.cfg.n_layer)
     model.eval().to(device)
     feats: dict[int, list[np.ndarray]] = {l: [] for l in layers}

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evals.inputs import EvalInputError
-from pretrain.model import IGPT
+from igpt.evals.inputs import EvalInputError
+from igpt.pretrain.model import IGPT
 
 
 class Classifier(nn.Module):

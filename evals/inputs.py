@@ -7,11 +7,12 @@ from typing import Any, Iterator, Union
 
 import torch
 
-from data_pipeline.loader import iterate_split
-from data_pipeline.token_shards import TokenShards, check_palette
-from data_pipeline.progress import bar
-from pretrain.model import IGPT
-from pretrain.release import load_model
+from igpt.data_pipeline.loader import iterate_split
+from igpt.data_pipeline.token_shards import TokenShards, check_palette
+from igpt.data_pipeline.progress import bar
+from igpt.errors import UserError
+from igpt.pretrain.model import IGPT
+from igpt.pretrain.release import load_model
 
 
 Layer = Union[int, str]  # a block index, or the label of a concatenation of several (concat_label)
@@ -27,7 +28,7 @@ def layer_order(layer: Layer) -> tuple[bool, int]:
     return (True, 0) if isinstance(layer, str) else (False, layer)
 
 
-class EvalInputError(ValueError):
+class EvalInputError(UserError):
     """An eval's inputs are unusable (mismatched palette, missing split or labels, bad layer, ...)."""
 
 
@@ -79,7 +80,7 @@ class EvalData(TokenShards):
         progress: str | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """One ordered pass over ``split`` (the first ``limit`` samples if given); ``progress`` names a
-        progress bar over the images (data_pipeline.progress decides whether it shows)."""
+        progress bar over the images (igpt.data_pipeline.progress decides whether it shows)."""
         n = self.num_samples(split, labels=labels)
         seen = 0
         with bar(total=n if limit is None else min(n, limit), desc=progress or "", unit="img",

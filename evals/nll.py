@@ -8,9 +8,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evals.inputs import EvalData, EvalInputError
-from pretrain.model import IGPT
-from pretrain.precision import eval_autocast
+from igpt.evals.inputs import EvalData, EvalInputError
+from igpt.pretrain.model import IGPT
+from igpt.pretrain.precision import eval_autocast
 
 Z_95 = 1.959963984540054
 
@@ -18,7 +18,7 @@ Z_95 = 1.959963984540054
 @torch.no_grad()
 def per_image_nll(model: IGPT, tokens: torch.Tensor) -> torch.Tensor:
     """Mean nats per token of each image, (B,), under the autoregressive objective, in the evaluation
-    numerics of ``pretrain.precision`` (bf16 autocast on CUDA, fp32 on CPU; fp32 softmax)."""
+    numerics of ``igpt.pretrain.precision`` (bf16 autocast on CUDA, fp32 on CPU; fp32 softmax)."""
     with eval_autocast(tokens.device):
         logits = model(tokens).logits.float()
     nll = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")

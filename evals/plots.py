@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data_pipeline.io import atomic_path  # noqa: E402
+from igpt.data_pipeline.io import atomic_path  # noqa: E402
 
 
 def _save(fig: "plt.Figure", path: str | Path) -> str:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from igpt.errors import UserError
+
 
 @dataclass
 class Standardizer:
@@ -76,13 +78,13 @@ def fit_probe(
 ) -> LinearProbe:
     """Fit a multinomial logistic regression on standardised features with full-batch L-BFGS."""
     if l2 < 0:
-        raise ValueError(f"l2 penalty must be >= 0, got {l2}")
+        raise UserError(f"l2 penalty must be >= 0, got {l2}")
     x = _as_tensor(x, device, dtype)
     y = _as_tensor(y, device, torch.long)
     if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
-        raise ValueError(f"expected features (N, D) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise UserError(f"expected features (N, D) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
     if len(x) == 0:
-        raise ValueError("cannot fit a probe on zero examples")
+        raise UserError("cannot fit a probe on zero examples")
     num_classes = int(num_classes if num_classes is not None else y.max().item() + 1)
     scaler = Standardizer.fit(x)
     xs = scaler(x)

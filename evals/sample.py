@@ -1,4 +1,4 @@
-"""Sampling with the KV cache: unconditional images and bottom-half completions (tiled by data_pipeline.grid)."""
+"""Sampling with the KV cache: unconditional images and bottom-half completions (tiled by igpt.data_pipeline.grid)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -7,9 +7,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from data_pipeline.progress import bar
-from data_pipeline.quantize import dequantize
-from pretrain.model import IGPT
+from igpt.data_pipeline.progress import bar
+from igpt.data_pipeline.quantize import dequantize
+from igpt.pretrain.model import IGPT
 
 
 def sample_unconditional(

@@ -5,10 +5,10 @@ probe follows the protocol of ``../shared/reference/plain_igpt.py`` so the two a
 per layer, the L2 penalty is chosen on the last 10% of the train split (fitted on the rest), the
 probe is refitted on the whole train split, and its accuracy is measured on val; the best layer
 is the one with the best val accuracy. Unlike the reference, the L2 grid widens while the best
-value lies at an edge (``evals.probe.widen_l2``), and ``concat`` also probes several layers' pooled
-states concatenated. Features and NLL use the evaluation numerics (``pretrain.precision.eval_autocast``).
+value lies at an edge (``igpt.evals.probe.widen_l2``), and ``concat`` also probes several layers' pooled
+states concatenated. Features and NLL use the evaluation numerics (``igpt.pretrain.precision.eval_autocast``).
 
-    python -m evals.score RELEASE_OR_RUN_DIR --data TOKENS_DIR --layers 4,5,6,7,8 --concat 5,6,7 --json score.json
+    python -m igpt.evals.score RELEASE_OR_RUN_DIR --data TOKENS_DIR --layers 4,5,6,7,8 --concat 5,6,7 --json score.json
 """
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from evals.baselines import pixel_features
-from evals.features import extract_features
-from evals.inputs import EvalData, EvalInputError, check_compatible, check_layers, concat_label
-from evals.nll import evaluate_nll
-from evals.probe import fit_probe, widen_l2
-from pretrain.model import IGPT
+from igpt.evals.baselines import pixel_features
+from igpt.evals.features import extract_features
+from igpt.evals.inputs import EvalData, EvalInputError, check_compatible, check_layers, concat_label
+from igpt.evals.nll import evaluate_nll
+from igpt.evals.probe import fit_probe, widen_l2
+from igpt.pretrain.model import IGPT
 
 DEFAULT_L2 = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 DEFAULT_WIDEN = 6  # rounds of widening past an edge
@@ -63,7 +63,7 @@ def score_model(model: IGPT, palette_sha256: str, data_dir: str, *, layers: Sequ
                 widen: int = DEFAULT_WIDEN, raw_pixels: bool = False) -> dict[str, Any]:
     """Val NLL (nats/token, bits/pixel) and per-layer probe accuracies of ``model`` on ``data_dir``; with
     ``concat`` (two or more layers) also the probe of their pooled states concatenated, with ``raw_pixels``
-    the same probe on the images' pixels (``evals.baselines.pixel_features``)."""
+    the same probe on the images' pixels (``igpt.evals.baselines.pixel_features``)."""
     data = EvalData.open(data_dir)
     check_compatible(model, palette_sha256, data)
     concat = check_layers(list(concat), model.cfg.n_layer) if concat else []
@@ -102,10 +102,10 @@ def score_model(model: IGPT, palette_sha256: str, data_dir: str, *, layers: Sequ
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m evals.score CHECKPOINT --data DIR …``: the scores as JSON on stdout (and in ``--json``)."""
-    from igpt_cli import add_common_options, run
+    """``python -m igpt.evals.score CHECKPOINT --data DIR …``: the scores as JSON on stdout (and in ``--json``)."""
+    from igpt.runner import add_common_options, run
 
-    p = argparse.ArgumentParser(prog="python -m evals.score", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m igpt.evals.score", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="release dir or training run dir")
     p.add_argument("--data", required=True, help="token shards at the training size (train and val splits)")
     p.add_argument("--layers", default="", help="block indices to probe one by one: comma-separated, 'all' or 'mid'")
@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from data_pipeline.io import write_json_atomic
-    from evals.inputs import parse_layers, pick_device
-    from pretrain.release import load_model
+    from igpt.data_pipeline.io import write_json_atomic
+    from igpt.evals.inputs import parse_layers, pick_device
+    from igpt.pretrain.release import load_model
 
     model, _, sha = load_model(args.checkpoint)
     n_layer = model.cfg.n_layer

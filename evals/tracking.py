@@ -3,7 +3,7 @@
 Trials are logged by Ray Tune's ``MLflowLoggerCallback`` on the driver (it ends every run it
 starts, so no run is left RUNNING); they are nested by giving each the tag
 ``mlflow.parentRunId`` = the parent's run id, and named by their grid values (``probe layer=3 l2=0.01``),
-so the UI lists them under their eval's run. Experiments are created by ``pretrain.mlflow_store``
+so the UI lists them under their eval's run. Experiments are created by ``igpt.pretrain.mlflow_store``
 (artifacts beside a sqlite store, the UI's model-training view).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Iterator
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from pretrain.mlflow_store import experiment_id
+from igpt.pretrain.mlflow_store import experiment_id
 
 
 def default_tracking_uri(out_dir: str | Path) -> str:

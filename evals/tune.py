@@ -26,14 +26,14 @@ from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from data_pipeline.progress import bar
-from evals.baselines import PIXEL_LAYER
-from evals.config import FinetuneSearch, ProbeSearch, Resources
-from evals.finetune import FinetuneHistory, finetune
-from evals.inputs import Layer, pick_device
-from evals.probe import fit_probe, widen_l2
-from evals.tracking import ParentRun
-from pretrain.model import IGPT
+from igpt.data_pipeline.progress import bar
+from igpt.evals.baselines import PIXEL_LAYER
+from igpt.evals.config import FinetuneSearch, ProbeSearch, Resources
+from igpt.evals.finetune import FinetuneHistory, finetune
+from igpt.evals.inputs import Layer, pick_device
+from igpt.evals.probe import fit_probe, widen_l2
+from igpt.evals.tracking import ParentRun
+from igpt.pretrain.model import IGPT
 
 PRED_FILE = "predictions.npy"
 
@@ -226,7 +226,7 @@ def tune_probe(
     storage_path: str | Path, features_name: str = "model", verbose: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the layers × L2 grid, then widen each layer's grid while its best L2 lies at an edge
-    (``evals.probe.widen_l2``, at most ``search.widen`` rounds, one Tune grid per new value); returns one
+    (``igpt.evals.probe.widen_l2``, at most ``search.widen`` rounds, one Tune grid per new value); returns one
     row per trial (config, metrics, eval predictions). A layer is a block index or the label of a
     concatenation of several (``concat_label``).
 

@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import check_attention_inputs
+from igpt.errors import UserError
+from igpt.kernels.reference import check_attention_inputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -608,7 +609,7 @@ def backward_launcher(kind: str, q, k, v, do, causal: bool, config: KernelConfig
     forward and delta run once here (default configs) to give the log-sum-exp and delta the backward reads.
     """
     if kind not in ("fwd", "delta", "bwd"):
-        raise ValueError(f"unknown kernel kind {kind!r}; expected 'fwd', 'delta' or 'bwd'")
+        raise UserError(f"unknown kernel kind {kind!r}; expected 'fwd', 'delta' or 'bwd'")
     sm_scale = _scale(q, sm_scale)
     k, v = _kv_layout(k, v)
     q, do = _last_dim_contiguous(q), _last_dim_contiguous(do)
@@ -630,18 +631,18 @@ def _validate(q_shape, k_shape, v_shape, dtypes, devices, causal: bool) -> None:
     meta = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in zip((q_shape, k_shape, v_shape), dtypes)]
     check_attention_inputs(*meta, causal)
     if dtypes[0] not in _TL_DTYPES:
-        raise ValueError(f"flash_attention supports float16, bfloat16 and float32, got {dtypes[0]}")
+        raise UserError(f"flash_attention supports float16, bfloat16 and float32, got {dtypes[0]}")
     if not (devices[0] == devices[1] == devices[2]):
-        raise ValueError(f"q, k, v must be on one device, got {devices[0]}, {devices[1]}, {devices[2]}")
+        raise UserError(f"q, k, v must be on one device, got {devices[0]}, {devices[1]}, {devices[2]}")
     if devices[0].type != "cuda" and not _INTERPRET:
-        raise ValueError(
+        raise UserError(
             f"flash_attention runs on CUDA tensors (got {devices[0]}); set TRITON_INTERPRET=1 before importing "
             "kernels to run Triton's interpreter on the CPU"
         )
     if q_shape[-1] > 128:
-        raise ValueError(f"flash_attention supports head_dim up to 128, got {q_shape[-1]}")
+        raise UserError(f"flash_attention supports head_dim up to 128, got {q_shape[-1]}")
     if 0 in q_shape or 0 in k_shape:
-        raise ValueError(f"flash_attention needs non-empty inputs, got q {tuple(q_shape)} and k {tuple(k_shape)}")
+        raise UserError(f"flash_attention needs non-empty inputs, got q {tuple(q_shape)} and k {tuple(k_shape)}")
 
 
 # ----------------------------------------------------------------------------------------------

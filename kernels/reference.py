@@ -1,10 +1,12 @@
 """Plain-PyTorch attention: the numerical reference for the Triton kernel and the model's ``reference`` backend
-(``pretrain.attention``), the one plain implementation of the project."""
+(``igpt.pretrain.attention``), the one plain implementation of the project."""
 from __future__ import annotations
 
 import math
 
 import torch
+
+from igpt.errors import UserError
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -13,20 +15,20 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     ``fewer_queries``, causal attention may have fewer queries than keys (the last positions)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
-            raise ValueError(f"attention expects (batch, heads, seq, head_dim) tensors; {name} has shape {tuple(t.shape)}")
+            raise UserError(f"attention expects (batch, heads, seq, head_dim) tensors; {name} has shape {tuple(t.shape)}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise UserError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
+        raise UserError(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head_dim"
         )
     if causal and q.shape[2] != k.shape[2] and not (fewer_queries and q.shape[2] < k.shape[2]):
-        raise ValueError(
+        raise UserError(
             f"causal attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]} "
             "(for KV-cache decoding of the newest token use causal=False)"
         )
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise UserError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def attention_reference(

@@ -4,15 +4,15 @@ A backend maps (B, H, S, D) queries, keys and values to outputs for self-attenti
 as keys) and for KV-cache decoding (fewer queries than keys: the queries are the last positions):
 
 - ``auto``: per call signature (device, dtype, head dim, sequence length, causality) the fastest of
-  ``triton``, ``sdpa_cudnn`` and ``sdpa_flash`` in the measured table (``pretrain.attention_table``); SDPA on
+  ``triton``, ``sdpa_cudnn`` and ``sdpa_flash`` in the measured table (``igpt.pretrain.attention_table``); SDPA on
   a CPU and where nothing was measured. Resolved once per (device, dtype, head dim, causality), printed on
   rank 0, and a constant for torch.compile.
 - ``sdpa``: torch's scaled_dot_product_attention; it picks cuDNN / flash / memory-efficient itself.
   Decoding runs without its cuDNN path, which builds a new plan for every key length while sampling
   (23 s against 3 s for 16 x 512 tokens of igpt-s on an H200).
 - ``sdpa_cudnn``, ``sdpa_flash``: SDPA forced to that one kernel (``sdpa_kernel``), an error where it cannot run.
-- ``triton``: our fused kernel (``kernels.flash_attention``) for self-attention.
-- ``reference``: the plain float32 implementation (``kernels.reference``), for tests and debugging.
+- ``triton``: our fused kernel (``igpt.kernels.flash_attention``) for self-attention.
+- ``reference``: the plain float32 implementation (``igpt.kernels.reference``), for tests and debugging.
 
 Every backend but ``reference`` decodes with SDPA (without cuDNN).
 
@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.reference import attention_reference
-from pretrain.attention_table import Rule, auto_rule, load_entries, pick, table_path
+from igpt.errors import UserError
+from igpt.kernels.reference import attention_reference
+from igpt.pretrain.attention_table import Rule, auto_rule, load_entries, pick, table_path
 
 # the config's choices (IGPTConfig.attn_backend)
 AttnBackend = Literal["auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "triton", "reference"]
@@ -60,7 +61,7 @@ def _sdpa_decode(q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
 
 
 def _triton(q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
-    from kernels import flash_attention  # imported lazily: the kernel needs triton, the rest does not
+    from igpt.kernels.flash_attention import flash_attention  # imported lazily: the kernel needs triton, the rest does not
 
     return flash_attention(q, k, v, causal=causal)
 
@@ -122,4 +123,4 @@ def attention_backend(name: str) -> AttentionBackend:
     try:
         return BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {tuple(BACKENDS)}") from None
+        raise UserError(f"unknown attention backend {name!r}; choose one of {tuple(BACKENDS)}") from None

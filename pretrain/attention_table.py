@@ -2,20 +2,21 @@
 
 An entry is one benchmarked signature (GPU name, dtype, head dim, sequence length, causality) with the
 median forward+backward milliseconds of each backend and the fastest (``best``). ``benchmarks/attention.py``
-writes the table from its measurements; ``benchmarks/results/attention_table.json`` ships with the repository
-(``IGPT_ATTN_TABLE`` names another file). For a sequence length that was not measured, the nearest measured one
+writes the table from its measurements; ``pretrain/attention_table.json`` ships as package data of
+``igpt.pretrain`` (``IGPT_ATTN_TABLE`` names another file). For a sequence length that was not measured, the nearest measured one
 of the same device, dtype, head dim and causality decides (ties: the shorter); with none, SDPA chooses itself.
 """
 from __future__ import annotations
 
 import json
 import os
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import torch
 
-DEFAULT_TABLE = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "attention_table.json"
+DEFAULT_TABLE = Path(str(files("igpt.pretrain") / "attention_table.json"))  # package data
 TABLE_ENV = "IGPT_ATTN_TABLE"
 BENCH_NAMES = {"ours": "triton", "sdpa_flash": "sdpa_flash", "sdpa_cudnn": "sdpa_cudnn"}  # benchmark → backend
 FALLBACK = "sdpa"

@@ -17,12 +17,12 @@ stage is first converted to DeepSpeed's universal format (``ds_to_universal``, p
 weights and Adam moments) in ``TAG/universal``, written under a temporary name and renamed when
 complete (a kill during the conversion leaves the original untouched, and the next resume
 converts again), then loaded with ``checkpoint.load_universal``. The data stream re-splits
-(``data_pipeline.loader.TokenStream.resume_from``). Moving between ZeRO-0 and ZeRO-1/2/3 is refused.
+(``igpt.data_pipeline.loader.TokenStream.resume_from``). Moving between ZeRO-0 and ZeRO-1/2/3 is refused.
 
 Preemption: SIGTERM, SIGINT or ``checkpoint.preempt_signal`` (default SIGUSR1) sets a flag; the loop
 agrees on it across ranks within a step, saves a checkpoint and exits with
 ``checkpoint.preempt_exit_code`` (default 124), which a launcher or SLURM ``--requeue`` wrapper treats
-as "requeue me". DataLoader workers ignore these signals (``data_pipeline.loader``), so a signal sent
+as "requeue me". DataLoader workers ignore these signals (``igpt.data_pipeline.loader``), so a signal sent
 to the whole process group reaches the ranks without killing their loaders.
 """
 from __future__ import annotations
@@ -42,7 +42,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.io import atomic_dir, file_sha256, write_json_atomic
+from igpt.data_pipeline.io import atomic_dir, file_sha256, write_json_atomic
+from igpt.errors import UserError
 
 MARKER = "COMPLETE.json"
 TAG_RE = re.compile(r"^step_(\d{8,})$")
@@ -101,19 +102,19 @@ def verify(tag_dir: Path, check_sha256: bool = True) -> dict[str, Any]:
     """The marker of a complete checkpoint; raise ValueError saying what is missing or corrupt."""
     marker = tag_dir / MARKER
     if not marker.is_file():
-        raise ValueError(f"{tag_dir} is incomplete (no {MARKER})")
+        raise UserError(f"{tag_dir} is incomplete (no {MARKER})")
     try:
         info = json.loads(marker.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{marker} is unreadable: {err}") from err
+        raise UserError(f"{marker} is unreadable: {err}") from err
     for rel, meta in info["files"].items():
         path = tag_dir / rel
         if not path.is_file():
-            raise ValueError(f"{tag_dir} is corrupt: {rel} is missing")
+            raise UserError(f"{tag_dir} is corrupt: {rel} is missing")
         if path.stat().st_size != meta["size"]:
-            raise ValueError(f"{tag_dir} is corrupt: {rel} has {path.stat().st_size} bytes, expected {meta['size']}")
+            raise UserError(f"{tag_dir} is corrupt: {rel} has {path.stat().st_size} bytes, expected {meta['size']}")
         if check_sha256 and file_sha256(path) != meta["sha256"]:
-            raise ValueError(f"{tag_dir} is corrupt: sha256 of {rel} does not match the marker")
+            raise UserError(f"{tag_dir} is corrupt: sha256 of {rel} does not match the marker")
     return info
 
 
@@ -199,7 +200,7 @@ def plan_resume(tag_dir: Path, world: int, stage: int) -> ResumePlan:
     info = json.loads((tag_dir / MARKER).read_text())
     saved_world, saved_stage = int(info["world_size"]), int(info["zero_stage"])
     if (saved_stage == 0) != (stage == 0):
-        raise ValueError(f"{tag_dir} was saved at ZeRO-{saved_stage}; resuming at ZeRO-{stage} is not supported "
+        raise UserError(f"{tag_dir} was saved at ZeRO-{saved_stage}; resuming at ZeRO-{stage} is not supported "
                          "(between ZeRO-0 and ZeRO-1/2/3 the optimizer state has no common format): "
                          f"set deepspeed.zero_stage={saved_stage}")
     universal = saved_stage > 0 and (saved_world != world or saved_stage != stage)
@@ -260,11 +261,11 @@ def signal_from_name(name: str) -> signal.Signals:
     """``USR1`` or ``SIGUSR1`` → signal.SIGUSR1; a ValueError naming the choices otherwise."""
     key = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
     if key in ("SIGKILL", "SIGSTOP"):
-        raise ValueError(f"{name!r} cannot be caught, so it cannot ask for a checkpoint; e.g. USR1 or USR2")
+        raise UserError(f"{name!r} cannot be caught, so it cannot ask for a checkpoint; e.g. USR1 or USR2")
     try:
         return signal.Signals[key]
     except KeyError:
-        raise ValueError(f"unknown signal {name!r}; e.g. USR1, USR2, TERM, INT, HUP") from None
+        raise UserError(f"unknown signal {name!r}; e.g. USR1, USR2, TERM, INT, HUP") from None
 
 
 class PreemptionFlag:

@@ -1,7 +1,7 @@
 """The training loop's checkpoint policy: when to save (cadence, retention), which checkpoint to resume
 and whether it fits the run, and the preemption signal that asks for one last save.
 
-The format (DeepSpeed files, completeness marker, universal conversion) is ``pretrain.checkpoint``'s.
+The format (DeepSpeed files, completeness marker, universal conversion) is ``igpt.pretrain.checkpoint``'s.
 """
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from data_pipeline.token_shards import check_palette
-from pretrain import checkpoint as ckpt
-from pretrain.config import MODEL_DEFAULTS, TrainConfig, to_dict
-from pretrain.state import TrainState
+from igpt.data_pipeline.token_shards import check_palette
+from igpt.errors import UserError
+from igpt.pretrain import checkpoint as ckpt
+from igpt.pretrain.config import MODEL_DEFAULTS, TrainConfig, to_dict
+from igpt.pretrain.state import TrainState
 
 
 class Checkpointer:
@@ -76,7 +77,7 @@ class Checkpointer:
         check_palette(client["palette_sha256"], palette_sha256, f"checkpoint {plan.tag_dir} and the training data")
         changed = [k for k, default in MODEL_DEFAULTS.items() if client["config"]["model"].get(k, default) != getattr(self.cfg.model, k)]
         if changed:
-            raise ValueError(f"checkpoint {plan.tag_dir} has a different model ({changed}); cannot resume")
+            raise UserError(f"checkpoint {plan.tag_dir} has a different model ({changed}); cannot resume")
         state.load_state_dict(client)
         data = stream.resume_from(client["loader_states"])
         self.log(f"resumed from {plan.tag_dir} at step {state.step} ({state.tokens_seen} tokens seen)")

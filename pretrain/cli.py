@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import argparse
 
+from igpt.errors import UserError
+from igpt.runner import standalone_main
+
 
 def _train(args: argparse.Namespace) -> int:
     import faulthandler
 
-    from pretrain.config import load_config
+    from igpt.pretrain.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # a bad config is reported before anything starts
     faulthandler.enable()  # a rank that dies on a signal leaves its Python stacks in its log
-    from pretrain.train import train
+    from igpt.pretrain.train import train
 
     return train(cfg, resume=args.resume)
 
@@ -19,12 +22,12 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     if args.format == "hf":
         if args.tag is not None:
-            raise ValueError("--tag picks a checkpoint for --format release; --format hf takes the newest")
-        from pretrain.hf import export_hf
+            raise UserError("--tag picks a checkpoint for --format release; --format hf takes the newest")
+        from igpt.pretrain.hf import export_hf
 
         out = export_hf(args.run_dir, args.out)
     else:
-        from pretrain.export import export
+        from igpt.pretrain.export import export
 
         out = export(args.run_dir, args.out, tag=args.tag)
     print(f"wrote {out}")
@@ -32,10 +35,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import_hf(args: argparse.Namespace) -> int:
-    from pretrain.hf import import_hf
+    from igpt.pretrain.hf import import_hf
 
     if args.compare_limit < 1:
-        raise ValueError(f"--compare-limit must be >= 1, got {args.compare_limit}")
+        raise UserError(f"--compare-limit must be >= 1, got {args.compare_limit}")
     report = import_hf(args.hf_dir, args.out, images=args.compare_images, limit=args.compare_limit)
     print(report.rounding.describe())
     if report.disagreement is not None:
@@ -77,12 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pretrain.cli train|export|import …`` (the same commands, and errors, without the other stages)."""
-    from igpt_cli import add_common_options, run
-
-    parser = argparse.ArgumentParser(prog="igpt")
-    register(parser.add_subparsers(dest="command", required=True))
-    return run(add_common_options(parser).parse_args(argv))
+    """``python -m igpt.pretrain.cli train|export|import …`` (the same commands, and errors, without the other stages)."""
+    return standalone_main(register, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The training configuration: typed dataclasses are the schema, YAML files in ``configs/`` the presets.
 
 ``load_config("configs/cifar10-cpu-tiny.yaml", ["optim.lr=1e-3", "train.steps=100"])`` merges, last
-wins: the schema defaults, the model preset that ``model.preset`` names (``pretrain.presets``), the
+wins: the schema defaults, the model preset that ``model.preset`` names (``igpt.pretrain.presets``), the
 YAML file and the ``key=value`` overrides, with OmegaConf's structured merge, and returns a typed
 ``TrainConfig``. An unknown key, a value of the wrong type or outside its ``Literal`` choices is a
 ``ConfigError`` that names the key. ``save_config`` writes the resolved config as ``config.yaml``;
@@ -19,23 +19,24 @@ from typing import Any, Literal, Optional, Sequence, TypeVar
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.io import write_text_atomic
-from pretrain.checkpoint import signal_from_name
-from pretrain.model import IGPTConfig
-from pretrain.precision import Precision
-from pretrain.presets import MODEL_PRESETS
+from igpt.data_pipeline.io import write_text_atomic
+from igpt.errors import UserError
+from igpt.pretrain.checkpoint import signal_from_name
+from igpt.pretrain.model import IGPTConfig
+from igpt.pretrain.precision import Precision
+from igpt.pretrain.presets import MODEL_PRESETS
 
 
 @dataclass
 class ModelSection(IGPTConfig):
-    """The model: ``pretrain.model.IGPTConfig``'s fields, starting from the preset ``preset`` names."""
+    """The model: ``igpt.pretrain.model.IGPTConfig``'s fields, starting from the preset ``preset`` names."""
 
     n_ctx: Optional[int] = None
     """Context; null: resolution² of the token shards."""
     vocab_size: Optional[int] = None
     """Palette size; null: the token shards' vocabulary."""
     preset: str = "igpt-tiny"
-    """One of ``pretrain.presets.MODEL_PRESETS``: the layer, width and head counts the other keys override."""
+    """One of ``igpt.pretrain.presets.MODEL_PRESETS``: the layer, width and head counts the other keys override."""
 
 
 @dataclass
@@ -60,7 +61,7 @@ class DataSection:
     """Mirror each training sample left-right with probability 1/2 (exact on palette tokens)."""
     random_crop: bool = False
     """Random crops of the training size out of a train split stored with a margin (``igpt data shard
-    --margin``); false: its centre crop. The draws are keyed by (seed, epoch, sample), see data_pipeline.augment."""
+    --margin``); false: its centre crop. The draws are keyed by (seed, epoch, sample), see igpt.data_pipeline.augment."""
 
 
 @dataclass
@@ -141,7 +142,7 @@ class CheckpointSection:
 
 @dataclass
 class LoggingSection:
-    """Tracking (rank 0), see pretrain.tracking."""
+    """Tracking (rank 0), see igpt.pretrain.tracking."""
 
     backend: Literal["mlflow", "jsonl"] = "mlflow"
     """mlflow, or jsonl: plain files where MLflow is not installed."""
@@ -152,12 +153,12 @@ class LoggingSection:
     run_name: Optional[str] = None
     """MLflow run name (null: the run dir's name)."""
     peak_tflops: Optional[float] = None
-    """Per device, for MFU; null looks up pretrain.tracking.PEAK_TFLOPS."""
+    """Per device, for MFU; null looks up igpt.pretrain.tracking.PEAK_TFLOPS."""
 
 
 @dataclass
 class DeepSpeedSection:
-    """Settings turned into the DeepSpeed config by ``pretrain.deepspeed_config``."""
+    """Settings turned into the DeepSpeed config by ``igpt.pretrain.deepspeed_config``."""
 
     zero_stage: Literal[0, 1, 2, 3] = 0
     """ZeRO stage."""
@@ -187,7 +188,7 @@ class TrainConfig:
         return self.train.micro_batch_size * self.train.grad_accum * world_size * self.model.n_ctx
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that does not match the schema; the message names the offending key."""
 
 

@@ -5,7 +5,7 @@ Mapping (our key → DeepSpeed key):
   optim.grad_clip → gradient_clipping (global L2 norm), except where the training loop clips itself
       (``loop_clips_gradients``: ZeRO-0 with an fp32 module, where it clips with one foreach pass and
       keeps the norm on the device); there gradient_clipping is 0
-  train.precision → bf16.enabled only for ``bf16-module`` (see ``pretrain.precision``: ``bf16`` is
+  train.precision → bf16.enabled only for ``bf16-module`` (see ``igpt.pretrain.precision``: ``bf16`` is
       autocast over an fp32 module, which DeepSpeed sees as fp32; fp16 is not offered)
   deepspeed.zero_stage → zero_optimization.stage (0-3)
   deepspeed.offload_optimizer / offload_param → zero_optimization.offload_optimizer / offload_param
@@ -20,8 +20,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from pretrain.config import TrainConfig
-from pretrain.precision import resolve_precision
+from igpt.pretrain.config import TrainConfig
+from igpt.pretrain.precision import resolve_precision
 
 
 def resolve_device(cfg: TrainConfig) -> str:

@@ -3,7 +3,7 @@
 The release dir holds ``model.safetensors`` (consolidated fp32 weights of the bare ``IGPT``,
 with the palette sha256, step and source checkpoint as safetensors metadata), ``config.yaml``
 (the resolved training config) and ``palette.npy``. It needs neither DeepSpeed nor the world
-size that trained it; ``pretrain.release.load_model`` reads it.
+size that trained it; ``igpt.pretrain.release.load_model`` reads it.
 ZeRO-1/2/3 checkpoints are consolidated with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
 (from the fp32 master partitions of every rank); ZeRO-0 checkpoints hold the full module already.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.progress import bar
-from pretrain import checkpoint as ckpt
-from pretrain.config import load_config
-from pretrain.release import CONFIG_FILE, palette_file, write_release
+from igpt.data_pipeline.progress import bar
+from igpt.pretrain import checkpoint as ckpt
+from igpt.pretrain.config import load_config
+from igpt.pretrain.release import CONFIG_FILE, palette_file, write_release
 
 MODULE_PREFIX = "model."  # the training engine wraps IGPT in LossModule
 

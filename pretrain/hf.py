@@ -2,7 +2,7 @@
 
 A Hugging Face directory holds ``config.json`` and the weights of ``ImageGPTForCausalImageModeling`` (what
 ``save_pretrained`` writes, loadable with ``from_pretrained``) and ``preprocessor_config.json`` with the
-palette as ``clusters``. The mapping itself is ``pretrain.hf_convert``; transformers (the ``hf`` extra) is
+palette as ``clusters``. The mapping itself is ``igpt.pretrain.hf_convert``; transformers (the ``hf`` extra) is
 imported inside these functions only.
 
 The palette: ours is uint8 (its identity is the file's sha256), Hugging Face's float. Export is exact
@@ -24,23 +24,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.io import atomic_dir, write_json_atomic
-from data_pipeline.palette import load_palette, save_palette
-from data_pipeline.progress import forced
-from pretrain.config import DataSection, ModelSection, TrainConfig
-from pretrain.hf_convert import (NotConvertible, PaletteRounding, check_exportable, clusters_from_palette,
+from igpt.data_pipeline.io import atomic_dir, write_json_atomic
+from igpt.data_pipeline.palette import load_palette, save_palette
+from igpt.data_pipeline.progress import forced
+from igpt.errors import UserError
+from igpt.pretrain.config import DataSection, ModelSection, TrainConfig
+from igpt.pretrain.hf_convert import (NotConvertible, PaletteRounding, check_exportable, clusters_from_palette,
                                  from_hf_state, hf_config_kwargs, model_fields_from_hf, nearest_clusters,
                                  palette_from_clusters, to_hf_state)
-from pretrain.model import IGPT
-from pretrain.presets import MODEL_PRESETS
-from pretrain.release import load_model, palette_file, write_release
+from igpt.pretrain.model import IGPT
+from igpt.pretrain.presets import MODEL_PRESETS
+from igpt.pretrain.release import load_model, palette_file, write_release
 
 HF_CONFIG, HF_PREPROCESSOR = "config.json", "preprocessor_config.json"
 HF_MODEL_TYPE = "imagegpt"
 BICUBIC = 3  # PIL's code, the resampling of our shards (Hugging Face's processor resizes without a crop)
 
 
-class NotHuggingFace(ValueError):
+class NotHuggingFace(UserError):
     """A directory that is not a Hugging Face ImageGPT model (or lacks what a release needs from it)."""
 
 
@@ -167,8 +168,8 @@ def token_disagreement(palette: np.ndarray, clusters: np.ndarray, sources: list[
     """Our tokens (``palette``) against the nearest float centres' (``clusters``, as Hugging Face's processor
     assigns them) on the same pixels: up to ``limit`` images of ``sources`` decoded at ``side``×``side`` as our
     shards are."""
-    from data_pipeline.quantize import Quantizer
-    from data_pipeline.sources import decoded_images, find_images
+    from igpt.data_pipeline.quantize import Quantizer
+    from igpt.data_pipeline.sources import decoded_images, find_images
 
     quantizer = Quantizer(palette, progress=False)
     decoded = itertools.islice(decoded_images(find_images(sources).items, side), limit)

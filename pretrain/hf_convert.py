@@ -15,14 +15,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pretrain.model import NORM_EPS, IGPTConfig
+from igpt.errors import UserError
+from igpt.pretrain.model import NORM_EPS, IGPTConfig
 
 HF_ACTIVATIONS = {"gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}  # ours → Hugging Face's name
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # (in, out) weights in Hugging Face
 BLOCK_PARAMS = ("ln_1.weight", "ln_2.weight", *(f"{m}.{p}" for m in CONV1D for p in ("weight", "bias")))
 
 
-class NotConvertible(ValueError):
+class NotConvertible(UserError):
     """A model or a Hugging Face directory that the other side cannot represent exactly."""
 
 
@@ -145,7 +146,7 @@ def palette_from_clusters(clusters: np.ndarray) -> tuple[np.ndarray, PaletteRoun
 def nearest_clusters(rgb: np.ndarray, clusters: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """For (..., 3) uint8 pixels, the index of the nearest float centre (what Hugging Face's processor
     computes, here with exact float64 distances; lowest index on ties), shaped (...)."""
-    from data_pipeline.quantize import rgb_codes
+    from igpt.data_pipeline.quantize import rgb_codes
 
     codes, inverse = np.unique(rgb_codes(np.asarray(rgb)), return_inverse=True)
     colours = np.stack([codes & 255, (codes >> 8) & 255, codes >> 16], axis=1)

@@ -11,14 +11,15 @@ import os
 import torch
 from torch import Tensor
 
-from data_pipeline.token_shards import check_palette
-from pretrain.model import IGPT, IGPTConfig
-from pretrain.release import load_model
+from igpt.data_pipeline.token_shards import check_palette
+from igpt.errors import UserError
+from igpt.pretrain.model import IGPT, IGPTConfig
+from igpt.pretrain.release import load_model
 
 ARCHITECTURE_FIELDS = ("vocab_size", "n_ctx", "n_layer", "n_embd", "n_head", "objective", "norm", "activation")
 
 
-class InitMismatch(ValueError):
+class InitMismatch(UserError):
     """``train.init_from`` names weights that do not fit the run's model or data."""
 
 

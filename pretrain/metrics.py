@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pretrain.tracking import mfu
+from igpt.pretrain.tracking import mfu
 
 RECORD_FIELDS = ("loss", "skipped", "grad_norm", "preempt")
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.attention import AttnBackend, attention_backend
+from igpt.errors import UserError
+from igpt.pretrain.attention import AttnBackend, attention_backend
 
 Objective = Literal["ar", "bert"]
 Norm = Literal["layernorm", "rms"]
@@ -28,7 +29,7 @@ NORM_EPS = 1e-5  # every norm's epsilon (nn.LayerNorm's default and Hugging Face
 @dataclass
 class IGPTConfig:
     """Model hyper-parameters; the defaults are iGPT-S at 32x32 resolution. A training config's ``model``
-    section is this class (plus the preset it starts from, ``pretrain.config.ModelSection``)."""
+    section is this class (plus the preset it starts from, ``igpt.pretrain.config.ModelSection``)."""
 
     vocab_size: int = 512
     """Palette size: tokens are palette indices (training takes it from the token shards when unset)."""
@@ -41,7 +42,7 @@ class IGPTConfig:
     n_embd: int = 512
     """Width of the residual stream."""
     attn_backend: AttnBackend = "sdpa"
-    """Attention implementation (``pretrain.attention``): auto (the fastest measured, SDPA on a CPU), sdpa,
+    """Attention implementation (``igpt.pretrain.attention``): auto (the fastest measured, SDPA on a CPU), sdpa,
     sdpa_cudnn, sdpa_flash, triton (our kernel) or reference."""
     objective: Objective = "ar"
     """``ar``: next-pixel prediction behind a start token; ``bert``: masked-pixel prediction."""
@@ -64,17 +65,17 @@ class IGPTConfig:
             if value is None and name in ("vocab_size", "n_ctx"):
                 continue  # unresolved: a training run fills it from its token shards
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"IGPTConfig.{name} must be a positive int, got {value!r}")
+                raise UserError(f"IGPTConfig.{name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"IGPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+            raise UserError(f"IGPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         for name, kind in (("attn_backend", AttnBackend), ("objective", Objective), ("norm", Norm),
                            ("activation", Activation)):
             if getattr(self, name) not in get_args(kind):
-                raise ValueError(f"IGPTConfig.{name}={getattr(self, name)!r}; choose one of {get_args(kind)}")
+                raise UserError(f"IGPTConfig.{name}={getattr(self, name)!r}; choose one of {get_args(kind)}")
         if not 0.0 < self.mask_prob < 1.0:
-            raise ValueError(f"IGPTConfig.mask_prob must be in (0, 1), got {self.mask_prob!r}")
+            raise UserError(f"IGPTConfig.mask_prob must be in (0, 1), got {self.mask_prob!r}")
         if not self.init_std > 0.0:
-            raise ValueError(f"IGPTConfig.init_std must be positive, got {self.init_std!r}")
+            raise UserError(f"IGPTConfig.init_std must be positive, got {self.init_std!r}")
 
     @property
     def head_dim(self) -> int:
@@ -99,7 +100,7 @@ class KVCache:
         """Store (B, H, T, D) keys/values after the filled positions; return all keys/values so far."""
         start, end = self.length, self.length + k.shape[-2]
         if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; cannot extend {start} by {k.shape[-2]}")
+            raise UserError(f"KV cache holds {self.max_len} positions; cannot extend {start} by {k.shape[-2]}")
         if self._k[layer] is None:
             shape = (*k.shape[:-2], self.max_len, k.shape[-1])
             self._k[layer], self._v[layer] = k.new_empty(shape), v.new_empty(shape)
@@ -180,7 +181,7 @@ class IGPT(nn.Module):
     def __init__(self, cfg: IGPTConfig) -> None:
         super().__init__()
         if cfg.n_ctx is None or cfg.vocab_size is None:
-            raise ValueError("IGPTConfig.n_ctx and vocab_size must be set (a training run takes them from its data)")
+            raise UserError("IGPTConfig.n_ctx and vocab_size must be set (a training run takes them from its data)")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.n_ctx, cfg.n_embd)
@@ -213,14 +214,14 @@ class IGPT(nn.Module):
     # ---------------------------------------------------------------- inputs
     def _check_tokens(self, tokens: Tensor, name: str = "tokens") -> None:
         if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor (batch, seq), got {tuple(tokens.shape)} {tokens.dtype}")
+            raise UserError(f"{name} must be an integer tensor (batch, seq), got {tuple(tokens.shape)} {tokens.dtype}")
         if tokens.shape[1] > self.cfg.n_ctx:
-            raise ValueError(f"{name} has {tokens.shape[1]} positions; the model's context is {self.cfg.n_ctx}")
+            raise UserError(f"{name} has {tokens.shape[1]} positions; the model's context is {self.cfg.n_ctx}")
         # The value range is checked on CPU only: on a GPU it would cost two host syncs per step (and a
         # graph break under torch.compile); there an out-of-range token trips the embedding's device assert.
         if tokens.device.type == "cpu" and not torch.compiler.is_compiling() and tokens.numel() and (
                 int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
-            raise ValueError(f"{name} must lie in [0, {self.cfg.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+            raise UserError(f"{name} must lie in [0, {self.cfg.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
 
     def _ar_inputs(self, tokens: Tensor, start: int, end: int) -> Tensor:
         """Inputs at positions [start, end): the SOS vector at 0, else the embedding of token p-1."""
@@ -233,12 +234,12 @@ class IGPT(nn.Module):
     def _inputs(self, tokens: Tensor, bert_mask: Tensor | None) -> Tensor:
         if self.cfg.objective == "ar":
             if bert_mask is not None:
-                raise ValueError("bert_mask is only accepted by a model with objective='bert'")
+                raise UserError("bert_mask is only accepted by a model with objective='bert'")
             return self._ar_inputs(tokens, 0, tokens.shape[1])
         x = self.wte(tokens)
         if bert_mask is not None:
             if bert_mask.shape != tokens.shape or bert_mask.dtype != torch.bool:
-                raise ValueError(f"bert_mask must be a bool tensor shaped like tokens {tuple(tokens.shape)}, "
+                raise UserError(f"bert_mask must be a bool tensor shaped like tokens {tuple(tokens.shape)}, "
                                  f"got {tuple(bert_mask.shape)} {bert_mask.dtype}")
             x = torch.where(bert_mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
         return x + self.wpe.weight[: tokens.shape[1]]
@@ -286,7 +287,7 @@ class IGPT(nn.Module):
         """Average-pooled hidden states {layer: (B, D)} (see ``forward``), running only the blocks needed."""
         wanted = list(dict.fromkeys(int(layer) for layer in layers))
         if not wanted or any(not 0 <= layer <= self.cfg.n_layer for layer in wanted):
-            raise ValueError(f"layers must be a non-empty list of ints in [0, {self.cfg.n_layer}], got {list(layers)}")
+            raise UserError(f"layers must be a non-empty list of ints in [0, {self.cfg.n_layer}], got {list(layers)}")
         self._check_tokens(tokens)
         x = self._inputs(tokens, None)
         pooled: dict[int, Tensor] = {}
@@ -308,10 +309,10 @@ class IGPT(nn.Module):
 
         ``tokens[:, :end - 1]`` must hold the sequence so far (position p sees token p-1)."""
         if self.cfg.objective != "ar":
-            raise ValueError("incremental decoding needs objective='ar'")
+            raise UserError("incremental decoding needs objective='ar'")
         start = cache.length
         if not start < end <= min(cache.max_len, self.cfg.n_ctx) or tokens.shape[1] < end - 1:
-            raise ValueError(f"cannot decode positions [{start}, {end}) from {tokens.shape[1]} tokens "
+            raise UserError(f"cannot decode positions [{start}, {end}) from {tokens.shape[1]} tokens "
                              f"with a cache of {cache.max_len}")
         x = self._ar_inputs(tokens, start, end)
         for block in self.blocks:
@@ -335,25 +336,25 @@ class IGPT(nn.Module):
         ``temperature=0`` picks the most likely token; ``top_k`` keeps the k most likely; ``generator``
         must live on the model's device."""
         if self.cfg.objective != "ar":
-            raise ValueError("generate needs a model trained with objective='ar'")
+            raise UserError("generate needs a model trained with objective='ar'")
         n_tokens = self.cfg.n_ctx if n_tokens is None else n_tokens
         if not 1 <= n_tokens <= self.cfg.n_ctx:
-            raise ValueError(f"n_tokens must be in [1, {self.cfg.n_ctx}], got {n_tokens}")
+            raise UserError(f"n_tokens must be in [1, {self.cfg.n_ctx}], got {n_tokens}")
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+            raise UserError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+            raise UserError(f"top_k must be >= 1, got {top_k}")
         device = self.wte.weight.device
         if prefix is None:
             if batch_size is None or batch_size < 1:
-                raise ValueError(f"give a positive batch_size or a prefix, got batch_size={batch_size}")
+                raise UserError(f"give a positive batch_size or a prefix, got batch_size={batch_size}")
             prefix = torch.empty(batch_size, 0, dtype=torch.long, device=device)
         self._check_tokens(prefix, "prefix")
         if batch_size is not None and batch_size != prefix.shape[0]:
-            raise ValueError(f"batch_size={batch_size} does not match the prefix batch {prefix.shape[0]}")
+            raise UserError(f"batch_size={batch_size} does not match the prefix batch {prefix.shape[0]}")
         B, P = prefix.shape
         if P > n_tokens:
-            raise ValueError(f"prefix has {P} tokens, more than n_tokens={n_tokens}")
+            raise UserError(f"prefix has {P} tokens, more than n_tokens={n_tokens}")
         out = torch.empty(B, n_tokens, dtype=torch.long, device=device)
         out[:, :P] = prefix
         cache = KVCache(self.cfg.n_layer, n_tokens)

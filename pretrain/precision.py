@@ -29,6 +29,8 @@ from typing import Literal, get_args
 
 import torch
 
+from igpt.errors import UserError
+
 Precision = Literal["auto", "fp32", "bf16", "bf16-module"]  # the choices of train.precision
 PRECISIONS = get_args(Precision)
 
@@ -36,7 +38,7 @@ PRECISIONS = get_args(Precision)
 def resolve_precision(requested: str, device: str) -> str:
     """``train.precision`` with ``auto`` resolved: ``bf16`` on CUDA, ``fp32`` on CPU."""
     if requested not in PRECISIONS:
-        raise ValueError(f"precision {requested!r}; choose one of {PRECISIONS}")
+        raise UserError(f"precision {requested!r}; choose one of {PRECISIONS}")
     if requested == "auto":
         return "bf16" if device == "cuda" else "fp32"
     return requested

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from pretrain.model import IGPTConfig
+from igpt.errors import UserError
+from igpt.pretrain.model import IGPTConfig
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Chen et al. 2020, Table 1 / Appendix: layers, width, heads (head dims 64 / 128 / 96 / 128).
@@ -25,9 +26,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 def model_config(preset: str, **overrides: Any) -> IGPTConfig:
     """The IGPTConfig of ``preset`` with ``overrides`` (any IGPTConfig field) applied last."""
     if preset not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+        raise UserError(f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
     fields = {f.name for f in dataclasses.fields(IGPTConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"unknown IGPTConfig field(s) {unknown}; valid fields: {sorted(fields)}")
+        raise UserError(f"unknown IGPTConfig field(s) {unknown}; valid fields: {sorted(fields)}")
     return IGPTConfig(**{**MODEL_PRESETS[preset], **overrides})

@@ -14,11 +14,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from data_pipeline.io import atomic_dir, file_sha256
-from data_pipeline.palette import PALETTE_FILE
-from data_pipeline.token_shards import check_palette
-from pretrain.config import TrainConfig, load_config, save_config
-from pretrain.model import IGPT
+from igpt.data_pipeline.io import atomic_dir, file_sha256
+from igpt.data_pipeline.palette import PALETTE_FILE
+from igpt.data_pipeline.token_shards import check_palette
+from igpt.pretrain.config import TrainConfig, load_config, save_config
+from igpt.pretrain.model import IGPT
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.yaml"
 
@@ -60,8 +60,8 @@ def load_model(path: str | os.PathLike) -> tuple[IGPT, TrainConfig, str]:
             sha = (f.metadata() or {}).get("palette_sha256")
         palette_file(path, cfg.data.dir, sha)
     elif (path / "checkpoints").is_dir():
-        from pretrain import checkpoint as ckpt
-        from pretrain.export import consolidated_state_dict, resolve_tag
+        from igpt.pretrain import checkpoint as ckpt
+        from igpt.pretrain.export import consolidated_state_dict, resolve_tag
 
         tag_dir = resolve_tag(path)
         cfg = load_config(path / CONFIG_FILE)

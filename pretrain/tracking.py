@@ -5,7 +5,7 @@ machines without MLflow: ``RUN_DIR/tracking/`` holds ``params.json``, ``metrics.
 logging call: step, time and the metrics), ``tags.json``, ``status`` and the PNG artifacts.
 
 With a sqlite MLflow store (the default ``sqlite:///RUN_DIR/mlflow.db``, or any ``logging.tracking_uri=sqlite:///DIR/…``)
-artifacts go to ``mlartifacts/`` beside the database (see pretrain.mlflow_store).
+artifacts go to ``mlartifacts/`` beside the database (see igpt.pretrain.mlflow_store).
 
 One MLflow run per training run: its id is kept in ``RUN_DIR/mlflow_run_id`` so a resumed run
 logs into the same MLflow run. The tracking URI defaults to ``sqlite:///RUN_DIR/mlflow.db``; any
@@ -27,10 +27,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from data_pipeline.grid import save_png
-from data_pipeline.io import write_json_atomic, write_text_atomic
-from pretrain.config import TrainConfig, flatten, to_dict
-from pretrain.mlflow_store import experiment_id
+from igpt.data_pipeline.grid import save_png
+from igpt.data_pipeline.io import write_json_atomic, write_text_atomic
+from igpt.errors import UserError
+from igpt.pretrain.config import TrainConfig, flatten, to_dict
+from igpt.pretrain.mlflow_store import experiment_id
 
 # Dense bf16 peak per device (no sparsity), matched by substring of torch.cuda.get_device_name().
 # The CPU entry is a nominal placeholder: set logging.peak_tflops for a figure that means something.
@@ -63,7 +64,7 @@ def peak_flops(device: str, override_tflops: float | None = None) -> float:
     for key, tflops in PEAK_TFLOPS.items():
         if key.lower() in label.lower():
             return tflops * 1e12
-    raise ValueError(f"no peak-FLOPs entry for device {label!r}; set logging.peak_tflops")
+    raise UserError(f"no peak-FLOPs entry for device {label!r}; set logging.peak_tflops")
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, peak: float) -> float:

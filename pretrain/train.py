@@ -2,16 +2,16 @@
 
 ``train(cfg, resume)`` runs in every rank. Per optimizer step: set the learning rate (a pure
 function of the step), run ``grad_accum`` micro-batches through ``engine.backward``/``engine.step``
-in the precision mode of ``pretrain.precision``, append the global loss to ``RUN_DIR/losses.jsonl``
+in the precision mode of ``igpt.pretrain.precision``, append the global loss to ``RUN_DIR/losses.jsonl``
 (rank 0), log every ``log_every`` steps, validate every ``val_every`` (in the evaluation's
 numerics), log sample grids every ``sample_every`` and checkpoint every ``checkpoint.every`` steps,
-at the end and on preemption (``pretrain.checkpointer``; then exit with the requeue code). The
-pieces: ``pretrain.state.TrainState`` (what a checkpoint carries of the loop), ``pretrain.checkpointer``
-(cadence, retention, resume choice and checks, preemption), ``pretrain.metrics`` (the per-step
+at the end and on preemption (``igpt.pretrain.checkpointer``; then exit with the requeue code). The
+pieces: ``igpt.pretrain.state.TrainState`` (what a checkpoint carries of the loop), ``igpt.pretrain.checkpointer``
+(cadence, retention, resume choice and checks, preemption), ``igpt.pretrain.metrics`` (the per-step
 records and the log window).
 
 No host sync per step: the step's loss, its non-finite verdict, the gradient norm and the
-preemption flag stay on the device and come back through ``pretrain.metrics.StepRecords`` one
+preemption flag stay on the device and come back through ``igpt.pretrain.metrics.StepRecords`` one
 step late on CUDA (at once on CPU), and in full at every log, validation or checkpoint boundary.
 Per step one all-reduce carries the loss and the preemption flag of every rank.
 
@@ -21,7 +21,7 @@ and leaves weights, moments and step count untouched (DeepSpeed's own overflow c
 it has one). A skipped step is recorded with a NaN loss and counted; after ``train.max_nonfinite``
 skipped steps in a row the run stops with ``NonFiniteLossError``.
 
-``train.init_from`` starts a fresh run from a release's weights (``pretrain.init_from``; new optimizer and
+``train.init_from`` starts a fresh run from a release's weights (``igpt.pretrain.init_from``; new optimizer and
 schedule); when ``--resume`` finds a checkpoint, the checkpoint wins and the log says so.
 
 Preemption: every rank acts on the same step's all-reduced flag, so all of them stop, save the
@@ -46,19 +46,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from data_pipeline.loader import TokenStream
-from pretrain.checkpoint import ResumePlan
-from pretrain.checkpointer import Checkpointer
-from pretrain.config import TrainConfig, save_config
-from pretrain.deepspeed_config import build_deepspeed_config, loop_clips_gradients, resolve_device
-from pretrain.distributed import setup_env, shutdown
-from pretrain.init_from import load_init_state
-from pretrain.metrics import MetricsWindow, StepRecord, StepRecords
-from pretrain.model import IGPT
-from pretrain.precision import eval_autocast, resolve_precision, training_autocast
-from pretrain.schedule import lr_at
-from pretrain.state import TrainState
-from pretrain.tracking import memory_gb, open_tracker, peak_flops
+from igpt.data_pipeline.loader import TokenStream
+from igpt.pretrain.checkpoint import ResumePlan
+from igpt.pretrain.checkpointer import Checkpointer
+from igpt.pretrain.config import TrainConfig, save_config
+from igpt.pretrain.deepspeed_config import build_deepspeed_config, loop_clips_gradients, resolve_device
+from igpt.pretrain.distributed import setup_env, shutdown
+from igpt.pretrain.init_from import load_init_state
+from igpt.pretrain.metrics import MetricsWindow, StepRecord, StepRecords
+from igpt.pretrain.model import IGPT
+from igpt.pretrain.precision import eval_autocast, resolve_precision, training_autocast
+from igpt.pretrain.schedule import lr_at
+from igpt.pretrain.state import TrainState
+from igpt.pretrain.tracking import memory_gb, open_tracker, peak_flops
 
 LOSSES_FILE = "losses.jsonl"
 
@@ -73,7 +73,7 @@ class Preempted(Exception):
 
 class LossModule(nn.Module):
     """What the engine wraps: ``forward(tokens, generator)`` is the model's loss in the training
-    precision; with ``evaluate=True`` in the evaluation numerics (see ``pretrain.precision``)."""
+    precision; with ``evaluate=True`` in the evaluation numerics (see ``igpt.pretrain.precision``)."""
 
     def __init__(self, model: IGPT, precision: str = "fp32", device: str = "cpu") -> None:
         super().__init__()
@@ -160,7 +160,7 @@ class Trainer:
 
     def _open_data(self) -> None:
         """The token shards' manifest and palette (checked against each other); the model section resolved."""
-        from data_pipeline.token_shards import TokenShards
+        from igpt.data_pipeline.token_shards import TokenShards
 
         shards = TokenShards.open(self.cfg.data.dir)
         self.manifest, self.palette, self.palette_sha256 = shards.manifest, shards.palette, shards.palette_sha256
@@ -230,8 +230,8 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> float:
         """Mean nats/token over the first ``val_batches`` micro-batches per rank of the validation split (all
-        of it when null), dealt round-robin to the ranks, in the evaluation numerics (``pretrain.precision``)."""
-        from data_pipeline.loader import iterate_split
+        of it when null), dealt round-robin to the ranks, in the evaluation numerics (``igpt.pretrain.precision``)."""
+        from igpt.data_pipeline.loader import iterate_split
 
         t = self.cfg.train
         batches = iterate_split(self.cfg.data.dir, self.cfg.data.val_split, t.micro_batch_size)
@@ -262,9 +262,9 @@ class Trainer:
     @torch.no_grad()
     def sample_grids(self) -> None:
         """Unconditional samples and bottom-half completions of validation images, as PNG artifacts (rank 0)."""
-        from data_pipeline.grid import chunk_rows, image_grid
-        from data_pipeline.loader import iterate_split
-        from data_pipeline.quantize import dequantize
+        from igpt.data_pipeline.grid import chunk_rows, image_grid
+        from igpt.data_pipeline.loader import iterate_split
+        from igpt.data_pipeline.quantize import dequantize
 
         if self.model_cfg.objective != "ar":
             return
@@ -311,7 +311,7 @@ class Trainer:
         return norm
 
     def train_step(self, batches: Iterator[dict], lr: float) -> Tensor:
-        """Run one optimizer step at rate ``lr``; return its record (``pretrain.metrics.RECORD_FIELDS``) on the device."""
+        """Run one optimizer step at rate ``lr``; return its record (``igpt.pretrain.metrics.RECORD_FIELDS``) on the device."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accum = self.cfg.train.grad_accum

@@ -15,8 +15,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pretrain.config import load_config  # noqa: E402
-from pretrain.tracking import METRICS_FILE, read_metrics, training_windows  # noqa: E402
+from igpt.pretrain.config import load_config  # noqa: E402
+from igpt.pretrain.tracking import METRICS_FILE, read_metrics, training_windows  # noqa: E402
 
 
 def steady_steps_per_s(run_dir: Path) -> float:

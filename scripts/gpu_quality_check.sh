@@ -46,14 +46,14 @@ DATA="$WORK/tokens$RES" MDATA="$WORK/tokens${RES}m$MARGIN"
 SHARD=(--palette "$PALETTE" --resolution "$RES" --val-fraction 0.1 --shard-size 1000 ${LIMIT:+--limit "$LIMIT"}
        --class-names airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck)
 {
-  [ -f "$PALETTE" ] || "$PY" igpt_cli.py palette fit --kind kmeans512 --source "$SRC" --resolution "$RES" \
+  [ -f "$PALETTE" ] || "$PY" -m igpt palette fit --kind kmeans512 --source "$SRC" --resolution "$RES" \
       --max-images 10000 --out "$PALETTE"
-  "$PY" igpt_cli.py data shard "$SRC" --out "$DATA" "${SHARD[@]}"
-  "$PY" igpt_cli.py data shard "$SRC" --out "$MDATA" --margin "$MARGIN" "${SHARD[@]}"
+  "$PY" -m igpt data shard "$SRC" --out "$DATA" "${SHARD[@]}"
+  "$PY" -m igpt data shard "$SRC" --out "$MDATA" --margin "$MARGIN" "${SHARD[@]}"
 } >>"$LOG" 2>&1 || { tail -20 "$LOG"; exit 1; }
 echo "data ready: $(tail -1 "$LOG")"
 
-TRAIN=(-m pretrain.cli train "$CONFIG" "data.dir=$MDATA" "train.device=$DEVICE" logging.backend=jsonl "${EXTRA[@]}")
+TRAIN=(-m igpt.pretrain.cli train "$CONFIG" "data.dir=$MDATA" "train.device=$DEVICE" logging.backend=jsonl "${EXTRA[@]}")
 if [ -z "${STEPS:-}" ]; then  # steps for TRAIN_SECONDS at the probe's steady tokens/s (its first window is warm-up)
   "$PY" "${TRAIN[@]}" "train.run_dir=$WORK/probe" "train.steps=$PROBE_STEPS" train.log_every=10 \
       train.val_every=100000 train.sample_every=100000 checkpoint.every=100000 >>"$OUT/train.log" 2>&1 \
@@ -63,11 +63,11 @@ fi
 echo "training $STEPS steps" | tee -a "$OUT/train.log"
 RUN="$WORK/run"
 "$PY" "${TRAIN[@]}" "train.run_dir=$RUN" "train.steps=$STEPS" >>"$OUT/train.log" 2>&1 || { tail -30 "$OUT/train.log"; exit 1; }
-"$PY" -m pretrain.cli export "$RUN" --out "$WORK/release" >>"$OUT/train.log" 2>&1 || { tail -30 "$OUT/train.log"; exit 1; }
+"$PY" -m igpt.pretrain.cli export "$RUN" --out "$WORK/release" >>"$OUT/train.log" 2>&1 || { tail -30 "$OUT/train.log"; exit 1; }
 cp "$RUN/config.yaml" "$OUT/config.yaml"
 cp "$RUN/tracking/metrics.jsonl" "$OUT/metrics.jsonl"
 grep -E "^step +[0-9]+/" "$OUT/train.log" | tail -3
 
-"$PY" -m evals.score "$WORK/release" --data "$DATA" --layers "$PROBE_LAYERS" --concat "$PROBE_CONCAT" --raw-pixels \
+"$PY" -m igpt.evals.score "$WORK/release" --data "$DATA" --layers "$PROBE_LAYERS" --concat "$PROBE_CONCAT" --raw-pixels \
     --device "$DEVICE" --json "$OUT/score.json" >"$OUT/score.log" 2>&1 || { tail -30 "$OUT/score.log"; exit 1; }
 "$PY" scripts/gpu_quality.py summary "$OUT" | tee "$OUT/summary.md"

@@ -33,8 +33,8 @@ SRC="$WORK/cifar/cifar10-train-{000000..000009}.tar"
 DATA="$WORK/tokens32"
 {
   python3 .gpu/unpack.py .gpu/cifar10-train.npz "$WORK/cifar"
-  python3 igpt_cli.py palette fit --kind kmeans512 --source "$SRC" --resolution 32 --max-images 10000 --out "$WORK/palette.npy"
-  python3 igpt_cli.py data shard "$SRC" --out "$DATA" --palette "$WORK/palette.npy" --resolution 32 --val-fraction 0.1 \
+  python3 -m igpt palette fit --kind kmeans512 --source "$SRC" --resolution 32 --max-images 10000 --out "$WORK/palette.npy"
+  python3 -m igpt data shard "$SRC" --out "$DATA" --palette "$WORK/palette.npy" --resolution 32 --val-fraction 0.1 \
       --shard-size 1000 --class-names airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck
 } >>"$LOG" 2>&1 || { tail -20 "$LOG"; exit 1; }
 echo "data ready: $(tail -1 "$LOG")"

@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from data_pipeline.tario import tar_bytes  # noqa: E402
+from igpt.data_pipeline.tario import tar_bytes  # noqa: E402
 
 SOURCE = REPO.parent / "shared" / "data" / "cifar10-train" / "cifar10-train-000000.tar"
 OUT = REPO / "tests" / "data" / "cifar10-sample.tar.gz"

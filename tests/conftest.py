@@ -46,8 +46,8 @@ CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 
 def _cifar_token_dir(root: Path, cifar_dir: Path, resolution: int, margin: int = 0) -> Path:
     """First 2,500 CIFAR-10 images as uniform9 token shards of 100 (~23 train, ~3 val), 10% val."""
-    from data_pipeline.palette import save_palette, uniform9_palette
-    from data_pipeline.shard import shard_dataset
+    from igpt.data_pipeline.palette import save_palette, uniform9_palette
+    from igpt.data_pipeline.shard import shard_dataset
 
     palette = root / "palette" / "palette.npy"
     if not palette.exists():
@@ -92,7 +92,7 @@ class QuickDemo:
 
 def _run_demo(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", "import sys; from igpt_cli import main; sys.exit(main())", "demo",
+    return subprocess.run([sys.executable, "-c", "import sys; from igpt.cli import main; sys.exit(main())", "demo",
                            "--quick", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch._dynamo.backends.registry import lookup_backend
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import pretrain.attention as attention
-from pretrain.attention_table import TABLE_ENV, auto_rule, dumps, load_entries, merge, pick, table_entries
-from pretrain.model import IGPT, IGPTConfig, KVCache
+import igpt.pretrain.attention as attention
+from igpt.pretrain.attention_table import TABLE_ENV, auto_rule, dumps, load_entries, merge, pick, table_entries
+from igpt.pretrain.model import IGPT, IGPTConfig, KVCache
 
 REPO = Path(__file__).resolve().parent.parent
 H200_RESULTS = REPO / "benchmarks" / "results" / "attention_h200.json"
-SHIPPED_TABLE = REPO / "benchmarks" / "results" / "attention_table.json"
+SHIPPED_TABLE = REPO / "pretrain" / "attention_table.json"
 GPU = "NVIDIA H200"
 
 

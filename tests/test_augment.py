@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.augment import Augment, crop_flip, pad_margin
-from data_pipeline.decode import decode_image
-from data_pipeline.loader import TokenStream, iterate_split, read_samples
-from data_pipeline.manifest import load_manifest, stored_resolution
-from data_pipeline.palette import load_palette
-from data_pipeline.quantize import quantize_bruteforce
+from igpt.data_pipeline.augment import Augment, crop_flip, pad_margin
+from igpt.data_pipeline.decode import decode_image
+from igpt.data_pipeline.loader import TokenStream, iterate_split, read_samples
+from igpt.data_pipeline.manifest import load_manifest, stored_resolution
+from igpt.data_pipeline.palette import load_palette
+from igpt.data_pipeline.quantize import quantize_bruteforce
 
 
 def _raw_images(cifar_dir: Path) -> dict[str, bytes]:
@@ -147,7 +147,7 @@ def test_format_1_manifests_still_load(cifar_tokens, tmp_path):
 
 
 def test_shard_cli_margin(cifar_dir, cifar_tokens, tmp_path):
-    from data_pipeline.cli import main
+    from igpt.data_pipeline.cli import main
 
     out = tmp_path / "m"
     assert main(["data", "shard", str(cifar_dir / "cifar10-train-000000.tar"), "--out", str(out), "--palette",

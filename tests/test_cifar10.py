@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from cifar_archive import ArchiveServer, sample_images, write_archive
-from data_pipeline.cifar10 import MARKER, DownloadError, ensure_cifar10
-from data_pipeline.palette import save_palette, uniform9_palette
-from data_pipeline.shard import shard_dataset
+from igpt.data_pipeline.cifar10 import MARKER, DownloadError, ensure_cifar10
+from igpt.data_pipeline.palette import save_palette, uniform9_palette
+from igpt.data_pipeline.shard import shard_dataset
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from igpt_cli import main
+from igpt.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "cifar10-cpu-tiny.yaml")
@@ -21,12 +21,12 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     """Small valid inputs, so that each case gets past everything but its one bad input."""
     from safetensors.torch import save_file
 
-    from data_pipeline.io import file_sha256
-    from data_pipeline.palette import save_palette, uniform9_palette
-    from data_pipeline.shard import shard_dataset
-    from pretrain.config import load_config, save_config
-    from pretrain.model import IGPT
-    from pretrain.presets import model_config
+    from igpt.data_pipeline.io import file_sha256
+    from igpt.data_pipeline.palette import save_palette, uniform9_palette
+    from igpt.data_pipeline.shard import shard_dataset
+    from igpt.pretrain.config import load_config, save_config
+    from igpt.pretrain.model import IGPT
+    from igpt.pretrain.presets import model_config
 
     root = tmp_path_factory.mktemp("cli_inputs")
     for c in ("a", "b"):
@@ -109,7 +109,7 @@ def test_launch_warns_about_paths_this_host_lacks(inputs, capsys):
 
 
 def test_console_script_prints_no_traceback_and_debug_does(tmp_path):
-    cmd = [sys.executable, "-c", "import sys; from igpt_cli import main; sys.exit(main())", "train", TINY,
+    cmd = [sys.executable, "-c", "import sys; from igpt.cli import main; sys.exit(main())", "train", TINY,
            "model.bogus=1"]
     plain = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert plain.returncode == 2 and plain.stdout == ""

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import register
-from cluster.ray_job import RayJob, entrypoint, runtime_env
-from cluster.ray_train import rank_envs
+from igpt.cluster.cli import register
+from igpt.cluster.ray_job import RayJob, entrypoint, runtime_env
+from igpt.cluster.ray_train import rank_envs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,12 +90,12 @@ def test_entrypoint_and_runtime_env():
     job = RayJob(command=["configs/x.yaml", "train.steps=5"], address="http://h:8265", workers=4,
                  gpus_per_worker=1, python="python3")
     ep = entrypoint(job)
-    assert ep.startswith("python3 -m cluster.ray_train --workers 4")
+    assert ep.startswith("python3 -m igpt.cluster.ray_train --workers 4")
     assert ep.endswith("-- train configs/x.yaml train.steps=5 --resume auto")
     env = runtime_env(job)
     assert env["working_dir"] == str(REPO) and ".venv" in env["excludes"]
     ev = entrypoint(RayJob(command=["eval", "probe", "--checkpoint", "r"], address="x", python="python3"))
-    assert "cluster.ray_train" not in ev and ev.endswith("eval probe --checkpoint r")
+    assert "igpt.cluster.ray_train" not in ev and ev.endswith("eval probe --checkpoint r")
     with pytest.raises(ValueError, match="neither a CONFIG.yaml"):
         entrypoint(RayJob(command=["probe"], address="x"))
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import register
-from cluster.command import IGPT_ENTRY
-from cluster.slurm import REQUEUE_EXIT_CODE, SlurmJob, render_sbatch, submit
+from igpt.cluster.cli import register
+from igpt.cluster.command import IGPT_ENTRY
+from igpt.cluster.slurm import REQUEUE_EXIT_CODE, SlurmJob, render_sbatch, submit
 from slurm_cluster import missing_slurm_binaries, start_slurm_cluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,7 +146,7 @@ def test_bad_input_is_named():
 
 
 def test_requeue_exit_code_matches_the_training():
-    from pretrain.config import CheckpointSection
+    from igpt.pretrain.config import CheckpointSection
 
     assert REQUEUE_EXIT_CODE == CheckpointSection().preempt_exit_code
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import ConfigError, load_config, save_config
-from pretrain.deepspeed_config import build_deepspeed_config, loop_clips_gradients
-from pretrain.precision import resolve_precision
-from pretrain.tracking import PEAK_TFLOPS, mfu, peak_flops
+from igpt.pretrain.config import ConfigError, load_config, save_config
+from igpt.pretrain.deepspeed_config import build_deepspeed_config, loop_clips_gradients
+from igpt.pretrain.precision import resolve_precision
+from igpt.pretrain.tracking import PEAK_TFLOPS, mfu, peak_flops
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 TINY = next(p for p in CONFIGS if p.name == "cifar10-cpu-tiny.yaml")
@@ -19,7 +19,7 @@ def test_every_preset_loads_and_builds_a_deepspeed_config(path):
     cfg = load_config(path, ["data.dir=/data/tokens"])
     device = "cuda" if cfg.train.device == "cuda" else "cpu"
     ds = build_deepspeed_config(cfg, device)
-    assert ds["bf16"]["enabled"] is False  # bf16 on GPU is autocast over an fp32 module (pretrain.precision)
+    assert ds["bf16"]["enabled"] is False  # bf16 on GPU is autocast over an fp32 module (igpt.pretrain.precision)
     assert resolve_precision(cfg.train.precision, device) == ("bf16" if device == "cuda" else "fp32")
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
     assert cfg.optim.betas == [0.9, 0.95] and cfg.optim.weight_decay == 0.0

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.loader import TokenStream, deal_units, iterate_split
-from data_pipeline.manifest import load_manifest
+from igpt.data_pipeline.loader import TokenStream, deal_units, iterate_split
+from igpt.data_pipeline.manifest import load_manifest
 
 
 def _ids(batch: dict) -> list[bytes]:

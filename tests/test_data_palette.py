@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.io import file_sha256
-from data_pipeline.palette import fit_kmeans_palette, load_palette, save_palette, uniform9_palette
-from data_pipeline.quantize import Quantizer, build_lut, dequantize, lut_cache_path, quantize_bruteforce
+from igpt.data_pipeline.io import file_sha256
+from igpt.data_pipeline.palette import fit_kmeans_palette, load_palette, save_palette, uniform9_palette
+from igpt.data_pipeline.quantize import Quantizer, build_lut, dequantize, lut_cache_path, quantize_bruteforce
 
 
 def test_uniform9_is_the_9bit_cube():
@@ -125,7 +125,7 @@ def test_kmeans_reseeds_dead_clusters():
 
 
 def test_kmeans_on_cifar_pixels(cifar_dir):
-    from data_pipeline.fit import sample_pixels
+    from igpt.data_pipeline.fit import sample_pixels
 
     pix = sample_pixels([str(cifar_dir / "cifar10-train-000000.tar")], 32, max_images=300, pixels_per_image=64)
     assert pix.shape == (300 * 64, 3)

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.decode import decode_image
-from data_pipeline.loader import read_shard
-from data_pipeline.manifest import load_manifest
-from data_pipeline.palette import save_palette, uniform9_palette
-from data_pipeline.quantize import quantize_bruteforce
-from data_pipeline.shard import RECORDS_DIR, shard_dataset, split_of
+from igpt.data_pipeline.decode import decode_image
+from igpt.data_pipeline.loader import read_shard
+from igpt.data_pipeline.manifest import load_manifest
+from igpt.data_pipeline.palette import save_palette, uniform9_palette
+from igpt.data_pipeline.quantize import quantize_bruteforce
+from igpt.data_pipeline.shard import RECORDS_DIR, shard_dataset, split_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -237,7 +237,7 @@ def test_resume_keeps_finished_shards_and_redoes_the_rest(cifar_dir, palette_pat
 
 def test_resume_after_killed_process(cifar_dir, palette_path, tmp_path):
     src = str(cifar_dir / "cifar10-train-000000.tar")
-    cmd = [sys.executable, "-m", "data_pipeline.cli", "data", "shard", src, "--out", str(tmp_path / "run"), "--palette", str(palette_path), "--resolution", "16",
+    cmd = [sys.executable, "-m", "igpt.data_pipeline.cli", "data", "shard", src, "--out", str(tmp_path / "run"), "--palette", str(palette_path), "--resolution", "16",
            "--shard-size", "20", "--workers", "1", "--limit", "4000"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = tmp_path / "run" / RECORDS_DIR
@@ -260,7 +260,7 @@ def test_resume_after_killed_process(cifar_dir, palette_path, tmp_path):
 
 
 def test_cli_palette_shard_inspect(cifar_dir, tmp_path, capsys):
-    from data_pipeline.cli import register
+    from igpt.data_pipeline.cli import register
 
     parser = argparse.ArgumentParser(prog="igpt")
     register(parser.add_subparsers(dest="cmd", required=True))
@@ -288,7 +288,7 @@ def test_cli_palette_shard_inspect(cifar_dir, tmp_path, capsys):
 def test_fast_jpeg_path_is_identical_to_pillow(cifar_dir):
     import tarfile
 
-    from data_pipeline.decode import _fast_jpeg
+    from igpt.data_pipeline.decode import _fast_jpeg
 
     blobs = []
     with tarfile.open(cifar_dir / "cifar10-train-000000.tar") as tf:

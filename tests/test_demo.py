@@ -10,7 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
-from pretrain.demo import _relay
+from igpt.demo import _relay
 
 FAKE_TRAINING = """
 for s in range(1, 801):
@@ -79,8 +79,8 @@ def test_quick_demo_runs_every_stage_and_reuses_them(quick_demo) -> None:
 
 def test_shard_stage_with_a_margin_trains_on_margin_shards_and_evaluates_on_exact_ones(cifar_dir, cifar_tokens,
                                                                                         tmp_path):
-    from data_pipeline.manifest import load_manifest, stored_resolution
-    from pretrain.demo import DemoSettings, shard_stage
+    from igpt.data_pipeline.manifest import load_manifest, stored_resolution
+    from igpt.demo import DemoSettings, shard_stage
 
     s = DemoSettings(source=str(cifar_dir / "cifar10-train-000000.tar"), limit=200, margin=2)
     train, evals = shard_stage(s, tmp_path, cifar_tokens / "palette.npy")

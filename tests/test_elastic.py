@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain import checkpoint as ckpt
+from igpt.pretrain import checkpoint as ckpt
 from test_train_support import REPO, all_logs, launch, read_log, run_overrides, step_losses, train_ranks, wait_all
 
 pytestmark = pytest.mark.slow
@@ -25,10 +25,10 @@ S, T, MICRO = 10, 64, 32  # checkpoint step, total steps (past the end of the fi
 PROBE = r"""
 import sys, torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-from data_pipeline.loader import iterate_split
-from pretrain.config import load_config
-from pretrain.distributed import shutdown
-from pretrain.train import Trainer
+from igpt.data_pipeline.loader import iterate_split
+from igpt.pretrain.config import load_config
+from igpt.pretrain.distributed import shutdown
+from igpt.pretrain.train import Trainer
 
 out, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 resume = overrides.pop(overrides.index("--resume") + 1)
@@ -73,7 +73,7 @@ def _cut_at(ref: Path, dest: Path) -> Path:
 
 def _kill_during_conversion(tag: Path) -> None:
     """SIGKILL a universal conversion of ``tag`` while it runs; the original must stay complete and usable."""
-    code = "import sys; from pathlib import Path; from pretrain.checkpoint import convert_to_universal; " \
+    code = "import sys; from pathlib import Path; from igpt.pretrain.checkpoint import convert_to_universal; " \
            "convert_to_universal(Path(sys.argv[1]))"
     proc = subprocess.Popen([sys.executable, "-c", code, str(tag)], cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     deadline = time.time() + 120
@@ -118,9 +118,9 @@ def test_zero2_resumes_on_another_world_size(cifar_tokens, tmp_path, before, aft
             expected = torch.load(tag / ckpt.UNIVERSAL / "zero" / f"model.{name}" / f"{moment}.pt", weights_only=False)
             assert torch.equal(mine[moment], expected["param"].view_as(mine[moment])), (name, moment)
 
-    from pretrain.config import load_config
-    from pretrain.model import IGPT
-    from data_pipeline.loader import iterate_split
+    from igpt.pretrain.config import load_config
+    from igpt.pretrain.model import IGPT
+    from igpt.data_pipeline.loader import iterate_split
 
     model = IGPT(load_config(ref / "config.yaml").model)  # the uninterrupted run's weights at step S
     model.load_state_dict({k.removeprefix("model."): v.float() for k, v in saved.items()})

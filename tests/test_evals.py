@@ -1,7 +1,7 @@
 """Evals: likelihood, sampling, feature cache, linear probe, fine-tuning, Ray Tune + MLflow, bad input.
 
 A tiny iGPT is trained a few hundred steps in plain torch on the shared CIFAR-10 token shards and
-written as a release dir (the format ``pretrain.release.load_model`` reads).
+written as a release dir (the format ``igpt.pretrain.release.load_model`` reads).
 """
 from __future__ import annotations
 
@@ -16,22 +16,22 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline.grid import chunk_rows, image_grid
-from data_pipeline.io import file_sha256
-from data_pipeline.palette import save_palette, uniform9_palette
-from evals.baselines import pixel_features, random_init_cache, random_init_model
-from evals.commands import (EvalRun, SampleOptions, SplitOptions, _accuracy_note, run_finetune, run_nll, run_probe,
+from igpt.data_pipeline.grid import chunk_rows, image_grid
+from igpt.data_pipeline.io import file_sha256
+from igpt.data_pipeline.palette import save_palette, uniform9_palette
+from igpt.evals.baselines import pixel_features, random_init_cache, random_init_model
+from igpt.evals.commands import (EvalRun, SampleOptions, SplitOptions, _accuracy_note, run_finetune, run_nll, run_probe,
                             run_sample)
-from evals.config import load_search_config
-from evals.features import FeatureCache
-from evals.finetune import finetune
-from evals.inputs import EvalData, EvalInputError, parse_layers
-from evals.nll import evaluate_nll
-from evals.probe import fit_probe, widen_l2
-from evals.sample import complete_bottom_half
-from evals.tune import TRIAL_KIND, trial_name
-from pretrain.model import IGPT
-from pretrain.presets import model_config
+from igpt.evals.config import load_search_config
+from igpt.evals.features import FeatureCache
+from igpt.evals.finetune import finetune
+from igpt.evals.inputs import EvalData, EvalInputError, parse_layers
+from igpt.evals.nll import evaluate_nll
+from igpt.evals.probe import fit_probe, widen_l2
+from igpt.evals.sample import complete_bottom_half
+from igpt.evals.tune import TRIAL_KIND, trial_name
+from igpt.pretrain.model import IGPT
+from igpt.pretrain.presets import model_config
 
 RES = 16
 TINY = {"n_ctx": RES * RES, "n_embd": 32, "n_head": 2}  # igpt-tiny at half width: CPU-cheap
@@ -41,7 +41,7 @@ def write_release(model: IGPT, out: Path, data_dir: Path, palette: Path | None =
     """A release dir (model.safetensors with the palette sha256, config.yaml, palette.npy)."""
     from safetensors.torch import save_file
 
-    from pretrain.config import load_config, save_config
+    from igpt.pretrain.config import load_config, save_config
 
     palette = palette or data_dir / "palette.npy"
     out.mkdir(parents=True)
@@ -88,7 +88,7 @@ def tracking_uri(tmp_path_factory) -> str:
 
 def eval_main(argv: list[str]) -> int:
     """`igpt eval …` through the console script's entry point, errors handled as on the command line."""
-    from igpt_cli import main
+    from igpt.cli import main
 
     return main(argv)
 
@@ -118,7 +118,7 @@ def test_nll_trained_below_untrained_and_exact_at_init(releases, cifar_tokens, t
 
 
 def test_nll_matches_float64_reference(releases, cifar_tokens):
-    from pretrain.release import load_model
+    from igpt.pretrain.release import load_model
 
     model = load_model(releases["trained"])[0]
     data = EvalData.open(cifar_tokens)
@@ -143,7 +143,7 @@ def test_sample_writes_grids_of_the_right_size(releases, cifar_tokens, tmp_path,
 
 
 def test_completion_keeps_the_top_half(releases, cifar_tokens):
-    from pretrain.release import load_model
+    from igpt.pretrain.release import load_model
 
     model = load_model(releases["trained"])[0]
     tokens, _ = EvalData.open(cifar_tokens).tokens("val", limit=3)
@@ -170,7 +170,7 @@ def test_image_grid_tiles_a_flat_list_in_rows_and_upscales():
 
 # ----------------------------------------------------------------------------- features
 def test_feature_cache_extracts_once_and_matches_model(releases, cifar_tokens, tmp_path):
-    from pretrain.release import load_model
+    from igpt.pretrain.release import load_model
 
     model = load_model(releases["trained"])[0]
     data = EvalData.open(cifar_tokens)
@@ -192,8 +192,8 @@ def test_feature_cache_extracts_once_and_matches_model(releases, cifar_tokens, t
 
 
 def test_baseline_features_pixels_and_seeded_random_model(releases, cifar_tokens, tmp_path):
-    from data_pipeline.palette import load_palette
-    from pretrain.release import load_model
+    from igpt.data_pipeline.palette import load_palette
+    from igpt.pretrain.release import load_model
 
     data = EvalData.open(cifar_tokens)
     x, y = pixel_features(data, "val", batch_size=16, limit=40)
@@ -243,7 +243,7 @@ def test_widen_l2_steps_past_an_edge_until_the_best_is_interior():
 
 def test_score_probe_widens_to_an_interior_optimum():
     """200 features, 4 informative: fitted without much L2 the probe overfits; the grid starts far too low."""
-    from evals.score import probe_layer
+    from igpt.evals.score import probe_layer
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 400)
@@ -280,7 +280,7 @@ def test_probe_on_raw_pixels_recovers_cifar_accuracy(cifar_dir):
 
 # ----------------------------------------------------------------------------- finetune
 def test_finetune_improves_over_first_epoch(releases, cifar_tokens):
-    from pretrain.release import load_model
+    from igpt.pretrain.release import load_model
 
     data = EvalData.open(cifar_tokens)
     train, val = data.tokens("train", labels=True, limit=400), data.tokens("val", labels=True)
@@ -297,7 +297,7 @@ def test_bad_inputs_are_named(releases, cifar_tokens, tmp_path):
     pal = uniform9_palette().copy()
     pal[0] = [1, 2, 3]
     save_palette(pal, other)
-    from pretrain.release import load_model
+    from igpt.pretrain.release import load_model
 
     foreign = write_release(load_model(releases["trained"])[0], tmp_path / "foreign", cifar_tokens, palette=other)
     with pytest.raises(EvalInputError, match="palette mismatch.*sha256"):

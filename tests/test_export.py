@@ -9,9 +9,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
-from data_pipeline.loader import iterate_split
-from data_pipeline.io import file_sha256
-from pretrain.release import load_model
+from igpt.data_pipeline.loader import iterate_split
+from igpt.data_pipeline.io import file_sha256
+from igpt.pretrain.release import load_model
 from test_train_support import REPO, all_logs, run_overrides, train_ranks
 
 
@@ -21,13 +21,13 @@ def test_export_zero3_release_loads_without_deepspeed_and_matches(cifar_tokens, 
     args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=3, train__steps=3, train__val_every=3,
                          train__val_batches=2)
     assert train_ranks(args, run, torchrun=True) == [0], all_logs(run)  # 2 ranks started by torchrun
-    export = [sys.executable, "-m", "pretrain.cli", "export", str(run), "--out", str(out)]
+    export = [sys.executable, "-m", "igpt.pretrain.cli", "export", str(run), "--out", str(out)]
     subprocess.run(export, cwd=REPO, check=True, capture_output=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "palette.npy"]
     again = subprocess.run(export, cwd=REPO, capture_output=True, text=True)
     assert again.returncode != 0 and "exists and is not empty" in again.stderr
 
-    code = ("import sys; from pretrain.release import load_model; load_model(sys.argv[1]); "
+    code = ("import sys; from igpt.pretrain.release import load_model; load_model(sys.argv[1]); "
             "print('deepspeed' in sys.modules)")
     loaded = subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, check=True, capture_output=True, text=True)
     assert loaded.stdout.strip() == "False"  # a release needs no DeepSpeed import at all

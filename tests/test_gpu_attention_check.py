@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.attention_table import load_entries
+from igpt.pretrain.attention_table import load_entries
 
 REPO = Path(__file__).resolve().parent.parent
 FILES = {"tests.log", "bench.log", "attention.json", "attention_table.json", "compile.log", "compile_triton.json",
@@ -28,7 +28,7 @@ def test_smoke_run_writes_every_file(tmp_path):
     assert written <= FILES and len(written) <= 8
     assert "tests exit: 0" in (out / "tests.log").read_text()
     assert "benchmark exit: 0" in (out / "bench.log").read_text()
-    assert load_entries(out / "attention_table.json") == load_entries(REPO / "benchmarks/results/attention_table.json")
+    assert load_entries(out / "attention_table.json") == load_entries(REPO / "pretrain/attention_table.json")
     log = (out / "compile.log").read_text()
     assert "train_throughput triton exit: 0" in log and "train_throughput auto exit: 0" in log
     assert "attention auto [cpu, torch.float32, head dim 16, causal]: sdpa (not a GPU)" in log  # the run says

@@ -11,16 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_pipeline.io import file_sha256
-from data_pipeline.palette import PALETTE_FILE, load_palette, save_palette, uniform9_palette
-from data_pipeline.quantize import Quantizer
-from igpt_cli import main
-from pretrain.config import DataSection, ModelSection, TrainConfig, load_config
-from pretrain.hf import HF_PREPROCESSOR, export_hf, import_hf, token_disagreement
-from pretrain.hf_convert import clusters_from_palette, nearest_clusters, palette_from_clusters
-from pretrain.init_from import InitMismatch, load_init_state
-from pretrain.model import IGPT, IGPTConfig
-from pretrain.release import CONFIG_FILE, WEIGHTS_FILE, load_model, write_release
+from igpt.data_pipeline.io import file_sha256
+from igpt.data_pipeline.palette import PALETTE_FILE, load_palette, save_palette, uniform9_palette
+from igpt.data_pipeline.quantize import Quantizer
+from igpt.cli import main
+from igpt.pretrain.config import DataSection, ModelSection, TrainConfig, load_config
+from igpt.pretrain.hf import HF_PREPROCESSOR, export_hf, import_hf, token_disagreement
+from igpt.pretrain.hf_convert import clusters_from_palette, nearest_clusters, palette_from_clusters
+from igpt.pretrain.init_from import InitMismatch, load_init_state
+from igpt.pretrain.model import IGPT, IGPTConfig
+from igpt.pretrain.release import CONFIG_FILE, WEIGHTS_FILE, load_model, write_release
 
 transformers = pytest.importorskip("transformers")  # the `hf` extra; `dev` installs it
 
@@ -197,8 +197,8 @@ def test_token_disagreement_counts_where_the_hf_processor_tokenises_otherwise(ci
     """The uniform 9-bit palette as float centres (levels i*255/7, up to 3/7 of a level from a uint8 colour):
     on CIFAR-10 images, the count equals our tokens against the Hugging Face processor's own, and every
     difference is a tie of the uint8 palette; scattered centres also differ where the rounding moved a boundary."""
-    from data_pipeline.decode import decode_image
-    from data_pipeline.sources import find_images, read_item
+    from igpt.data_pipeline.decode import decode_image
+    from igpt.data_pipeline.sources import find_images, read_item
 
     levels = np.arange(8) * 255.0 / 7.0
     colours = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
@@ -256,7 +256,7 @@ def test_train_with_a_wrong_shaped_init_from_is_one_line(cifar_tokens, tmp_path)
     from test_train_support import REPO, TINY as TINY_YAML
 
     release = release_of(tmp_path / "release", cifar_tokens / PALETTE_FILE, n_ctx=256, n_embd=48)
-    cmd = [sys.executable, "-m", "pretrain.cli", "train", str(TINY_YAML), f"data.dir={cifar_tokens}",
+    cmd = [sys.executable, "-m", "igpt.pretrain.cli", "train", str(TINY_YAML), f"data.dir={cifar_tokens}",
            f"train.run_dir={tmp_path / 'run'}", f"train.init_from={release}"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-3000:]
@@ -297,7 +297,7 @@ def test_init_from_trains_from_the_release_and_a_checkpoint_wins(cifar_tokens, t
     """2 ranks, ZeRO-3 (the weights go in under GatheredParameters): step 1's loss is the release's NLL on the
     ranks' first batches, step 2's on their second (DeepSpeed's fp32 master copy started there too); a rerun with
     ``--resume auto`` resumes its checkpoint instead and says so; the run dir then exports to Hugging Face."""
-    from data_pipeline.loader import TokenStream
+    from igpt.data_pipeline.loader import TokenStream
     from test_train_support import TINY as TINY_YAML, all_logs, read_log, run_overrides, step_losses, train_ranks
 
     model_fields = dict(norm="rms", activation="quick_gelu")  # an imported iGPT's

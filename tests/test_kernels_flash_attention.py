@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import flash_attention
-from kernels.reference import attention_reference
+from igpt.kernels.flash_attention import flash_attention
+from igpt.kernels.reference import attention_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -176,7 +176,7 @@ def test_strided_grad_and_mixed_kv_layouts():
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_backward_tiles_agree(causal):
     """The fused backward gives the same dQ, dK, dV for every (step, block) tile pair, masked edges included."""
-    fa = importlib.import_module("kernels.flash_attention")
+    fa = importlib.import_module("igpt.kernels.flash_attention")
     q, k, v, g = _inputs((1, 2, 70, 32), (1, 2, 70, 32), torch.float32, seed=6)
     grads = [fa.backward_launcher("bwd", q, k, v, g, causal, fa.KernelConfig(m, n))() for m, n in ((16, 32), (16, 64), (32, 32))]
     for other in grads[1:]:

@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch._dynamo.backends.registry import lookup_backend
 
-from kernels import flash_attention
-from kernels.reference import attention_reference
-from pretrain.model import IGPT, IGPTConfig
+from igpt.kernels.flash_attention import flash_attention
+from igpt.kernels.reference import attention_reference
+from igpt.pretrain.model import IGPT, IGPTConfig
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 COMPILE_BACKENDS = ["aot_eager", "inductor"] if DEVICE.type == "cuda" else ["aot_eager"]

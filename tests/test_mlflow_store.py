@@ -1,7 +1,7 @@
 """MLflow experiments: artifacts beside a sqlite store (not in ./mlruns), the UI's model-training view."""
 from __future__ import annotations
 
-from pretrain.mlflow_store import EXPERIMENT_KIND_TAG, TRAINING_KIND, artifact_location, experiment_id
+from igpt.pretrain.mlflow_store import EXPERIMENT_KIND_TAG, TRAINING_KIND, artifact_location, experiment_id
 
 
 def test_artifact_location_only_for_sqlite(tmp_path, monkeypatch):
@@ -16,7 +16,7 @@ def test_artifact_location_only_for_sqlite(tmp_path, monkeypatch):
 def test_eval_artifacts_land_beside_the_store_and_experiments_open_as_training(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from evals.tracking import parent_run
+    from igpt.evals.tracking import parent_run
 
     monkeypatch.chdir(tmp_path)
     store = tmp_path / "store"

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import attention_reference
-from pretrain.attention import attention_backend
-from pretrain.model import IGPT, IGPTConfig, KVCache
-from pretrain.presets import MODEL_PRESETS, model_config
+from igpt.kernels.reference import attention_reference
+from igpt.pretrain.attention import attention_backend
+from igpt.pretrain.model import IGPT, IGPTConfig, KVCache
+from igpt.pretrain.presets import MODEL_PRESETS, model_config
 
 
 def tiny(**overrides) -> IGPTConfig:

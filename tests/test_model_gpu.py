@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.model import IGPT, IGPTConfig, KVCache
+from igpt.pretrain.model import IGPT, IGPTConfig, KVCache
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -1,4 +1,4 @@
-"""The precision modes pinned (pretrain.precision): which tensors are fp32 and which dtype the forward
+"""The precision modes pinned (igpt.pretrain.precision): which tensors are fp32 and which dtype the forward
 matmuls use, read off a real DeepSpeed engine built by the training loop (one rank, gloo)."""
 from __future__ import annotations
 
@@ -10,19 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.distributed import single_process_env
-from pretrain.model import IGPT
-from pretrain.precision import eval_autocast, resolve_precision
-from pretrain.presets import model_config
-from pretrain.train import LossModule
+from igpt.pretrain.distributed import single_process_env
+from igpt.pretrain.model import IGPT
+from igpt.pretrain.precision import eval_autocast, resolve_precision
+from igpt.pretrain.presets import model_config
+from igpt.pretrain.train import LossModule
 
 REPO = Path(__file__).resolve().parent.parent
 
 # Builds the Trainer for each mode, runs one optimizer step and reports the dtypes it saw.
 PROBE = r"""
 import json, sys, torch
-from pretrain.config import load_config
-from pretrain.train import Trainer
+from igpt.pretrain.config import load_config
+from igpt.pretrain.train import Trainer
 
 data, run = sys.argv[1], sys.argv[2]
 report = {}

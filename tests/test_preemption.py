@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pretrain import checkpoint as ckpt
+from igpt.pretrain import checkpoint as ckpt
 from test_train_support import all_logs, launch, read_log, run_overrides, step_losses, train_ranks, wait_all
 
 pytestmark = pytest.mark.slow

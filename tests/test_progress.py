@@ -5,7 +5,7 @@ import io
 
 import pytest
 
-from data_pipeline.progress import bar
+from igpt.data_pipeline.progress import bar
 
 
 @pytest.mark.parametrize("env, tty, shown", [(None, False, False), (None, True, True), ("1", False, True),

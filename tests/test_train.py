@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pretrain import checkpoint as ckpt
+from igpt.pretrain import checkpoint as ckpt
 from test_train_support import (REPO, all_logs, killed_after_checkpoint, launch, read_log, run_overrides,
                                 step_losses, train_ranks, wait_all)
 
@@ -159,7 +159,7 @@ def test_validation_on_the_whole_val_split_equals_eval_nll(cifar_tokens, tmp_pat
     metrics = [json.loads(line) for line in (run / "tracking" / "metrics.jsonl").read_text().splitlines()]
     logged = [m["val_loss"] for m in metrics if "val_loss" in m]
 
-    out = subprocess.run([sys.executable, "-m", "igpt_cli", "eval", "nll", "--checkpoint", str(run), "--data",
+    out = subprocess.run([sys.executable, "-m", "igpt.cli", "eval", "nll", "--checkpoint", str(run), "--data",
                           str(cifar_tokens), "--out", str(tmp_path / "nll"), "--device", "cpu"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.distributed import single_process_env
+from igpt.pretrain.distributed import single_process_env
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 REPO = Path(__file__).resolve().parent.parent
 
 STEPS = r"""
 import math, sys, torch
-from pretrain.config import load_config
-from pretrain.metrics import StepRecords
-from pretrain.train import Trainer
+from igpt.pretrain.config import load_config
+from igpt.pretrain.metrics import StepRecords
+from igpt.pretrain.train import Trainer
 
 cfg = load_config("configs/cifar10-cpu-tiny.yaml", [
     f"data.dir={sys.argv[1]}", f"train.run_dir={sys.argv[2]}", "data.num_workers=0", "train.device=cuda",

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pretrain import checkpoint as ckpt
-from pretrain.distributed import detect, expand_nodelist, free_port, setup_env
-from pretrain.schedule import lr_at
+from igpt.pretrain import checkpoint as ckpt
+from igpt.pretrain.distributed import detect, expand_nodelist, free_port, setup_env
+from igpt.pretrain.schedule import lr_at
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "cifar10-cpu-tiny.yaml"
@@ -34,8 +34,8 @@ def run_overrides(data_dir: Path, run_dir: Path, **extra: object) -> list[str]:
 # real kill -9 at a known point); the fault is injected here, around the production code.
 KILL_AFTER_CHECKPOINT = r"""
 import os, signal, sys
-from pretrain import checkpoint
-from pretrain.cli import main
+from igpt.pretrain import checkpoint
+from igpt.pretrain.cli import main
 
 kill_at, save = int(sys.argv[1]), checkpoint.save
 
@@ -59,11 +59,11 @@ def killed_after_checkpoint(step: int) -> list[str]:
 
 def launch(overrides: list[str], nprocs: int = 2, resume: str | None = None, env: dict | None = None,
            log: Path | None = None, torchrun: bool = False, program: list[str] | None = None) -> list[subprocess.Popen]:
-    """Start ``nprocs`` ranks of ``python -m pretrain.cli train`` (or of ``program CONFIG OVERRIDES``) in one
+    """Start ``nprocs`` ranks of ``python -m igpt.pretrain.cli train`` (or of ``program CONFIG OVERRIDES``) in one
     new process group, setting RANK/WORLD_SIZE/MASTER_* as torchrun would (rank 0 leads the group, so
     ``os.killpg`` reaches every rank), or with ``torchrun`` itself (one process returned: the launcher)."""
     port = free_port()
-    cmd = [*(program or [sys.executable, "-m", "pretrain.cli", "train"]), str(TINY), *overrides]
+    cmd = [*(program or [sys.executable, "-m", "igpt.pretrain.cli", "train"]), str(TINY), *overrides]
     if resume:
         cmd += ["--resume", resume]
     if torchrun:

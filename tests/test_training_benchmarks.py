@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.distributed import single_process_env
+from igpt.pretrain.distributed import single_process_env
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "configs" / "cifar10-gpu-recipe.yaml")

@@ -9,7 +9,7 @@ Every stage is skipped when its output is already complete, so a rerun continues
 
 CIFAR-10 comes from ``--source``, else ``../shared/data/cifar10-train`` beside the checkout, else the
 cache (``--data-cache``), else the official binary archive, downloaded, md5-checked and converted
-into the cache (``data_pipeline.cifar10``). The console gets a few dozen lines: the training log is
+into the cache (``igpt.data_pipeline.cifar10``). The console gets a few dozen lines: the training log is
 kept whole in ``RUN_DIR/train.log`` and thinned on screen, Ray Tune's tables only with ``--verbose``.
 """
 from __future__ import annotations
@@ -25,10 +25,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.io import write_text_atomic
+from igpt import CHECKOUT
+from igpt.data_pipeline.io import write_text_atomic
+from igpt.pretrain.config_files import packaged_config
+from igpt.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CIFAR_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10-train"  # the first local copy looked for
+# The first local copy looked for: ../shared beside a source checkout (none from a wheel install).
+CIFAR_DIR = None if CHECKOUT is None else CHECKOUT.parent / "shared" / "data" / "cifar10-train"
 CIFAR_CLASSES = "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"
 STEP_LINE = re.compile(r"^step\s+(\d+)/(\d+) \|")  # the training's per-window log line
 SHOWN_STEP_LINES = 8  # of them on screen; all are in RUN_DIR/train.log
@@ -52,7 +55,7 @@ class DemoSettings:
     margin: int = 0  # train images stored this much larger for random crops (the train config's data.random_crop)
     val_fraction: float = 0.1
     limit: int | None = None  # only the first N images (the shortened job in tests)
-    train_config: str = str(REPO_ROOT / "configs" / "cifar10-demo.yaml")
+    train_config: str = packaged_config("cifar10-demo.yaml")
     train_overrides: tuple[str, ...] = ()
     eval_limit: int | None = 5000  # images per split for nll and the probes
     probe_layers: str = "1,2,3,4"  # igpt-mini's blocks 1-3 and its final-norm output (block 0 probes worst)
@@ -65,16 +68,16 @@ class DemoSettings:
 class DataOptions:
     """Where CIFAR-10 comes from when no ``--source`` is given (see the module docstring)."""
 
-    cache: str | None = None  # default: data_pipeline.cifar10.default_cache_dir()
+    cache: str | None = None  # default: igpt.data_pipeline.cifar10.default_cache_dir()
     url: str | None = None  # given: download from here even when a local copy exists
     md5: str | None = None  # default: the official archive's
 
 
 def resolve_source(data: DataOptions) -> str:
     """Raw-image CIFAR-10 tars: ``../shared``'s copy unless a URL is given, else the cached or downloaded one."""
-    from data_pipeline.cifar10 import MD5, URL, DownloadError, default_cache_dir, ensure_cifar10
+    from igpt.data_pipeline.cifar10 import MD5, URL, DownloadError, default_cache_dir, ensure_cifar10
 
-    if data.url is None and CIFAR_DIR.is_dir():
+    if data.url is None and CIFAR_DIR is not None and CIFAR_DIR.is_dir():
         _log(f"data: CIFAR-10 from {CIFAR_DIR}")
         return str(CIFAR_DIR / "cifar10-train-{000000..000009}.tar")  # as before: earlier shards stay reusable
     cache = data.cache or default_cache_dir()
@@ -87,7 +90,7 @@ def resolve_source(data: DataOptions) -> str:
 
 
 GPU_RECIPE = dict(workdir="runs/demo-gpu", resolution=32, margin=4,
-                  train_config=str(REPO_ROOT / "configs" / "cifar10-gpu-recipe.yaml"), eval_limit=None,
+                  train_config=packaged_config("cifar10-gpu-recipe.yaml"), eval_limit=None,
                   probe_layers="4,5,6,7,8,9", probe_concat=True)
 QUICK = dict(limit=2000, train_overrides=("train.steps=12", "train.val_every=6", "train.sample_every=12",
                                           "checkpoint.every=6", "train.log_every=3"),
@@ -100,8 +103,8 @@ def _log(msg: str) -> None:
 
 def palette_stage(s: DemoSettings, work: Path) -> Path:
     """k-means 512 palette fitted on the source images (kept if present)."""
-    from data_pipeline.fit import fit_palette_from_sources
-    from data_pipeline.palette import PALETTE_FILE, save_palette
+    from igpt.data_pipeline.fit import fit_palette_from_sources
+    from igpt.data_pipeline.palette import PALETTE_FILE, save_palette
 
     path = work / PALETTE_FILE
     if path.is_file():
@@ -118,7 +121,7 @@ def shard_stage(s: DemoSettings, work: Path, palette: Path) -> tuple[Path, Path]
     """Token shards with a deterministic validation split at 32×32 and, if it differs, at the training
     resolution, plus with a margin the same split with the train images stored larger (val exact); returns
     (the shards to train on, the exact-size shards the evals read). The sharder itself resumes."""
-    from data_pipeline.shard import shard_dataset
+    from igpt.data_pipeline.shard import shard_dataset
 
     dirs = {f"tokens{r}": (r, 0) for r in sorted({32, s.resolution})}
     if s.margin:
@@ -138,7 +141,7 @@ def _relay(cmd: list[str], log_path: Path, env: dict[str, str], verbose: bool) -
     Returns the exit code."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                      text=True, env=env, cwd=REPO_ROOT) as proc:
+                                                      text=True, env=env) as proc:
         for line in proc.stdout:
             log.write(line)
             log.flush()
@@ -158,8 +161,8 @@ def train_stage(s: DemoSettings, work: Path, data: Path, tracking_uri: str) -> P
     """DeepSpeed pretraining in a child process (resumes from its newest checkpoint) and the export."""
     import torch
 
-    from pretrain.config import load_config
-    from pretrain.release import WEIGHTS_FILE
+    from igpt.pretrain.config import load_config
+    from igpt.pretrain.release import WEIGHTS_FILE
 
     run_dir = work / "run"
     release = work / "release"
@@ -169,7 +172,7 @@ def train_stage(s: DemoSettings, work: Path, data: Path, tracking_uri: str) -> P
     overrides = [f"data.dir={data}", f"train.run_dir={run_dir}", f"logging.tracking_uri={tracking_uri}",
                  f"logging.experiment={EXPERIMENT}", *s.train_overrides]
     cfg = load_config(s.train_config, overrides)  # a bad key fails here, before a process is started
-    cmd = [sys.executable, "-m", "pretrain.cli", "train", s.train_config, *overrides, "--resume", "auto"]
+    cmd = [sys.executable, "-m", "igpt.pretrain.cli", "train", s.train_config, *overrides, "--resume", "auto"]
     log = run_dir / "train.log"
     _log(f"train: {cfg.train.steps} steps of {Path(s.train_config).name}; full log in {log}")
     env = dict(os.environ)
@@ -179,8 +182,8 @@ def train_stage(s: DemoSettings, work: Path, data: Path, tracking_uri: str) -> P
     if code:
         hint = "; rerun to resume" if code == cfg.checkpoint.preempt_exit_code else ""
         raise StageFailed(f"training exited with code {code} (log: {log}){hint}")
-    export = [sys.executable, "-m", "pretrain.cli", "export", str(run_dir), "--out", str(release)]
-    done = subprocess.run(export, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    export = [sys.executable, "-m", "igpt.pretrain.cli", "export", str(run_dir), "--out", str(release)]
+    done = subprocess.run(export, env=env, capture_output=True, text=True)
     if done.returncode:
         sys.stderr.write(done.stdout + done.stderr)
         raise StageFailed(f"export exited with code {done.returncode}")
@@ -190,8 +193,8 @@ def train_stage(s: DemoSettings, work: Path, data: Path, tracking_uri: str) -> P
 
 def eval_stage(s: DemoSettings, work: Path, data: Path, release: Path, tracking_uri: str) -> dict[str, Any]:
     """nll, completions and probes with baselines, each cached as its summary.json."""
-    from evals.config import load_search_config
-    from evals.commands import EvalRun, SampleOptions, SplitOptions, run_nll, run_probe, run_sample
+    from igpt.evals.config import load_search_config
+    from igpt.evals.commands import EvalRun, SampleOptions, SplitOptions, run_nll, run_probe, run_sample
 
     def run(name: str) -> EvalRun:
         return EvalRun(checkpoint=str(release), data=str(data), out=str(work / "evals" / name),
@@ -314,7 +317,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     given = {"workdir": args.workdir, "source": args.source, "resolution": args.resolution}
     s = replace(s, verbose=args.verbose, **{k: v for k, v in given.items() if v is not None})
     if s.resolution < 1:
-        raise ValueError(f"--resolution must be positive, got {s.resolution}")
+        raise UserError(f"--resolution must be positive, got {s.resolution}")
     try:
         summary = run_demo(s, DataOptions(cache=args.data_cache, url=args.data_url, md5=args.data_md5))
     except StageFailed as e:

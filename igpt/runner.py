@@ -1,24 +1,24 @@
-"""The `igpt` console script: one subcommand group per pipeline stage.
+"""Running a parsed ``igpt`` command: the options every command takes, and user errors as one line.
 
-Each stage package exposes `cli.register(subparsers)`; heavy imports (torch, DeepSpeed, Ray,
-MLflow) happen inside the command functions so `igpt --help` stays fast.
+A user error (``igpt.errors.UserError``: a bad config key or value, a palette or checkpoint that does not
+fit, an archive that will not download; or a missing or wrong path, an ``OSError`` such as
+``FileNotFoundError``) is reported as one line, ``igpt COMMAND: error: …``, with exit code 2 and no
+traceback; ``--debug`` raises it with its traceback instead. Every command also takes ``--progress``
+(progress bars even when stderr is not a terminal).
 
-A user error (a bad config key or value, a missing or wrong path, a palette or checkpoint that
-does not fit, an archive that will not download) is reported as one line, ``igpt COMMAND: error:
-…``, with exit code 2 and no traceback; ``--debug`` raises it with its traceback instead.
-Every command also takes ``--progress`` (progress bars even when stderr is not a terminal).
+This module sits below every stage: the stages' stand-alone ``main``s (``python -m igpt.pretrain.cli …``)
+use it as the ``igpt`` script (``igpt.cli``) does.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
-STAGE_CLIS = ("data_pipeline.cli", "pretrain.cli", "evals.cli", "cluster.cli", "pretrain.demo")
-# What a person can fix by changing the command line or its inputs (ConfigError and EvalInputError are
-# ValueErrors); anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+from igpt.errors import UserError
+
+# What a person can fix by changing the command line or its inputs; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError,
                                                 IsADirectoryError, PermissionError)
 
 
@@ -41,9 +41,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def is_user_error(err: BaseException) -> bool:
     """Whether ``err`` is about the user's input (see USER_ERRORS) rather than a bug."""
-    from data_pipeline.cifar10 import DownloadError  # imported only when something went wrong
-
-    return isinstance(err, (*USER_ERRORS, DownloadError))
+    return isinstance(err, USER_ERRORS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,21 +65,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every stage's subcommands registered."""
-    parser = argparse.ArgumentParser(
-        prog="igpt", description="Image GPT pretraining pipeline: palette → shards → train → eval → launch."
-    )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in STAGE_CLIS:
-        importlib.import_module(module_name).register(subparsers)
-    return add_common_options(parser)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and run the chosen subcommand, returning its exit code."""
-    return run(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def standalone_main(register, argv: list[str] | None = None) -> int:
+    """A stage's commands on their own (``python -m igpt.STAGE.cli …``): ``register(subparsers)`` adds them."""
+    parser = argparse.ArgumentParser(prog="igpt")
+    register(parser.add_subparsers(dest="cmd", required=True))
+    return run(add_common_options(parser).parse_args(argv))
