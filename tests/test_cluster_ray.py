@@ -100,6 +100,17 @@ def test_entrypoint_and_runtime_env():
         entrypoint(RayJob(command=["probe"], address="x"))
 
 
+def test_wheel_install_uploads_the_installed_package():
+    """From a wheel install (no checkout) a job gets the installed igpt package as a py_module, no working dir."""
+    from igpt.cluster.ray_job import installed_package
+
+    assert installed_package() == str(REPO / "igpt")  # in a checkout, its igpt/ folder
+    env = runtime_env(RayJob(command=["c.yaml"], address="x", working_dir=None, py_modules=[installed_package()]))
+    assert env["py_modules"] == [str(REPO / "igpt")] and "working_dir" not in env
+    with pytest.raises(ValueError, match="no igpt/ and cluster/ folders"):
+        runtime_env(RayJob(command=["c.yaml"], address="x", working_dir=str(REPO / "configs")))
+
+
 def test_rank_envs_group_ranks_by_node_and_gpus():
     places = [{"node_id": "b", "ip": "10.0.0.2", "gpu_ids": ["1"], "free_port": 1},
               {"node_id": "a", "ip": "10.0.0.1", "gpu_ids": ["0"], "free_port": 2},
