@@ -71,11 +71,11 @@ def bench_shard(work: Path, limit: int | None) -> dict:
     t0 = time.perf_counter()
     # 5,000 per shard, fewer with --limit: the loader benchmark's 2 workers each need a train shard
     shard_size = 5000 if limit is None else max(1, min(5000, limit // 4))
-    m = shard_dataset(sources, work / "tokens", palette_path, 32, val_fraction=0.1, shard_size=shard_size,
-                      num_workers=os.cpu_count(), limit=limit, progress=False)
+    m = shard_dataset(sources, work / "tokens", palette_path, resolution=32, val_fraction=0.1,
+                      shard_size=shard_size, num_workers=os.cpu_count(), limit=limit, progress=False)
     wall = time.perf_counter() - t0
     cpu = _cpu_seconds() - cpu0
-    images = m["num_inputs"]
+    images = m.num_inputs
     naive = naive_shard_rate(CIFAR / "cifar10-train-000000.tar", uniform9_palette(), 300)
     return {"images": images, "seconds": wall, "images_per_s": images / wall, "workers": os.cpu_count(),
             "cpu_seconds": cpu, "images_per_cpu_s": images / cpu,
@@ -124,7 +124,7 @@ def bench_loader(data_dir: Path) -> dict:
     tokens = sum(b["tokens"].numel() for b in s.iter_epoch())
     ours = tokens / (time.perf_counter() - t0)
 
-    shards = [str(data_dir / sh["file"]) for sh in s.shards]
+    shards = [str(data_dir / sh.file) for sh in s.shards]
     ds = (wds.WebDataset(shards, shardshuffle=False, workersplitter=wds.split_by_worker, nodesplitter=None)
           .shuffle(1000).decode().to_tuple("tokens.npy").batched(256))
     t0 = time.perf_counter()

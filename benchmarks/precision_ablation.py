@@ -79,7 +79,7 @@ def plain_row(args: argparse.Namespace, row: str, run_dir: Path) -> dict:
     import torch
 
     from igpt.data_pipeline.loader import TokenStream
-    from igpt.data_pipeline.manifest import load_manifest
+    from igpt.data_pipeline.manifest import Manifest
     from igpt.pretrain.config import load_config
     from igpt.pretrain.model import IGPT
     from igpt.pretrain.precision import training_autocast
@@ -88,7 +88,7 @@ def plain_row(args: argparse.Namespace, row: str, run_dir: Path) -> dict:
 
     _, precision, _ = parse_row(row)
     cfg = load_config(args.config, row_overrides(args, row, run_dir))
-    resolve_model_section(cfg, load_manifest(args.data))
+    resolve_model_section(cfg, Manifest.load(args.data))
     t, o, dev = cfg.train, cfg.optim, args.device
     _seed_everything(t.seed)
     model = IGPT(cfg.model).to(dev)
@@ -183,12 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         print("ROW " + json.dumps(run_row(args, args.row)), flush=True)
         return 0
 
-    from igpt.data_pipeline.manifest import load_manifest
+    from igpt.data_pipeline.manifest import Manifest
     from igpt.pretrain.config import load_config
     from igpt.pretrain.train import resolve_model_section
 
     cfg = load_config(args.config, row_overrides(args, "plain-fp32", args.out / "x"))
-    resolve_model_section(cfg, load_manifest(args.data))
+    resolve_model_section(cfg, Manifest.load(args.data))
     m, t = cfg.model, cfg.train
     results = {"device": args.device, "steps": args.steps, "seed": t.seed, "config": args.config,
                "overrides": args.overrides, "shape": f"{m.n_layer}x{m.n_embd} ({m.n_head} heads), ctx {m.n_ctx}",

@@ -117,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from igpt.pretrain.config import load_config
     from igpt.pretrain.train import resolve_model_section
-    from igpt.data_pipeline.manifest import load_manifest
+    from igpt.data_pipeline.manifest import Manifest
 
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args.config, [f"data.dir={args.data}", f"train.device={args.device}", *args.overrides])
-    resolve_model_section(cfg, load_manifest(args.data))
+    resolve_model_section(cfg, Manifest.load(args.data))
     t = cfg.train
     steps = max(1, int(args.tokens // cfg.tokens_per_step()))
     env = {**single_process_env(),  # each side is a plain single process

@@ -76,8 +76,8 @@ def random_shards(root: Path, resolution: int) -> Path:
     for i in range(64):
         Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
     save_palette(uniform9_palette(), root / "palette.npy")
-    shard_dataset([str(root / "images")], root / "tokens", root / "palette.npy", resolution, num_workers=1,
-                  progress=False)
+    shard_dataset([str(root / "images")], root / "tokens", root / "palette.npy", resolution=resolution,
+                  num_workers=1, progress=False)
     return root / "tokens"
 
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from igpt.data_pipeline.manifest import load_manifest
+    from igpt.data_pipeline.manifest import Manifest
     from igpt.pretrain.distributed import setup_env
 
     cuda = args.device == "cuda"
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     setup_env()
     import deepspeed
 
-    ctx = load_manifest(args.data)["resolution"] ** 2
+    ctx = Manifest.load(args.data).tokens_per_sample
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     steps = args.steps if args.steps is not None else (30 if cuda else 5)
     table = GPU_SHAPES if cuda else CPU_SHAPES

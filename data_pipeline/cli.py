@@ -20,7 +20,8 @@ def _palette_fit(args: argparse.Namespace) -> int:
         if not args.source:
             raise UserError("--kind kmeans512 needs --source (the images to fit on), or use --kind uniform9")
         palette = fit_palette_from_sources(
-            args.source, args.resolution, 512, args.max_images, args.pixels_per_image, args.seed, args.iters, args.device
+            args.source, resolution=args.resolution, k=512, max_images=args.max_images,
+            pixels_per_image=args.pixels_per_image, seed=args.seed, iters=args.iters, device=args.device,
         )
     sha = save_palette(palette, args.out)
     Quantizer.from_file(args.out)  # build and cache the lookup table now
@@ -31,11 +32,12 @@ def _palette_fit(args: argparse.Namespace) -> int:
 def _shard(args: argparse.Namespace) -> int:
     names = args.class_names.split(",") if args.class_names else None
     manifest = shard_dataset(
-        args.sources, args.out, args.palette, args.resolution, args.val_fraction, args.shard_size, args.workers,
-        args.seed, args.limit, names, margin=args.margin,
+        args.sources, args.out, args.palette, resolution=args.resolution, val_fraction=args.val_fraction,
+        shard_size=args.shard_size, num_workers=args.workers, seed=args.seed, limit=args.limit, class_names=names,
+        margin=args.margin,
     )
-    counts = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
-    print(f"{args.out}: {counts}; skipped {len(manifest['skipped'])} {manifest['skipped_counts']}")
+    counts = ", ".join(f"{k} {v.num_samples}" for k, v in manifest.splits.items())
+    print(f"{args.out}: {counts}; skipped {len(manifest.skipped)} {manifest.skipped_counts}")
     return 0
 
 

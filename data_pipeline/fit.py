@@ -28,7 +28,7 @@ def sample_pixels(
 
 
 def fit_palette_from_sources(
-    sources: list[str], resolution: int = 32, k: int = 512, max_images: int = 10000, pixels_per_image: int = 64,
+    sources: list[str], *, resolution: int = 32, k: int = 512, max_images: int = 10000, pixels_per_image: int = 64,
     seed: int = 0, iters: int = 30, device: str | None = None,
 ) -> np.ndarray:
     """iGPT's palette: k-means with ``k`` centres on pixels sampled from ``sources``."""

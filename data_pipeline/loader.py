@@ -53,7 +53,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from igpt.data_pipeline.augment import Augment
-from igpt.data_pipeline.manifest import load_manifest, split_info, stored_resolution
+from igpt.data_pipeline.manifest import Manifest, ShardInfo
 from igpt.data_pipeline.shard import npy_header
 from igpt.data_pipeline.tario import iter_members
 from igpt.errors import UserError
@@ -111,12 +111,12 @@ def read_samples(path: str, resolution: int, part: int = 0, parts: int = 1,
         yield Sample(j, key, tokens, label)
 
 
-def deal_units(shards: list[dict], data_dir: Path, slots: int, seed: int, epoch: int) -> list[list[Unit]]:
+def deal_units(shards: list[ShardInfo], data_dir: Path, slots: int, seed: int, epoch: int) -> list[list[Unit]]:
     """The units (shard parts) each slot reads in an epoch; slot index = worker * world + rank."""
     order = np.random.default_rng([seed, epoch]).permutation(len(shards))
     parts = -(-slots // len(shards)) if shards else 1
     units = [
-        (str(data_dir / shards[i]["file"]), p, parts, -(-(shards[i]["num_samples"] - p) // parts))
+        (str(data_dir / shards[i].file), p, parts, -(-(shards[i].num_samples - p) // parts))
         for i in order
         for p in range(parts)
     ]
@@ -184,7 +184,7 @@ def _resampled_units(s: "TokenStream", worker: int, resume: int) -> Iterator[Uni
     rng = random.Random(_seed("resampled", s.seed, resume, s.rank, worker))
     while True:
         shard = s.shards[rng.randrange(len(s.shards))]
-        yield str(s.data_dir / shard["file"]), 0, 1, shard["num_samples"]
+        yield str(s.data_dir / shard.file), 0, 1, shard.num_samples
 
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
@@ -244,25 +244,25 @@ class TokenStream:
         if batch_size < 1:
             raise UserError(f"batch_size must be positive, got {batch_size}")
         self.data_dir = Path(data_dir)
-        self.manifest = load_manifest(self.data_dir)
-        info = split_info(self.manifest, split)
-        if not info["shards"]:
+        self.manifest = Manifest.load(self.data_dir)
+        info = self.manifest.split(split)
+        if not info.shards:
             raise UserError(f"split {split!r} of {self.data_dir} has no samples")
-        if with_labels and not self.manifest.get("labelled"):
+        if with_labels and not self.manifest.labelled:
             raise UserError(f"{self.data_dir} has no class labels (with_labels=True)")
-        missing = [sh["file"] for sh in info["shards"] if not (self.data_dir / sh["file"]).is_file()]
+        missing = [sh.file for sh in info.shards if not (self.data_dir / sh.file).is_file()]
         if missing:
             raise FileNotFoundError(f"{self.data_dir}: shards in the manifest are missing: {missing[:5]}")
-        self.split, self.shards, self.num_samples = split, info["shards"], info["num_samples"]
+        self.split, self.shards, self.num_samples = split, info.shards, info.num_samples
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
         self.mode, self.with_labels, self.pin_memory, self.with_keys = mode, with_labels, pin_memory, with_keys
-        self.shard_index = {str(self.data_dir / sh["file"]): i for i, sh in enumerate(self.shards)}
+        self.shard_index = {str(self.data_dir / sh.file): i for i, sh in enumerate(self.shards)}
         # epoch → samples already seen in it before a re-split (see resume_from); empty otherwise
         self.excluded: dict[int, Masks] = {}
-        self.resolution = self.manifest["resolution"]
-        self.augment = Augment(self.resolution, stored_resolution(self.manifest, split), hflip, random_crop, seed)
-        self.palette_sha256 = self.manifest["palette_sha256"]
+        self.resolution = self.manifest.resolution
+        self.augment = Augment(self.resolution, info.stored_resolution, hflip, random_crop, seed)
+        self.palette_sha256 = self.manifest.palette_sha256
         self.epoch = 0
         self.batches_in_epoch = 0
         self.total_batches = 0
@@ -276,7 +276,7 @@ class TokenStream:
         """Positions in its shard of a unit's samples that this epoch reads."""
         path, part, parts, _ = unit
         shard = self.shard_index[path]
-        j = np.arange(part, self.shards[shard]["num_samples"], parts)
+        j = np.arange(part, self.shards[shard].num_samples, parts)
         mask = self.excluded.get(epoch, {}).get(shard)
         return j if mask is None else j[~mask[j]]
 
@@ -425,7 +425,7 @@ class TokenStream:
         def mark(epoch: int, shard: int, indices: np.ndarray) -> None:
             masks = seen.setdefault(epoch, {})
             if shard not in masks:
-                masks[shard] = np.zeros(self.shards[shard]["num_samples"], bool)
+                masks[shard] = np.zeros(self.shards[shard].num_samples, bool)
             masks[shard][indices] = True
 
         for rank, state in enumerate(states):
@@ -454,13 +454,13 @@ def iterate_split(data_dir: str | Path, split: str, batch_size: int, with_labels
     """One ordered, finite pass over a split (shards in manifest order, no shuffling), in this process; a
     split stored with a margin is centre-cropped to the training size."""
     data_dir = Path(data_dir)
-    manifest = load_manifest(data_dir)
-    shards = split_info(manifest, split)["shards"]
-    if with_labels and not manifest.get("labelled"):
+    manifest = Manifest.load(data_dir)
+    info = manifest.split(split)
+    if with_labels and not manifest.labelled:
         raise UserError(f"{data_dir} has no class labels (with_labels=True)")
-    centre = Augment(manifest["resolution"], stored_resolution(manifest, split))
-    samples = (x._replace(tokens=centre(x.tokens, 0, 0, 0)) for sh in shards
-               for x in read_samples(str(data_dir / sh["file"]), centre.stored))
+    centre = Augment(manifest.resolution, info.stored_resolution)
+    samples = (x._replace(tokens=centre(x.tokens, 0, 0, 0)) for sh in info.shards
+               for x in read_samples(str(data_dir / sh.file), centre.stored))
     for tokens, labels, _ in _batches(samples, batch_size, with_labels):
         out = {"tokens": torch.from_numpy(tokens).long()}
         if labels is not None:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from igpt.data_pipeline.augment import pad_margin
 from igpt.data_pipeline.decode import SkipImage, decode_image
 from igpt.data_pipeline.io import copy_atomic, write_bytes_atomic, write_json_atomic
-from igpt.data_pipeline.manifest import FORMAT_VERSION, MANIFEST_FILE
+from igpt.data_pipeline.manifest import Manifest, ShardInfo, SplitInfo
 from igpt.data_pipeline.palette import PALETTE_FILE, load_palette
 from igpt.data_pipeline.progress import bar
 from igpt.data_pipeline.quantize import Quantizer
@@ -135,6 +135,7 @@ def shard_dataset(
     sources: list[str],
     out_dir: str | os.PathLike,
     palette_path: str | os.PathLike,
+    *,
     resolution: int,
     val_fraction: float = 0.0,
     shard_size: int = 2000,
@@ -144,8 +145,8 @@ def shard_dataset(
     class_names: list[str] | None = None,
     progress: bool = True,
     margin: int = 0,
-) -> dict:
-    """Shard ``sources`` into ``out_dir`` (resuming a previous run there); return the manifest.
+) -> Manifest:
+    """Shard ``sources`` into ``out_dir`` (resuming a previous run there); write and return the manifest.
 
     ``limit`` keeps the first N inputs in listing order; ``class_names`` names integer labels
     of tar sources (ImageFolder sources name their own). ``num_workers`` processes (default:
@@ -200,7 +201,7 @@ def shard_dataset(
     with bar(total=sum(len(its) for *_, its in todo), unit="img", desc=f"shard {out.name}", show=progress) as b:
         _run(todo, (quantizer, resolution, str(out)), workers, b)
     manifest = _manifest(plan, out, sha, resolution, margins, palette.shape[0], names, found.skipped, settings)
-    write_json_atomic(manifest, out / MANIFEST_FILE)
+    manifest.save(out)
     return manifest
 
 
@@ -216,7 +217,7 @@ def _run(todo: list, init: tuple, workers: int, progress_bar: tqdm) -> None:
 
 
 def _manifest(plan, out: Path, sha: str, resolution: int, margins: dict[str, int], vocab: int, names,
-              listing_skips, settings) -> dict:
+              listing_skips, settings) -> Manifest:
     splits, skipped, labels, unlabelled = {}, [s._asdict() for s in listing_skips], set(), 0
     for split, tasks in plan.items():
         shards = []
@@ -226,26 +227,24 @@ def _manifest(plan, out: Path, sha: str, resolution: int, margins: dict[str, int
             labels.update(rec["labels"])
             unlabelled += rec["unlabelled"]
             if rec["num_samples"]:
-                shards.append({"file": rec["file"], "num_samples": rec["num_samples"]})
-        splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "stored_resolution": resolution + margins[split],
-                         "shards": shards}
+                shards.append(ShardInfo(rec["file"], rec["num_samples"]))
+        splits[split] = SplitInfo(num_samples=sum(s.num_samples for s in shards),
+                                  stored_resolution=resolution + margins[split], shards=shards)
     labelled = bool(labels) and unlabelled == 0
     if labelled and names is not None and max(labels) >= len(names):
         raise UserError(f"label {max(labels)} has no name among {len(names)} class names")
-    return {
-        "format_version": FORMAT_VERSION,
-        "resolution": resolution,
-        "margin": settings.get("margin", 0),
-        "palette_sha256": sha,
-        "palette_file": PALETTE_FILE,
-        "vocab_size": vocab,
-        "tokens_per_sample": resolution * resolution,
-        "labelled": labelled,
-        "num_classes": (len(names) if names else max(labels) + 1) if labelled else None,
-        "class_names": names if labelled else None,
-        "splits": splits,
-        "num_inputs": settings["num_inputs"] + len(listing_skips),
-        "skipped": skipped,
-        "skipped_counts": dict(sorted(Counter(s["reason"] for s in skipped).items())),
-        "settings": settings,
-    }
+    return Manifest(
+        resolution=resolution,
+        margin=settings.get("margin", 0),
+        palette_sha256=sha,
+        palette_file=PALETTE_FILE,
+        vocab_size=vocab,
+        labelled=labelled,
+        num_classes=(len(names) if names else max(labels) + 1) if labelled else None,
+        class_names=names if labelled else None,
+        splits=splits,
+        num_inputs=settings["num_inputs"] + len(listing_skips),
+        skipped=skipped,
+        skipped_counts=dict(sorted(Counter(s["reason"] for s in skipped).items())),
+        settings=settings,
+    )

@@ -8,11 +8,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from igpt.data_pipeline.manifest import load_manifest
+from igpt.data_pipeline.manifest import Manifest
 from igpt.data_pipeline.palette import load_palette
 from igpt.errors import UserError
 
@@ -33,19 +32,20 @@ class TokenShards:
     """A directory written by ``igpt data shard``; ``open`` checks its palette file against the manifest."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     palette: np.ndarray  # (K, 3) uint8
     palette_sha256: str
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "TokenShards":
         path = Path(path)
-        manifest = load_manifest(path)
-        palette, sha = load_palette(path / manifest["palette_file"])
-        check_palette(manifest["palette_sha256"], sha,
-                      f"{path / manifest['palette_file']} is not the palette {path}/manifest.json names")
+        manifest = Manifest.load(path)
+        palette, sha = load_palette(path / manifest.palette_file)
+        check_palette(manifest.palette_sha256, sha,
+                      f"{path / manifest.palette_file} is not the palette {path}/manifest.json names")
         return cls(path, manifest, palette, sha)
 
     @property
     def resolution(self) -> int:
-        return int(self.manifest["resolution"])
+        """The training resolution of the shards."""
+        return self.manifest.resolution

@@ -34,7 +34,7 @@ def checkpoint_identity(model: IGPT) -> str:
 def data_identity(data: EvalData, split: str) -> str:
     """sha256 of what determines a split's content: palette, resolution and its shard list."""
     m = data.manifest
-    key = {"palette": m.get("palette_sha256"), "resolution": m.get("resolution"), "split": m["splits"][split]}
+    key = {"palette": m.palette_sha256, "resolution": m.resolution, "split": m.splits[split].to_dict()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

@@ -45,11 +45,11 @@ class EvalData(TokenShards):
 
     @property
     def class_names(self) -> list[str] | None:
-        return self.manifest.get("class_names")
+        return self.manifest.class_names
 
     @property
     def labelled(self) -> bool:
-        return bool(self.manifest.get("labelled", self.class_names))
+        return self.manifest.labelled
 
     def num_classes(self, labels: torch.Tensor | None = None) -> int:
         """len(class_names), else (unnamed classes) one more than the largest label seen."""
@@ -63,10 +63,10 @@ class EvalData(TokenShards):
 
     def num_samples(self, split: str, *, labels: bool = False) -> int:
         """Samples in ``split``; an error naming the problem if it is missing, empty or unlabelled."""
-        splits = self.manifest.get("splits", {})
+        splits = self.manifest.splits
         if split not in splits:
             raise EvalInputError(f"split {split!r} not in {self.path} (available: {sorted(splits)})")
-        n = int(splits[split]["num_samples"])
+        n = splits[split].num_samples
         if n == 0:
             raise EvalInputError(f"split {split!r} in {self.path} is empty (0 samples)")
         if labels and not self.labelled:
@@ -123,8 +123,8 @@ def check_compatible(model: IGPT, palette_sha: str, data: EvalData, checkpoint: 
     check_palette(palette_sha, data.palette_sha256, f"checkpoint {checkpoint} against the shards in {data.path}",
                   error=EvalInputError)
     cfg = model.cfg
-    vocab = data.manifest.get("vocab_size")
-    if vocab is not None and vocab > cfg.vocab_size:
+    vocab = data.manifest.vocab_size
+    if vocab > cfg.vocab_size:
         raise EvalInputError(f"shards use {vocab} tokens but the model's vocabulary is {cfg.vocab_size}")
     if data.resolution ** 2 > cfg.n_ctx:
         raise EvalInputError(

@@ -127,9 +127,9 @@ def shard_stage(s: DemoSettings, work: Path, palette: Path) -> tuple[Path, Path]
     if s.margin:
         dirs[f"tokens{s.resolution}m{s.margin}"] = (s.resolution, s.margin)
     for name, (r, margin) in dirs.items():
-        m = shard_dataset([s.source], work / name, palette, r, val_fraction=s.val_fraction, shard_size=1000,
+        m = shard_dataset([s.source], work / name, palette, resolution=r, val_fraction=s.val_fraction, shard_size=1000,
                           limit=s.limit, class_names=CIFAR_CLASSES.split(","), margin=margin)
-    counts = ", ".join(f"{v['num_samples']:,} {k}" for k, v in m["splits"].items())
+    counts = ", ".join(f"{v.num_samples:,} {k}" for k, v in m.splits.items())
     _log(f"shards: {' and '.join(dirs)} in {work} ({counts} images each)")
     exact = work / f"tokens{s.resolution}"
     return (work / f"tokens{s.resolution}m{s.margin}" if s.margin else exact), exact

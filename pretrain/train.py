@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from igpt.data_pipeline.loader import TokenStream
+from igpt.data_pipeline.manifest import Manifest
 from igpt.pretrain.checkpoint import ResumePlan
 from igpt.pretrain.checkpointer import Checkpointer
 from igpt.pretrain.config import TrainConfig, save_config
@@ -85,12 +86,12 @@ class LossModule(nn.Module):
             return self.model.loss(tokens, generator=generator)
 
 
-def resolve_model_section(cfg: TrainConfig, manifest: dict) -> None:
+def resolve_model_section(cfg: TrainConfig, manifest: Manifest) -> None:
     """Fill the model's data-given fields: n_ctx = resolution², vocab_size from the manifest."""
     if cfg.model.n_ctx is None:
-        cfg.model.n_ctx = manifest["resolution"] ** 2
+        cfg.model.n_ctx = manifest.resolution ** 2
     if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = manifest["vocab_size"]
+        cfg.model.vocab_size = manifest.vocab_size
 
 
 def _seed_everything(seed: int) -> None:
@@ -269,7 +270,7 @@ class Trainer:
         if self.model_cfg.objective != "ar":
             return
         t = self.cfg.train
-        n, res = t.sample_count, self.manifest["resolution"]
+        n, res = t.sample_count, self.manifest.resolution
         gen = torch.Generator(device=self.device).manual_seed(t.seed + self.state.step)
         val = next(iter(iterate_split(self.cfg.data.dir, self.cfg.data.val_split, n)))["tokens"]
         val = val.to(self.device)

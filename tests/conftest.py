@@ -53,8 +53,9 @@ def _cifar_token_dir(root: Path, cifar_dir: Path, resolution: int, margin: int =
     if not palette.exists():
         save_palette(uniform9_palette(), palette)
     out = root / (f"tokens{resolution}" + (f"m{margin}" if margin else ""))
-    shard_dataset([str(cifar_dir / "cifar10-train-000000.tar")], out, palette, resolution, val_fraction=0.1,
-                  shard_size=100, num_workers=2, limit=2500, class_names=CIFAR_CLASSES, progress=False, margin=margin)
+    shard_dataset([str(cifar_dir / "cifar10-train-000000.tar")], out, palette, resolution=resolution,
+                  val_fraction=0.1, shard_size=100, num_workers=2, limit=2500, class_names=CIFAR_CLASSES,
+                  progress=False, margin=margin)
     return out
 
 

@@ -17,7 +17,7 @@ import torch
 from igpt.data_pipeline.augment import Augment, crop_flip, pad_margin
 from igpt.data_pipeline.decode import decode_image
 from igpt.data_pipeline.loader import TokenStream, iterate_split, read_samples
-from igpt.data_pipeline.manifest import load_manifest, stored_resolution
+from igpt.data_pipeline.manifest import MANIFEST_FILE, Manifest
 from igpt.data_pipeline.palette import load_palette
 from igpt.data_pipeline.quantize import quantize_bruteforce
 
@@ -29,18 +29,18 @@ def _raw_images(cifar_dir: Path) -> dict[str, bytes]:
 
 def _identities(data_dir: Path, split: str) -> dict[str, tuple[int, int]]:
     """key -> (shard index in the manifest, position in the shard)."""
-    m = load_manifest(data_dir)
-    return {x.key: (i, x.index) for i, sh in enumerate(m["splits"][split]["shards"])
-            for x in read_samples(str(data_dir / sh["file"]), stored_resolution(m, split))}
+    m = Manifest.load(data_dir)
+    return {x.key: (i, x.index) for i, sh in enumerate(m.split(split).shards)
+            for x in read_samples(str(data_dir / sh.file), m.stored_resolution(split))}
 
 
 def test_margin_shards_record_stored_and_training_size(cifar_tokens_margin, cifar_tokens):
-    m = load_manifest(cifar_tokens_margin)
-    assert m["format_version"] == 2 and m["resolution"] == 16 and m["margin"] == 4 and m["tokens_per_sample"] == 256
-    assert stored_resolution(m, "train") == 20 and stored_resolution(m, "val") == 16
-    plain = load_manifest(cifar_tokens)
-    assert plain["margin"] == 0 and stored_resolution(plain, "train") == 16
-    assert m["splits"]["train"]["num_samples"] == plain["splits"]["train"]["num_samples"]
+    m = Manifest.load(cifar_tokens_margin)
+    assert m.format_version == 2 and m.resolution == 16 and m.margin == 4 and m.tokens_per_sample == 256
+    assert m.stored_resolution("train") == 20 and m.stored_resolution("val") == 16
+    plain = Manifest.load(cifar_tokens)
+    assert plain.margin == 0 and plain.stored_resolution("train") == 16
+    assert m.split("train").num_samples == plain.split("train").num_samples
 
 
 def test_flips_and_crops_equal_the_tokens_of_the_augmented_image(cifar_dir, cifar_tokens_margin, cifar_tokens):
@@ -70,7 +70,7 @@ def test_flips_and_crops_equal_the_tokens_of_the_augmented_image(cifar_dir, cifa
     assert changed > 0.9 * len(ids)  # a new draw each epoch
 
     # val is stored at the exact size and read as is: the same tokens as unaugmented 16x16 shards
-    assert stored_resolution(load_manifest(cifar_tokens_margin), "val") == 16
+    assert Manifest.load(cifar_tokens_margin).stored_resolution("val") == 16
     val = [b["tokens"] for b in iterate_split(cifar_tokens_margin, "val", 64)]
     exact = [b["tokens"] for b in iterate_split(cifar_tokens, "val", 64)]
     assert all(torch.equal(a, b) for a, b in zip(val, exact)) and len(val) == len(exact)
@@ -80,11 +80,11 @@ def test_flips_and_crops_equal_the_tokens_of_the_augmented_image(cifar_dir, cifa
 
 
 def test_centre_crop_is_the_exact_size_image(cifar_tokens_margin, cifar_tokens):
-    m = load_manifest(cifar_tokens_margin)
-    stored = {x.key: x.tokens for sh in m["splits"]["train"]["shards"]
-              for x in read_samples(str(cifar_tokens_margin / sh["file"]), 20)}
-    exact = load_manifest(cifar_tokens)
-    for x in (x for sh in exact["splits"]["train"]["shards"] for x in read_samples(str(cifar_tokens / sh["file"]), 16)):
+    m = Manifest.load(cifar_tokens_margin)
+    stored = {x.key: x.tokens for sh in m.split("train").shards
+              for x in read_samples(str(cifar_tokens_margin / sh.file), 20)}
+    exact = Manifest.load(cifar_tokens)
+    for x in (x for sh in exact.split("train").shards for x in read_samples(str(cifar_tokens / sh.file), 16)):
         assert np.array_equal(crop_flip(stored[x.key], 20, 16, 2, 2, False), x.tokens)
     assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(iterate_split(cifar_tokens_margin, "train", 100),
                                                                        iterate_split(cifar_tokens, "train", 100)))
@@ -130,20 +130,21 @@ def test_resplit_on_another_world_size_keeps_each_samples_augmentation(cifar_tok
 def test_format_1_manifests_still_load(cifar_tokens, tmp_path):
     old = tmp_path / "v1"
     shutil.copytree(cifar_tokens, old)
-    m = json.loads((old / "manifest.json").read_text())
-    m["format_version"] = 1
-    del m["margin"]
-    for split in m["splits"].values():
+    raw = json.loads((old / MANIFEST_FILE).read_text())  # the file as format 1 wrote it
+    raw["format_version"] = 1
+    del raw["margin"]
+    for split in raw["splits"].values():
         del split["stored_resolution"]
-    (old / "manifest.json").write_text(json.dumps(m))
-    assert stored_resolution(load_manifest(old), "train") == 16
+    (old / MANIFEST_FILE).write_text(json.dumps(raw))
+    assert Manifest.load(old) == Manifest.load(cifar_tokens)  # read as format 2 at the training size
+    assert Manifest.load(old).stored_resolution("train") == 16
     a = next(iter(TokenStream(old, "train", 8, seed=1, num_workers=0, hflip=True)))["tokens"]
     b = next(iter(TokenStream(cifar_tokens, "train", 8, seed=1, num_workers=0, hflip=True)))["tokens"]
     assert torch.equal(a, b)
-    m["format_version"] = 3
-    (old / "manifest.json").write_text(json.dumps(m))
+    raw["format_version"] = 3
+    (old / MANIFEST_FILE).write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="format_version 3"):
-        load_manifest(old)
+        Manifest.load(old)
 
 
 def test_shard_cli_margin(cifar_dir, cifar_tokens, tmp_path):
@@ -153,6 +154,6 @@ def test_shard_cli_margin(cifar_dir, cifar_tokens, tmp_path):
     assert main(["data", "shard", str(cifar_dir / "cifar10-train-000000.tar"), "--out", str(out), "--palette",
                  str(cifar_tokens / "palette.npy"), "--resolution", "8", "--margin", "2", "--val-fraction", "0.2",
                  "--limit", "40", "--workers", "1"]) == 0
-    m = load_manifest(out)
-    assert (m["resolution"], m["margin"], stored_resolution(m, "train"), stored_resolution(m, "val")) == (8, 2, 10, 8)
-    assert m["settings"]["margin"] == 2
+    m = Manifest.load(out)
+    assert (m.resolution, m.margin, m.stored_resolution("train"), m.stored_resolution("val")) == (8, 2, 10, 8)
+    assert m.settings["margin"] == 2

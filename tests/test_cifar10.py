@@ -54,8 +54,8 @@ def test_download_verifies_converts_and_is_reused(archive, tmp_path):
     assert (out / MARKER).is_file() and not list(out.parent.glob("*.tar.gz*"))  # archive removed once converted
     palette = tmp_path / "palette.npy"
     save_palette(uniform9_palette(), palette)
-    m = shard_dataset([pattern], tmp_path / "tokens", palette, 8, num_workers=1, progress=False)
-    assert m["labelled"] and m["num_inputs"] == 120 and not m["skipped"]
+    m = shard_dataset([pattern], tmp_path / "tokens", palette, resolution=8, num_workers=1, progress=False)
+    assert m.labelled and m.num_inputs == 120 and not m.skipped
 
 
 def test_md5_mismatch_deletes_the_download(archive, tmp_path):

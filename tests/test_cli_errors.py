@@ -37,7 +37,7 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     other = uniform9_palette().copy()
     other[0] = [1, 2, 3]
     save_palette(other, root / "other.npy")
-    shard_dataset([str(root / "images")], root / "tokens", root / "palette.npy", 4, val_fraction=0.25,
+    shard_dataset([str(root / "images")], root / "tokens", root / "palette.npy", resolution=4, val_fraction=0.25,
                   num_workers=1, progress=False)
     release = root / "foreign_release"  # weights made for another palette than the shards'
     release.mkdir()

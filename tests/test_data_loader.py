@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from igpt.data_pipeline.loader import TokenStream, deal_units, iterate_split
-from igpt.data_pipeline.manifest import load_manifest
+from igpt.data_pipeline.manifest import Manifest
 
 
 def _ids(batch: dict) -> list[bytes]:
@@ -24,7 +24,7 @@ def _all_ids(data_dir, split) -> Counter:
 @pytest.mark.parametrize("world_size,num_workers", [(1, 2), (2, 2), (3, 2), (3, 0)])
 def test_every_sample_once_per_epoch(cifar_tokens, world_size, num_workers):
     everything = _all_ids(cifar_tokens, "train")
-    assert sum(everything.values()) == load_manifest(cifar_tokens)["splits"]["train"]["num_samples"]
+    assert sum(everything.values()) == Manifest.load(cifar_tokens).split("train").num_samples
     for epoch in range(2):
         seen: Counter = Counter()
         for rank in range(world_size):
@@ -42,10 +42,10 @@ def test_every_sample_once_per_epoch(cifar_tokens, world_size, num_workers):
 
 
 def test_fewer_shards_than_slots_still_exactly_once(cifar_tokens):
-    shards = load_manifest(cifar_tokens)["splits"]["val"]["shards"]
+    shards = Manifest.load(cifar_tokens).split("val").shards
     assert len(shards) < 3 * 2  # 3 val shards, 6 slots: shards are cut into interleaved parts
     units = deal_units(shards, cifar_tokens, 6, seed=0, epoch=0)
-    assert all(units) and sum(u[3] for slot in units for u in slot) == sum(s["num_samples"] for s in shards)
+    assert all(units) and sum(u[3] for slot in units for u in slot) == sum(s.num_samples for s in shards)
     seen: Counter = Counter()
     for rank in range(3):
         s = TokenStream(cifar_tokens, "val", 8, rank=rank, world_size=3, num_workers=2, shuffle_buffer=10)
@@ -114,7 +114,7 @@ def test_resume_with_changed_layout_starts_next_epoch(cifar_tokens):
 
 
 def test_resampled_mode_is_endless_and_deterministic(cifar_tokens):
-    n = load_manifest(cifar_tokens)["splits"]["val"]["num_samples"]
+    n = Manifest.load(cifar_tokens).split("val").num_samples
     kw = dict(mode="resampled", num_workers=2, seed=4, shuffle_buffer=20)
     s = TokenStream(cifar_tokens, "val", 32, **kw)
     batches = _take(s, 2 * n // 32 + 3)  # well past one epoch's worth
@@ -129,12 +129,12 @@ def test_resampled_mode_is_endless_and_deterministic(cifar_tokens):
 
 
 def test_iterate_split_is_ordered_and_complete(cifar_tokens):
-    m = load_manifest(cifar_tokens)
+    m = Manifest.load(cifar_tokens)
     batches = list(iterate_split(cifar_tokens, "val", 100, with_labels=True))
-    assert sum(len(b["tokens"]) for b in batches) == m["splits"]["val"]["num_samples"]
+    assert sum(len(b["tokens"]) for b in batches) == m.split("val").num_samples
     assert [len(b["tokens"]) for b in batches][:-1] == [100] * (len(batches) - 1)
     assert all(0 <= int(b["labels"].min()) and int(b["labels"].max()) < 10 for b in batches)
-    assert all(int(b["tokens"].max()) < m["vocab_size"] for b in batches)
+    assert all(int(b["tokens"].max()) < m.vocab_size for b in batches)
 
 
 def test_bad_arguments_are_clear(cifar_tokens, tmp_path):

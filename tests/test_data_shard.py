@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import signal
 import struct
 import subprocess
@@ -18,7 +19,7 @@ from PIL import Image
 
 from igpt.data_pipeline.decode import decode_image
 from igpt.data_pipeline.loader import read_shard
-from igpt.data_pipeline.manifest import load_manifest
+from igpt.data_pipeline.manifest import MANIFEST_FILE, Manifest
 from igpt.data_pipeline.palette import save_palette, uniform9_palette
 from igpt.data_pipeline.quantize import quantize_bruteforce
 from igpt.data_pipeline.shard import RECORDS_DIR, shard_dataset, split_of
@@ -33,14 +34,14 @@ def palette_path(tmp_path_factory) -> Path:
     return path
 
 
-def _samples(out: Path, manifest: dict) -> dict[str, tuple[np.ndarray, int | None]]:
+def _samples(out: Path, manifest: Manifest) -> dict[str, tuple[np.ndarray, int | None]]:
     """key -> (tokens, label) over all splits, read with an independent tar reader."""
     import tarfile
 
     found = {}
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            with tarfile.open(out / shard["file"]) as tf:
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            with tarfile.open(out / shard.file) as tf:
                 members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
             for name, data in members.items():
                 if name.endswith(".tokens.npy"):
@@ -52,14 +53,22 @@ def _samples(out: Path, manifest: dict) -> dict[str, tuple[np.ndarray, int | Non
 
 def test_cifar_tokens_match_independent_decode_and_brute_force(cifar_dir, palette_path, tmp_path):
     tar = cifar_dir / "cifar10-train-000000.tar"
-    m = shard_dataset([str(tar)], tmp_path, palette_path, 32, val_fraction=0.2, shard_size=40, num_workers=2,
-                      limit=150, progress=False)
-    assert m["num_inputs"] == 150 and not m["skipped"]
-    assert m["splits"]["train"]["num_samples"] + m["splits"]["val"]["num_samples"] == 150
-    assert sum(s["num_samples"] for s in m["splits"]["train"]["shards"]) == m["splits"]["train"]["num_samples"]
-    assert m["labelled"] and m["num_classes"] == 10 and m["resolution"] == 32
+    m = shard_dataset([str(tar)], tmp_path, palette_path, resolution=32, val_fraction=0.2, shard_size=40,
+                      num_workers=2, limit=150, progress=False)
+    assert m.num_inputs == 150 and not m.skipped
+    assert m.split("train").num_samples + m.split("val").num_samples == 150
+    assert sum(s.num_samples for s in m.split("train").shards) == m.split("train").num_samples
+    assert m.labelled and m.num_classes == 10 and m.resolution == 32
     assert (tmp_path / "palette.npy").read_bytes() == palette_path.read_bytes()
-    assert load_manifest(tmp_path) == m
+    assert Manifest.load(tmp_path) == m
+    text = (tmp_path / MANIFEST_FILE).read_text()  # the file: the record's keys in their order, indent 1
+    assert text == json.dumps(m.to_dict(), indent=1) + "\n"
+    assert list(json.loads(text)) == [
+        "format_version", "resolution", "margin", "palette_sha256", "palette_file", "vocab_size", "tokens_per_sample",
+        "labelled", "num_classes", "class_names", "splits", "num_inputs", "skipped", "skipped_counts", "settings"]
+    (tmp_path / "copy").mkdir()
+    m.save(tmp_path / "copy")
+    assert (tmp_path / "copy" / MANIFEST_FILE).read_text() == text
     samples = _samples(tmp_path, m)
     assert len(samples) == 150
     import tarfile
@@ -77,7 +86,7 @@ def test_cifar_tokens_match_independent_decode_and_brute_force(cifar_dir, palett
         assert label == int(raw[f"{key}.cls"])
     # the val split is the hash of the key: deterministic and independent of shard size or workers
     for key in samples:
-        in_val = any(key in {k for k in _keys(tmp_path / s["file"])} for s in m["splits"]["val"]["shards"])
+        in_val = any(key in {k for k in _keys(tmp_path / s.file)} for s in m.split("val").shards)
         assert in_val == (split_of(key, 0.2, 0) == "val")
 
 
@@ -91,8 +100,8 @@ def _keys(shard: Path) -> list[str]:
 def test_shards_are_readable_by_webdataset(cifar_dir, palette_path, tmp_path):
     import webdataset as wds
 
-    shard_dataset([str(cifar_dir / "cifar10-train-000000.tar")], tmp_path, palette_path, 16, shard_size=30,
-                  num_workers=1, limit=30, progress=False)
+    shard_dataset([str(cifar_dir / "cifar10-train-000000.tar")], tmp_path, palette_path, resolution=16,
+                  shard_size=30, num_workers=1, limit=30, progress=False)
     ours = list(read_shard(str(tmp_path / "train-000000.tar"), 16))
     theirs = list(wds.WebDataset(str(tmp_path / "train-000000.tar"), shardshuffle=False).decode())
     assert len(ours) == len(theirs) == 30
@@ -149,15 +158,15 @@ def _zoo(root: Path) -> dict[str, str | None]:
 
 def test_bad_input_zoo_is_converted_or_counted(tmp_path, palette_path):
     expected = _zoo(tmp_path / "zoo")
-    m = shard_dataset([str(tmp_path / "zoo")], tmp_path / "out", palette_path, 8, shard_size=4, num_workers=2,
-                      progress=False)
+    m = shard_dataset([str(tmp_path / "zoo")], tmp_path / "out", palette_path, resolution=8, shard_size=4,
+                      num_workers=2, progress=False)
     kept = [k for k, v in expected.items() if v is None]
-    assert m["num_inputs"] == len(expected)
-    assert m["splits"]["train"]["num_samples"] == len(kept) == m["num_inputs"] - len(m["skipped"])
-    got = {Path(s["source"]).name: s["reason"] for s in m["skipped"]}
+    assert m.num_inputs == len(expected)
+    assert m.split("train").num_samples == len(kept) == m.num_inputs - len(m.skipped)
+    got = {Path(s["source"]).name: s["reason"] for s in m.skipped}
     assert got == {k: v for k, v in expected.items() if v is not None}
-    assert sum(m["skipped_counts"].values()) == len(m["skipped"])
-    assert m["class_names"] == ["cat", "dog"] and m["num_classes"] == 2
+    assert sum(m.skipped_counts.values()) == len(m.skipped)
+    assert m.class_names == ["cat", "dog"] and m.num_classes == 2
     samples = _samples(tmp_path / "out", m)
     assert {k.split("/")[-1] for k in samples} == {k.replace(".", "_") for k in kept}  # rgb.png and rgb.jpg both kept
     assert all(label == (0 if k.startswith("zoo/cat") else 1) for k, (_, label) in samples.items())
@@ -187,22 +196,23 @@ def test_resize_short_side_and_centre_crop():
 
 def test_missing_and_empty_sources_are_clear_errors(tmp_path, palette_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        shard_dataset([str(tmp_path / "nope")], tmp_path / "o1", palette_path, 8)
+        shard_dataset([str(tmp_path / "nope")], tmp_path / "o1", palette_path, resolution=8)
     with pytest.raises(FileNotFoundError, match="matches no files"):
-        shard_dataset([str(tmp_path / "*.png")], tmp_path / "o2", palette_path, 8)
+        shard_dataset([str(tmp_path / "*.png")], tmp_path / "o2", palette_path, resolution=8)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no images"):
-        shard_dataset([str(tmp_path / "empty")], tmp_path / "o3", palette_path, 8)
+        shard_dataset([str(tmp_path / "empty")], tmp_path / "o3", palette_path, resolution=8)
     (tmp_path / "notatar.tar").write_bytes(b"hello" * 200)
     with pytest.raises(ValueError, match="not a readable tar"):
-        shard_dataset([str(tmp_path / "notatar.tar")], tmp_path / "o4", palette_path, 8)
+        shard_dataset([str(tmp_path / "notatar.tar")], tmp_path / "o4", palette_path, resolution=8)
 
 
 def test_glob_source_is_unlabelled(tmp_path, palette_path):
     for i in range(5):
         Image.new("RGB", (12, 9), (i * 40, 0, 0)).save(tmp_path / f"img{i}.png")
-    m = shard_dataset([str(tmp_path / "img*.png")], tmp_path / "out", palette_path, 4, num_workers=1, progress=False)
-    assert m["splits"]["train"]["num_samples"] == 5 and not m["labelled"] and m["class_names"] is None
+    m = shard_dataset([str(tmp_path / "img*.png")], tmp_path / "out", palette_path, resolution=4, num_workers=1,
+                      progress=False)
+    assert m.split("train").num_samples == 5 and not m.labelled and m.class_names is None
 
 
 def _digest(out: Path) -> dict[str, str]:
@@ -210,11 +220,11 @@ def _digest(out: Path) -> dict[str, str]:
 
 
 def test_resume_keeps_finished_shards_and_redoes_the_rest(cifar_dir, palette_path, tmp_path):
-    args = ([str(cifar_dir / "cifar10-train-000000.tar")], None, palette_path, 16)
+    sources = [str(cifar_dir / "cifar10-train-000000.tar")]
     kw = dict(val_fraction=0.1, shard_size=25, num_workers=2, limit=200, progress=False)
-    ref = shard_dataset(args[0], tmp_path / "ref", *args[2:], **kw)
+    ref = shard_dataset(sources, tmp_path / "ref", palette_path, resolution=16, **kw)
     out = tmp_path / "run"
-    shard_dataset(args[0], out, *args[2:], **kw)
+    shard_dataset(sources, out, palette_path, resolution=16, **kw)
     # simulate an interruption: no manifest, two shards unrecorded (one half-written), a stale temp file
     (out / "manifest.json").unlink()
     for name in ["train-000002", "val-000000"]:
@@ -224,15 +234,15 @@ def test_resume_keeps_finished_shards_and_redoes_the_rest(cifar_dir, palette_pat
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     (out / ".train-000002.tmp12345.tar").write_bytes(b"half")  # the temp of a shard being written when killed
     time.sleep(0.01)
-    m = shard_dataset(args[0], out, *args[2:], **kw)
+    m = shard_dataset(sources, out, palette_path, resolution=16, **kw)
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     assert {n for n in before if before[n] != after[n]} == {"train-000002.tar", "val-000000.tar"}
     assert not (out / ".train-000002.tmp12345.tar").exists()  # removed: the shard was written afresh
     assert _digest(out) == _digest(tmp_path / "ref")
-    assert m["splits"] == ref["splits"]
+    assert m.splits == ref.splits
     # other settings in the same directory are refused
     with pytest.raises(ValueError, match="other settings"):
-        shard_dataset(args[0], out, palette_path, 32, **kw)
+        shard_dataset(sources, out, palette_path, resolution=32, **kw)
 
 
 def test_resume_after_killed_process(cifar_dir, palette_path, tmp_path):
@@ -251,11 +261,11 @@ def test_resume_after_killed_process(cifar_dir, palette_path, tmp_path):
     assert 3 <= done < 200
     rc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert rc.returncode == 0, rc.stderr
-    m = load_manifest(tmp_path / "run")
-    assert m["splits"]["train"]["num_samples"] == 4000
-    ref = shard_dataset([src], tmp_path / "ref", palette_path, 16, shard_size=20, num_workers=2, limit=4000,
-                        progress=False)
-    assert _digest(tmp_path / "run") == _digest(tmp_path / "ref") and m["splits"] == ref["splits"]
+    m = Manifest.load(tmp_path / "run")
+    assert m.split("train").num_samples == 4000
+    ref = shard_dataset([src], tmp_path / "ref", palette_path, resolution=16, shard_size=20, num_workers=2,
+                        limit=4000, progress=False)
+    assert _digest(tmp_path / "run") == _digest(tmp_path / "ref") and m.splits == ref.splits
     assert not list((tmp_path / "run").glob(".*tmp*"))
 
 
@@ -275,8 +285,8 @@ def test_cli_palette_shard_inspect(cifar_dir, tmp_path, capsys):
     assert run("data", "shard", str(cifar_dir / "cifar10-train-000000.tar"), "--out", str(tmp_path / "tok"),
                "--palette", str(tmp_path / "km.npy"), "--resolution", "8", "--limit", "64", "--val-fraction", "0.25",
                "--class-names", "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck", "--workers", "1") == 0
-    m = load_manifest(tmp_path / "tok")
-    assert m["class_names"][0] == "airplane" and m["splits"]["val"]["num_samples"] > 0
+    m = Manifest.load(tmp_path / "tok")
+    assert m.class_names[0] == "airplane" and m.split("val").num_samples > 0
     capsys.readouterr()
     assert run("data", "inspect", str(tmp_path / "tok"), "--count", "16") == 0
     text = capsys.readouterr().out
@@ -314,11 +324,13 @@ def test_fast_jpeg_path_is_identical_to_pillow(cifar_dir):
 
 def test_duplicate_keys_across_sources_stay_separate_samples(cifar_dir, palette_path, tmp_path):
     tar = str(cifar_dir / "cifar10-train-000000.tar")
-    once = shard_dataset([tar], tmp_path / "once", palette_path, 4, shard_size=1000, num_workers=1, progress=False)
-    n = once["splits"]["train"]["num_samples"]
+    once = shard_dataset([tar], tmp_path / "once", palette_path, resolution=4, shard_size=1000, num_workers=1,
+                         progress=False)
+    n = once.split("train").num_samples
     assert n > 1000
-    m = shard_dataset([tar, tar], tmp_path, palette_path, 4, shard_size=1000, num_workers=1, progress=False)
-    assert m["splits"]["train"]["num_samples"] == 2 * n
-    keys = [k for s in m["splits"]["train"]["shards"] for k in _keys(tmp_path / s["file"])]
+    m = shard_dataset([tar, tar], tmp_path, palette_path, resolution=4, shard_size=1000, num_workers=1,
+                      progress=False)
+    assert m.split("train").num_samples == 2 * n
+    keys = [k for s in m.split("train").shards for k in _keys(tmp_path / s.file)]
     assert len(keys) == len(set(keys)) == 2 * n
-    assert sum(1 for _ in read_shard(str(tmp_path / m["splits"]["train"]["shards"][0]["file"]), 4)) == 1000
+    assert sum(1 for _ in read_shard(str(tmp_path / m.split("train").shards[0].file), 4)) == 1000

@@ -10,6 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
+from igpt.data_pipeline.manifest import Manifest
 from igpt.demo import _relay
 
 FAKE_TRAINING = """
@@ -52,9 +53,8 @@ def test_quick_demo_runs_every_stage_and_reuses_them(quick_demo) -> None:
         assert 0.0 <= bar[key] <= 1.0
     assert bar["raw_pixels_accuracy"] > 0.15  # well above chance: the probe itself works
 
-    manifest = json.loads((work / "tokens16" / "manifest.json").read_text())
-    assert manifest["num_inputs"] == 2000
-    assert json.loads((work / "tokens32" / "manifest.json").read_text())["resolution"] == 32
+    assert Manifest.load(work / "tokens16").num_inputs == 2000
+    assert Manifest.load(work / "tokens32").resolution == 32
     completions = Image.open(summary["artifacts"]["completions"])
     assert completions.width > 16 * 4 and completions.height > 16 * 4
     assert "step 12/12" in " ".join((work / "run" / "train.log").read_text().split())  # the whole log is kept
@@ -79,13 +79,12 @@ def test_quick_demo_runs_every_stage_and_reuses_them(quick_demo) -> None:
 
 def test_shard_stage_with_a_margin_trains_on_margin_shards_and_evaluates_on_exact_ones(cifar_dir, cifar_tokens,
                                                                                         tmp_path):
-    from igpt.data_pipeline.manifest import load_manifest, stored_resolution
     from igpt.demo import DemoSettings, shard_stage
 
     s = DemoSettings(source=str(cifar_dir / "cifar10-train-000000.tar"), limit=200, margin=2)
     train, evals = shard_stage(s, tmp_path, cifar_tokens / "palette.npy")
     assert (train.name, evals.name) == ("tokens16m2", "tokens16")
-    m = load_manifest(train)
-    assert (m["resolution"], stored_resolution(m, "train"), stored_resolution(m, "val")) == (16, 18, 16)
-    assert load_manifest(evals)["splits"]["val"] == m["splits"]["val"]  # the same exact-size val shards
-    assert load_manifest(tmp_path / "tokens32")["margin"] == 0
+    m = Manifest.load(train)
+    assert (m.resolution, m.stored_resolution("train"), m.stored_resolution("val")) == (16, 18, 16)
+    assert Manifest.load(evals).split("val") == m.split("val")  # the same exact-size val shards
+    assert Manifest.load(tmp_path / "tokens32").margin == 0

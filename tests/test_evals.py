@@ -9,7 +9,9 @@ import io
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from PIL import Image
 
 from igpt.data_pipeline.grid import chunk_rows, image_grid
 from igpt.data_pipeline.io import file_sha256
+from igpt.data_pipeline.manifest import Manifest, SplitInfo
 from igpt.data_pipeline.palette import save_palette, uniform9_palette
 from igpt.evals.baselines import pixel_features, random_init_cache, random_init_model
 from igpt.evals.commands import (EvalRun, SampleOptions, SplitOptions, _accuracy_note, run_finetune, run_nll, run_probe,
@@ -93,12 +96,10 @@ def eval_main(argv: list[str]) -> int:
     return main(argv)
 
 
-def edited_copy(src: Path, dst: Path, edit) -> Path:
-    """A copy of a token-shard dir with its manifest changed by ``edit(manifest)``."""
+def edited_copy(src: Path, dst: Path, edit: Callable[[Manifest], Manifest]) -> Path:
+    """A copy of a token-shard dir with its manifest replaced by ``edit(manifest)``."""
     shutil.copytree(src, dst)
-    manifest = json.loads((dst / "manifest.json").read_text())
-    edit(manifest)
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    edit(Manifest.load(dst)).save(dst)
     return dst
 
 
@@ -304,7 +305,7 @@ def test_bad_inputs_are_named(releases, cifar_tokens, tmp_path):
         run_nll(EvalRun(str(foreign), str(cifar_tokens), out=str(tmp_path / "o")))
 
     def unlabel(m):
-        m["labelled"], m["class_names"] = False, None
+        return replace(m, labelled=False, num_classes=None, class_names=None)
 
     unlabelled = edited_copy(cifar_tokens, tmp_path / "unlabelled", unlabel)
     search = load_search_config()
@@ -321,7 +322,8 @@ def test_bad_inputs_are_named(releases, cifar_tokens, tmp_path):
         parse_layers("one", 2)
 
     def add_empty(m):
-        m["splits"]["empty"] = {"num_samples": 0, "shards": []}
+        empty = SplitInfo(num_samples=0, stored_resolution=m.resolution, shards=[])
+        return replace(m, splits={**m.splits, "empty": empty})
 
     with_empty = edited_copy(cifar_tokens, tmp_path / "with_empty", add_empty)
     with pytest.raises(EvalInputError, match="split 'empty' .* is empty"):
@@ -375,7 +377,7 @@ def test_accuracy_split_is_said_plainly():
 def test_probe_cli_runs_tune_trials_logged_to_mlflow(ray_session, releases, cifar_tokens, tmp_path, capsys,
                                                      tracking_uri):
     def val_as_test(m):  # a separate shard dir whose 'test' split is the val shards
-        m["splits"] = {"test": m["splits"]["val"]}
+        return replace(m, splits={"test": m.split("val")})
 
     test_dir = edited_copy(cifar_tokens, tmp_path / "test_data", val_as_test)
     rc = eval_main(["eval", "probe", "--checkpoint", str(releases["trained"]), "--data", str(cifar_tokens),

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from igpt.data_pipeline.manifest import Manifest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -36,8 +38,7 @@ def test_gpu_quality_script_end_to_end_on_cpu(cifar_dir, cifar_tokens, tmp_path)
     steps = int(re.search(r"training (\d+) steps", done.stdout).group(1))
     assert cfg["train"]["steps"] == steps >= 1  # sized by the throughput probe
     score = json.loads((out / "score.json").read_text())
-    assert score["val_images"] == json.loads((tmp_path / "work" / "tokens16" / "manifest.json").read_text())[
-        "splits"]["val"]["num_samples"]
+    assert score["val_images"] == Manifest.load(tmp_path / "work" / "tokens16").split("val").num_samples
     for key in ("probe_best_accuracy", "probe_concat_accuracy", "raw_pixels_accuracy"):
         assert 0.0 <= score[key] <= 1.0
     assert score["probe_concat_layers"] == "0+1+2"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from igpt.data_pipeline.manifest import Manifest
 from igpt.pretrain import checkpoint as ckpt
 from test_train_support import (REPO, all_logs, killed_after_checkpoint, launch, read_log, run_overrides,
                                 step_losses, train_ranks, wait_all)
@@ -149,7 +150,7 @@ def test_jsonl_tracking_trains_where_mlflow_cannot_be_imported(cifar_tokens, tmp
 def test_validation_on_the_whole_val_split_equals_eval_nll(cifar_tokens, tmp_path):
     """train.val_batches=null: the last logged val loss of a 2-rank ZeRO-3 run in the default bf16 mode (an
     odd number of val batches, so one rank pads) equals ``igpt eval nll`` on the same checkpoint."""
-    val = json.loads((cifar_tokens / "manifest.json").read_text())["splits"]["val"]["num_samples"]
+    val = Manifest.load(cifar_tokens).split("val").num_samples
     micro = next(m for m in (4, 5, 3, 6, 7) if -(-val // m) % 2 == 1)  # an odd count: one rank pads
     run = tmp_path / "run"
     args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=3, train__steps=3, train__val_every=3,
