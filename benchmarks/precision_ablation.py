@@ -121,7 +121,6 @@ def engine_row(args: argparse.Namespace, row: str, run_dir: Path) -> dict:
     """``igpt train`` as a plain single process, then every kept checkpoint scored as an export would be."""
     from igpt.pretrain import checkpoint as ckpt
     from igpt.pretrain.config import load_config
-    from igpt.pretrain.export import consolidated_state_dict
 
     env = single_process_env()
     t0 = time.perf_counter()
@@ -135,7 +134,7 @@ def engine_row(args: argparse.Namespace, row: str, run_dir: Path) -> dict:
     curve = {}
     for tag in sorted(ckpt.find_resumable(run_dir), key=lambda p: p.name):
         step = int(ckpt.TAG_RE.match(tag.name).group(1))
-        curve[step] = evaluate_state(consolidated_state_dict(tag), cfg, args.data, args.device)
+        curve[step] = evaluate_state(ckpt.consolidated_state_dict(tag), cfg, args.data, args.device)
     metrics = read_metrics(run_dir / "tracking" / METRICS_FILE)
     own = next(m["val_loss"] for m in reversed(metrics) if "val_loss" in m)
     return {"val_nll": curve, "training_val_loss": own, "process_s": seconds}

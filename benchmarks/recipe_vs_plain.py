@@ -81,9 +81,9 @@ def run_ours(args: argparse.Namespace, cfg: TrainConfig, steps: int, out: Path, 
 
 
 def run_reference(args: argparse.Namespace, cfg: TrainConfig, out: Path, env: dict[str, str]) -> dict:
-    m, t = cfg.model, cfg.train
+    m = cfg.model
     cmd = [sys.executable, str(args.reference), args.data, "--tokens", str(args.tokens), "--layers", str(m.n_layer),
-           "--width", str(m.n_embd), "--heads", str(m.n_head), "--batch", str(t.micro_batch_size * t.grad_accum),
+           "--width", str(m.n_embd), "--heads", str(m.n_head), "--batch", str(cfg.global_batch()),
            "--lr", str(cfg.optim.lr), "--warmup", str(cfg.optim.warmup_steps), "--device", args.device,
            "--out", str(out / "plain.json")]
     if args.reference_compile:

@@ -24,6 +24,11 @@ agrees on it across ranks within a step, saves a checkpoint and exits with
 ``checkpoint.preempt_exit_code`` (default 124), which a launcher or SLURM ``--requeue`` wrapper treats
 as "requeue me". DataLoader workers ignore these signals (``igpt.data_pipeline.loader``), so a signal sent
 to the whole process group reaches the ranks without killing their loaders.
+
+Reading weights without an engine (``igpt export``, ``igpt.pretrain.release.load_model``): ``resolve_tag``
+picks a run's checkpoint, ``consolidated_state_dict`` its fp32 ``IGPT`` state dict. ZeRO-1/2/3 checkpoints
+are consolidated with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (from the fp32 master
+partitions of every rank); ZeRO-0 checkpoints hold the full module already.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ from igpt.errors import UserError
 MARKER = "COMPLETE.json"
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 UNIVERSAL = "universal"  # the universal-format copy of a tag, inside the tag dir
+MODULE_PREFIX = "model."  # the training engine wraps IGPT in LossModule
 
 
 def tag_for(step: int) -> str:
@@ -151,6 +157,31 @@ def prune(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     for t in doomed:
         shutil.rmtree(t, ignore_errors=True)
     return doomed
+
+
+def resolve_tag(run_dir: str | os.PathLike, tag: str | None = None) -> Path:
+    """The checkpoint dir to read: ``tag`` (verified) or the newest complete one."""
+    if tag is not None:
+        tag_dir = checkpoints_dir(run_dir) / tag
+        verify(tag_dir)
+        return tag_dir
+    found = find_resumable(run_dir)
+    if not found:
+        raise FileNotFoundError(f"no complete checkpoint under {checkpoints_dir(run_dir)}")
+    return found[0]
+
+
+def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 ``IGPT`` state dict of a checkpoint of any ZeRO stage (loaded from our own trusted files)."""
+    info = verify(tag_dir, check_sha256=False)
+    if info["zero_stage"] == 0:
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        sd = states["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return {k.removeprefix(MODULE_PREFIX): v.detach().float().contiguous().clone() for k, v in sd.items()}
 
 
 # ---------------------------------------------------------------- save / load through the engine

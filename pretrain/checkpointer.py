@@ -13,7 +13,7 @@ from typing import Any, Callable
 from igpt.data_pipeline.token_shards import check_palette
 from igpt.errors import UserError
 from igpt.pretrain import checkpoint as ckpt
-from igpt.pretrain.config import MODEL_DEFAULTS, TrainConfig, to_dict
+from igpt.pretrain.config import MODEL_FIELDS, TrainConfig, config_from_checkpoint, to_dict
 from igpt.pretrain.state import TrainState
 
 
@@ -75,7 +75,8 @@ class Checkpointer:
         this run (palette, model); the data stream re-splits when the layout changed."""
         client = ckpt.load(engine, plan)
         check_palette(client["palette_sha256"], palette_sha256, f"checkpoint {plan.tag_dir} and the training data")
-        changed = [k for k, default in MODEL_DEFAULTS.items() if client["config"]["model"].get(k, default) != getattr(self.cfg.model, k)]
+        saved = config_from_checkpoint(client["config"])
+        changed = [k for k in MODEL_FIELDS if getattr(saved.model, k) != getattr(self.cfg.model, k)]
         if changed:
             raise UserError(f"checkpoint {plan.tag_dir} has a different model ({changed}); cannot resume")
         state.load_state_dict(client)
@@ -83,9 +84,7 @@ class Checkpointer:
         self.log(f"resumed from {plan.tag_dir} at step {state.step} ({state.tokens_seen} tokens seen)")
         stage = engine.zero_optimization_stage()
         if plan.saved_world != self.world or plan.saved_stage != stage:
-            saved, now = client["config"]["train"], self.cfg.train
-            before = saved["micro_batch_size"] * saved["grad_accum"] * plan.saved_world
-            after = now.micro_batch_size * now.grad_accum * self.world
+            before, after = saved.global_batch(plan.saved_world), self.cfg.global_batch(self.world)
             batch = f"global batch {before} → {after} sequences" + ("" if before == after else
                                                                     " (set train.grad_accum to keep it)")
             self.log(f"elastic resume: {plan.describe(self.world, stage)}; {batch}; data: {data}")

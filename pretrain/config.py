@@ -6,12 +6,14 @@ YAML file and the ``key=value`` overrides, with OmegaConf's structured merge, an
 ``TrainConfig``. An unknown key, a value of the wrong type or outside its ``Literal`` choices is a
 ``ConfigError`` that names the key. ``save_config`` writes the resolved config as ``config.yaml``;
 loading it gives an equal ``TrainConfig``. ``load_structured`` is the same merge for any schema
-(the evals' search config uses it too).
+(the evals' search config uses it too). ``config_from_checkpoint`` reads the config a checkpoint
+recorded (``to_dict``) back, older checkpoints' missing fields at their schema defaults.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, TypeVar
@@ -183,9 +185,13 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
+    def global_batch(self, world_size: int = 1) -> int:
+        """Sequences of one optimizer step on ``world_size`` ranks: micro-batch × accumulation × ranks."""
+        return self.train.micro_batch_size * self.train.grad_accum * world_size
+
     def tokens_per_step(self, world_size: int = 1) -> int:
         """Tokens of one optimizer step on ``world_size`` ranks (``model.n_ctx`` resolved from the data)."""
-        return self.train.micro_batch_size * self.train.grad_accum * world_size * self.model.n_ctx
+        return self.global_batch(world_size) * self.model.n_ctx
 
 
 class ConfigError(UserError):
@@ -193,8 +199,8 @@ class ConfigError(UserError):
 
 
 Schema = TypeVar("Schema")
-# every model field and its default: a checkpoint saved before a field existed had its default
-MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(IGPTConfig)}
+# the model fields a resumed checkpoint must share with the run: all of IGPTConfig's (not the preset's name)
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(IGPTConfig))
 
 
 def _describe(err: OmegaConfBaseException, label: str) -> str:
@@ -252,6 +258,24 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     cfg = load_structured(TrainConfig, path, overrides, under=[_preset_layer(path, overrides)])
     validate(cfg)
     return cfg
+
+
+def _known_keys(schema: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without the keys the dataclass ``schema`` lacks, recursively into its dataclass fields."""
+    hints = typing.get_type_hints(schema)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in hints:
+            kind = hints[key]
+            out[key] = _known_keys(kind, value) if dataclasses.is_dataclass(kind) and isinstance(value, dict) else value
+    return out
+
+
+def config_from_checkpoint(saved: dict[str, Any]) -> TrainConfig:
+    """The ``TrainConfig`` of a checkpoint's client state (``to_dict`` of the run's config). A field the
+    checkpoint lacks takes its schema default (it was saved before the field existed, so the field had its
+    default); a key the schema no longer has is dropped. Not ``validate``d: it describes a past run."""
+    return load_structured(TrainConfig, None, under=[_known_keys(TrainConfig, saved)], label="checkpoint config")
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from igpt.data_pipeline.io import atomic_dir, file_sha256
 from igpt.data_pipeline.palette import PALETTE_FILE
 from igpt.data_pipeline.token_shards import check_palette
+from igpt.pretrain import checkpoint as ckpt
 from igpt.pretrain.config import TrainConfig, load_config, save_config
 from igpt.pretrain.model import IGPT
 
@@ -60,12 +61,9 @@ def load_model(path: str | os.PathLike) -> tuple[IGPT, TrainConfig, str]:
             sha = (f.metadata() or {}).get("palette_sha256")
         palette_file(path, cfg.data.dir, sha)
     elif (path / "checkpoints").is_dir():
-        from igpt.pretrain import checkpoint as ckpt
-        from igpt.pretrain.export import consolidated_state_dict, resolve_tag
-
-        tag_dir = resolve_tag(path)
+        tag_dir = ckpt.resolve_tag(path)
         cfg = load_config(path / CONFIG_FILE)
-        state = consolidated_state_dict(tag_dir)
+        state = ckpt.consolidated_state_dict(tag_dir)
         sha = ckpt.verify(tag_dir, check_sha256=False)["palette_sha256"]
     else:
         raise FileNotFoundError(f"{path} is neither a release dir (model.safetensors) nor a run dir (checkpoints/)")

@@ -8,7 +8,8 @@ numerics), log sample grids every ``sample_every`` and checkpoint every ``checkp
 at the end and on preemption (``igpt.pretrain.checkpointer``; then exit with the requeue code). The
 pieces: ``igpt.pretrain.state.TrainState`` (what a checkpoint carries of the loop), ``igpt.pretrain.checkpointer``
 (cadence, retention, resume choice and checks, preemption), ``igpt.pretrain.metrics`` (the per-step
-records and the log window).
+records and the log window), ``igpt.pretrain.validation.Validator`` (the validation loss and the sample
+grids).
 
 No host sync per step: the step's loss, its non-finite verdict, the gradient norm and the
 preemption flag stay on the device and come back through ``igpt.pretrain.metrics.StepRecords`` one
@@ -29,10 +30,8 @@ same checkpoint and exit with ``checkpoint.preempt_exit_code`` within a step of 
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import math
 import random
 import sys
 import time
@@ -60,6 +59,7 @@ from igpt.pretrain.precision import eval_autocast, resolve_precision, training_a
 from igpt.pretrain.schedule import lr_at
 from igpt.pretrain.state import TrainState
 from igpt.pretrain.tracking import memory_gb, open_tracker, peak_flops
+from igpt.pretrain.validation import Validator
 
 LOSSES_FILE = "losses.jsonl"
 
@@ -138,6 +138,9 @@ class Trainer:
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
         self.tracker = open_tracker(cfg, self.run_dir, self.rank)
+        self.validator = Validator(cfg, self.engine, self.model, rank=self.rank, world=self.world, device=self.device,
+                                   palette=self.palette, tracker=self.tracker, log=self.log,
+                                   resolution=self.manifest.resolution)
         self.peak = peak_flops(self.device, cfg.logging.peak_tflops)
         self.consecutive_nonfinite = 0
         self.losses_file: Any = None  # RUN_DIR/losses.jsonl, open on rank 0 while run() runs
@@ -219,80 +222,6 @@ class Trainer:
     # ------------------------------------------------------------ pieces
     def save_checkpoint(self) -> Path:
         return self.checkpointer.save(self.engine, self.state, self.palette_sha256, self.stream.state_dict())
-
-    def _gathered(self):
-        """Context with the full parameters on every rank (ZeRO-3), for sampling outside forward()."""
-        if self.zero_stage != 3:
-            return nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
-
-    @torch.no_grad()
-    def validate(self) -> float:
-        """Mean nats/token over the first ``val_batches`` micro-batches per rank of the validation split (all
-        of it when null), dealt round-robin to the ranks, in the evaluation numerics (``igpt.pretrain.precision``)."""
-        from igpt.data_pipeline.loader import iterate_split
-
-        t = self.cfg.train
-        batches = iterate_split(self.cfg.data.dir, self.cfg.data.val_split, t.micro_batch_size)
-        if t.val_batches is not None:
-            batches = itertools.islice(batches, t.val_batches * self.world)
-        mine = [b["tokens"] for i, b in enumerate(batches) if i % self.world == self.rank]
-        n_batches = torch.tensor([len(mine)], device=self.device)
-        if self.world > 1:  # every rank runs the same number of forwards (ZeRO-3 gathers in them)
-            dist.all_reduce(n_batches, op=dist.ReduceOp.MAX)
-        self.engine.eval()
-        total, count = torch.zeros(2, device=self.device).unbind(0)
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
-        for i in range(int(n_batches)):
-            tokens = mine[min(i, len(mine) - 1)].to(self.device) if mine else None
-            if tokens is None:  # a rank with no batch of its own still joins the forward
-                tokens = torch.zeros(1, self.model_cfg.n_ctx, dtype=torch.long, device=self.device)
-            weight = tokens.numel() if i < len(mine) else 0  # a padding forward counts nothing
-            loss = self.engine(tokens, gen, evaluate=True)
-            total += loss.float() * weight
-            count += weight
-        self.engine.train()
-        both = torch.stack([total, count])
-        if self.world > 1:
-            dist.all_reduce(both)
-        total, count = both.tolist()
-        return total / count if count else float("nan")
-
-    @torch.no_grad()
-    def sample_grids(self) -> None:
-        """Unconditional samples and bottom-half completions of validation images, as PNG artifacts (rank 0)."""
-        from igpt.data_pipeline.grid import chunk_rows, image_grid
-        from igpt.data_pipeline.loader import iterate_split
-        from igpt.data_pipeline.quantize import dequantize
-
-        if self.model_cfg.objective != "ar":
-            return
-        t = self.cfg.train
-        n, res = t.sample_count, self.manifest.resolution
-        gen = torch.Generator(device=self.device).manual_seed(t.seed + self.state.step)
-        val = next(iter(iterate_split(self.cfg.data.dir, self.cfg.data.val_split, n)))["tokens"]
-        val = val.to(self.device)
-        half = (res // 2) * res
-        self.engine.eval()
-        with self._gathered():
-            uncond = self.model.generate(n, temperature=t.sample_temperature, generator=gen)
-            completed = self.model.generate(prefix=val[:, :half], n_tokens=res * res,
-                                            temperature=t.sample_temperature, generator=gen)
-        self.engine.train()
-        if self.rank != 0:
-            return
-
-        def images(tokens: Tensor) -> np.ndarray:
-            return dequantize(tokens.cpu().numpy().reshape(-1, res, res), self.palette)
-
-        def grid(rgb: np.ndarray) -> np.ndarray:  # n images per row, 4x upscaled
-            return image_grid(chunk_rows(rgb, n), scale=4)
-
-        self.tracker.log_image(grid(images(uncond)), f"samples/step_{self.state.step:08d}_uncond.png")
-        pairs = np.concatenate([images(val), images(completed)])  # originals above their completions
-        self.tracker.log_image(grid(pairs), f"samples/step_{self.state.step:08d}_completions.png")
 
     # ------------------------------------------------------------ one optimizer step
     def _mask_generator(self, micro: int) -> torch.Generator | None:
@@ -389,31 +318,14 @@ class Trainer:
         self.losses_file = self.keys_file = None
 
     def run(self) -> int:
-        total = self.cfg.train.steps
+        """Train from the current step to ``train.steps``; the exit code (0, or the requeue code on preemption)."""
         self.log(f"iGPT {self.num_params / 1e6:.2f}M params | {self.world} rank(s) on {self.device} | "
                  f"ZeRO-{self.zero_stage} | {self.precision} | {self.tokens_per_step} tokens/step | "
-                 f"steps {self.state.step}→{total}")
-        batches, records = iter(self.stream), StepRecords(self.device)
-        window = MetricsWindow(self.flops_per_token, self.world, self.peak, total)
+                 f"steps {self.state.step}→{self.cfg.train.steps}")
         status = "FAILED"
         try:
             with self._record_files():
-                clock = time.perf_counter()
-                while self.state.step < total:
-                    lr = self._lr()
-                    records.push(self.state.step + 1, lr, self.train_step(batches, lr))
-                    self.state.step += 1
-                    due = records.pop()
-                    preempt = any(r.preempt for r in due) and self.state.step < total
-                    boundary = self._boundary()
-                    if boundary or preempt:
-                        due += records.pop(flush=True)
-                    for record in due:
-                        self._account(record, window)
-                    if boundary or preempt:
-                        window.add_seconds(time.perf_counter() - clock)
-                        self._at_boundary(due[-1], window, preempt)
-                        clock = time.perf_counter()
+                self._loop()
             status = "FINISHED"
             return 0
         except Preempted:
@@ -423,6 +335,29 @@ class Trainer:
         finally:
             self.tracker.close(status)
             self.checkpointer.close()
+
+    def _loop(self) -> None:
+        """The optimizer steps: each step's record is booked when it comes back from the device (one step late
+        on CUDA); at a boundary or on preemption every record is read first (may raise ``Preempted``)."""
+        total = self.cfg.train.steps
+        batches, records = iter(self.stream), StepRecords(self.device)
+        window = MetricsWindow(self.flops_per_token, self.world, self.peak, total)
+        clock = time.perf_counter()
+        while self.state.step < total:
+            lr = self._lr()
+            records.push(self.state.step + 1, lr, self.train_step(batches, lr))
+            self.state.step += 1
+            due = records.pop()
+            preempt = any(r.preempt for r in due) and self.state.step < total
+            boundary = self._boundary()
+            if boundary or preempt:
+                due += records.pop(flush=True)
+            for record in due:
+                self._account(record, window)
+            if boundary or preempt:
+                window.add_seconds(time.perf_counter() - clock)
+                self._at_boundary(due[-1], window, preempt)
+                clock = time.perf_counter()
 
     def _at_boundary(self, record: StepRecord, window: MetricsWindow, preempt: bool) -> None:
         """Log, validate, sample and checkpoint as this step's number asks (every record is read); on
@@ -434,11 +369,9 @@ class Trainer:
             self.tracker.log_metrics(metrics, step)
             self.log(line)
         if step % t.val_every == 0 or step == t.steps:
-            val = self.validate()
-            self.tracker.log_metrics({"val_loss": val, "val_bpp": val / math.log(2)}, step)
-            self.log(f"step {step} | val loss {val:.4f} ({val / math.log(2):.3f} bpp)")
+            self.validator.validate(step)
         if step % t.sample_every == 0:
-            self.sample_grids()
+            self.validator.sample_grids(step)
         if preempt:
             self.log(f"step {step}: preemption ({self.checkpointer.signal_name()}) – saving a checkpoint")
         if self.checkpointer.due(step) or preempt:

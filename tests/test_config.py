@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from igpt.pretrain.config import ConfigError, load_config, save_config
+from igpt.pretrain.config import ConfigError, config_from_checkpoint, load_config, save_config, to_dict
 from igpt.pretrain.deepspeed_config import build_deepspeed_config, loop_clips_gradients
 from igpt.pretrain.precision import resolve_precision
 from igpt.pretrain.tracking import PEAK_TFLOPS, mfu, peak_flops
@@ -70,6 +70,21 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     cfg = load_config(TINY, ["data.dir=/x", "deepspeed.extra.zero_optimization.overlap_comm=true"])
     save_config(cfg, tmp_path / "run" / "config.yaml")
     assert load_config(tmp_path / "run" / "config.yaml") == cfg
+
+
+def test_a_checkpoints_config_reads_back_with_defaults_for_later_fields():
+    cfg = load_config(TINY, ["data.dir=/data/tokens", "model.norm=rms", "train.grad_accum=3",
+                             "deepspeed.extra.zero_optimization.reduce_bucket_size=7"])
+    assert config_from_checkpoint(to_dict(cfg)) == cfg
+    old = to_dict(cfg)  # as an older (or newer) version saved it: fields missing, unknown keys present
+    del old["model"]["norm"], old["model"]["activation"], old["logging"]
+    old["model"]["retired_field"], old["gone_section"] = 1, {"x": 2}
+    back = config_from_checkpoint(old)
+    assert back.model.norm == "layernorm" and back.model.activation == "gelu_tanh"  # IGPTConfig's defaults
+    assert back.model.n_layer == cfg.model.n_layer and back.deepspeed.extra == cfg.deepspeed.extra
+    assert back.global_batch(2) == cfg.train.micro_batch_size * 3 * 2
+    cfg.model.n_ctx = 64
+    assert cfg.tokens_per_step(2) == cfg.global_batch(2) * 64
 
 
 def test_deepspeed_dict_from_our_config_and_the_escape_hatch():
