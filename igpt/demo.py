@@ -380,7 +380,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default $IGPT_CIFAR10_URL, else the official URL when no local copy is found)")
     p.add_argument("--data-md5", default=os.environ.get("IGPT_CIFAR10_MD5"),
                    help="md5 the archive must have (default $IGPT_CIFAR10_MD5, else the official archive's)")
-    p.add_argument("--quick", action="store_true", help="a shortened job (2,000 images, a few steps) for smoke tests")
+    p.add_argument("--quick", action="store_true", help="a shortened job (2,000 images, a few steps) for smoke tests; its quality bar is not judged")
     p.add_argument("--resolution", type=int, default=None, help="training image side in pixels")
     p.add_argument("--verbose", action="store_true", help="every training log line and Ray Tune's status tables")
     p.set_defaults(func=_cmd_demo)
