@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -22,11 +22,9 @@ from igpt.evals.plots import confusion_matrix, plot_confusion, plot_layer_accura
 from igpt.evals.probe import widen_l2
 from igpt.evals.sample import complete_bottom_half, completion_rows, sample_unconditional, to_rgb
 from igpt.evals.summaries import (Baseline, FinetuneSummary, FinetuneTrial, MlflowRef, NllSummary, ProbeBest,
-                                  ProbeLayer, ProbeSummary, SampleSummary, Summary)
+                                  ProbeLayer, ProbeSummary, SampleSummary, Summary, SummaryT)
 from igpt.evals.tracking import ParentRun, parent_run
 from igpt.evals.tune import tune_finetune, tune_probe
-
-S = TypeVar("S", bound=Summary)
 
 
 def _open(run: EvalRun) -> tuple[EvalData, Any, str]:
@@ -38,7 +36,7 @@ def _open(run: EvalRun) -> tuple[EvalData, Any, str]:
     return data, model, palette_sha
 
 
-def _finish(parent: ParentRun, run: EvalRun, summary: S) -> S:
+def _finish(parent: ParentRun, run: EvalRun, summary: SummaryT) -> SummaryT:
     """Record the parent run in ``summary``, write it as OUT/summary.json and log that file."""
     summary.mlflow = MlflowRef(tracking_uri=run.uri, experiment=run.experiment, parent_run_id=parent.run_id)
     path = Path(run.out) / "summary.json"

@@ -57,11 +57,15 @@ class EvalRun:
 
 @dataclass(frozen=True)
 class NllOptions:
+    """``eval nll``'s own options."""
+
     split: str = "val"
 
 
 @dataclass(frozen=True)
 class SampleOptions:
+    """``eval sample``'s own options."""
+
     split: str = "val"  # whose images are completed
     num_samples: int = 16  # unconditional samples
     num_images: int = 8  # real images whose bottom half is completed
@@ -85,6 +89,8 @@ class SplitOptions:
 
 @dataclass(frozen=True)
 class ProbeOptions:
+    """``eval probe``'s own options (its splits are ``SplitOptions``)."""
+
     layers: str = "mid"  # 'all', 'mid' or comma-separated block indices
     concat: bool = False  # also probe the layers' pooled states concatenated
     cache_dir: str | None = None  # feature cache (default: OUT/feature_cache)

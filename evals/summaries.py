@@ -6,9 +6,11 @@ and ``from_dict()`` reads it back (the demo reuses a cached summary.json).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, TypeVar, Union
 
 Layer = Union[int, str]  # a block index, or the label of a concatenation of several (inputs.concat_label)
+R = TypeVar("R", bound="Record")
+SummaryT = TypeVar("SummaryT", bound="Summary")
 
 
 def _plain(value: Any) -> Any:
@@ -33,7 +35,7 @@ class Record:
                 if not (f.name in self.OPTIONAL and getattr(self, f.name) is None)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Record:
+    def from_dict(cls: type[R], d: dict[str, Any]) -> R:
         return cls(**d)
 
 
@@ -65,7 +67,7 @@ class Summary(Record):
         return {k: v for k, v in self.to_dict().items() if k != "confusion_matrix"}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Summary:
+    def from_dict(cls: type[SummaryT], d: dict[str, Any]) -> SummaryT:
         if d.get("eval") != cls.EVAL:
             raise ValueError(f"not a {cls.EVAL} summary: eval={d.get('eval')!r}")
         rest = {k: v for k, v in d.items() if k != "eval"}
