@@ -1,47 +1,58 @@
 """`igpt eval nll|sample|probe|finetune`: evals of a release dir or a training run dir on token shards.
 
-Bad inputs (checkpoint, shards, splits, layers, search config) raise ValueError / FileNotFoundError, which
-the `igpt` entry point reports as one line with exit code 2."""
+Every option's default is its field's in ``igpt.evals.config`` (``_option``). Bad inputs (checkpoint, shards,
+splits, layers, search config) raise ValueError / FileNotFoundError, which the `igpt` entry point reports as
+one line with exit code 2."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from igpt.evals.config import load_search_config
+from igpt.evals.config import (EvalRun, EvalSearchConfig, NllOptions, ProbeOptions, SampleOptions, SplitOptions,
+                               field_default, load_search_config)
+
+if TYPE_CHECKING:
+    from igpt.evals.summaries import Summary
+
+T = TypeVar("T")
+
+
+def _option(p: argparse.ArgumentParser, schema: type, name: str, **kwargs: Any) -> None:
+    """``--name`` (underscores as dashes) for ``schema``'s field ``name``, with that field's default."""
+    p.add_argument("--" + name.replace("_", "-"), default=field_default(schema, name), **kwargs)
+
+
+def _from_args(schema: type[T], args: argparse.Namespace) -> T:
+    """``schema`` built from the parsed options named as its fields (those this subcommand has)."""
+    return schema(**{f.name: getattr(args, f.name) for f in fields(schema) if hasattr(args, f.name)})
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="release dir or training run dir")
     p.add_argument("--data", required=True, help="token-shard dir (with manifest.json)")
-    p.add_argument("--out", default="eval_out", help="output dir (PNGs, summary.json, caches, default MLflow store)")
-    p.add_argument("--device", default="auto", help="auto (GPU when present) | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N samples of each split")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in --out)")
-    p.add_argument("--experiment", default="igpt-eval", help="MLflow experiment name")
-    p.add_argument("--run-name", default=None, help="MLflow parent run name")
+    _option(p, EvalRun, "out", help="output dir (PNGs, summary.json, caches, default MLflow store)")
+    _option(p, EvalRun, "device", help="auto (GPU when present) | cpu | cuda | cuda:N")
+    _option(p, EvalRun, "batch_size", type=int)
+    _option(p, EvalRun, "limit", type=int, help="use only the first N samples of each split")
+    _option(p, EvalRun, "tracking_uri", help="MLflow tracking URI (default: sqlite in --out)")
+    _option(p, EvalRun, "experiment", help="MLflow experiment name")
+    _option(p, EvalRun, "run_name", help="MLflow parent run name")
 
 
 def _tuned(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--val-split", default="val")
+    _option(p, SplitOptions, "train_split")
+    _option(p, SplitOptions, "val_split")
     p.add_argument("--search", default=None, help="YAML search config (see evals/config.py)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a search-config key, e.g. probe.l2=[0.01,0.1] or resources.gpus_per_trial=1")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--cpus-per-trial", type=float, default=None)
     p.add_argument("--gpus-per-trial", type=float, default=None)
-    p.add_argument("--verbose", action="store_true", help="show Ray Tune's status tables and log lines")
+    _option(p, EvalRun, "verbose", action="store_true", help="show Ray Tune's status tables and log lines")
 
 
-def _run(args: argparse.Namespace):
-    from igpt.evals.commands import EvalRun
-
-    return EvalRun(checkpoint=args.checkpoint, data=args.data, out=args.out, device=args.device,
-                   batch_size=args.batch_size, limit=args.limit, tracking_uri=args.tracking_uri,
-                   experiment=args.experiment, run_name=args.run_name, verbose=getattr(args, "verbose", False))
-
-
-def _search(args: argparse.Namespace):
+def _search(args: argparse.Namespace) -> EvalSearchConfig:
     cfg = load_search_config(args.search, args.overrides)
     if args.ray_address is not None:
         cfg.resources.address = args.ray_address
@@ -52,14 +63,7 @@ def _search(args: argparse.Namespace):
     return cfg
 
 
-def _splits(args: argparse.Namespace):
-    from igpt.evals.commands import SplitOptions
-
-    return SplitOptions(args.train_split, args.val_split, getattr(args, "test_split", None),
-                        getattr(args, "test_data", None))
-
-
-def _report(summary: dict) -> int:
+def _report(summary: Summary) -> int:
     from igpt.evals.commands import format_summary
 
     print(format_summary(summary))
@@ -69,29 +73,26 @@ def _report(summary: dict) -> int:
 def cmd_nll(args: argparse.Namespace) -> int:
     from igpt.evals.commands import run_nll
 
-    return _report(run_nll(_run(args), args.split))
+    return _report(run_nll(_from_args(EvalRun, args), _from_args(NllOptions, args)))
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from igpt.evals.commands import SampleOptions, run_sample
+    from igpt.evals.commands import run_sample
 
-    opt = SampleOptions(split=args.split, num_samples=args.num_samples, num_images=args.num_images,
-                        per_image=args.per_image, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                        scale=args.scale, cols=args.cols)
-    return _report(run_sample(_run(args), opt))
+    return _report(run_sample(_from_args(EvalRun, args), _from_args(SampleOptions, args)))
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from igpt.evals.commands import run_probe
 
-    return _report(run_probe(_run(args), _splits(args), args.layers, _search(args), args.cache_dir, args.baselines,
-                             args.concat))
+    return _report(run_probe(_from_args(EvalRun, args), _from_args(SplitOptions, args), _from_args(ProbeOptions, args),
+                             _search(args)))
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from igpt.evals.commands import run_finetune
 
-    return _report(run_finetune(_run(args), _splits(args), _search(args)))
+    return _report(run_finetune(_from_args(EvalRun, args), _from_args(SplitOptions, args), _search(args)))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -101,33 +102,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("nll", help="nats/token and bits/pixel on a split, with a 95%% interval")
     _common(p)
-    p.add_argument("--split", default="val")
+    _option(p, NllOptions, "split")
     p.set_defaults(func=cmd_nll)
 
     p = sub.add_parser("sample", help="unconditional samples and bottom-half completions as PNG grids")
     _common(p)
-    p.add_argument("--split", default="val", help="split whose images are completed")
-    p.add_argument("--num-samples", type=int, default=16, help="unconditional samples")
-    p.add_argument("--num-images", type=int, default=8, help="real images whose bottom half is completed")
-    p.add_argument("--per-image", type=int, default=3, help="completions per image")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=int, default=4, help="integer upscaling of each image in the grid")
-    p.add_argument("--cols", type=int, default=8, help="images per row of the unconditional grid")
+    _option(p, SampleOptions, "split", help="split whose images are completed")
+    _option(p, SampleOptions, "num_samples", type=int, help="unconditional samples")
+    _option(p, SampleOptions, "num_images", type=int, help="real images whose bottom half is completed")
+    _option(p, SampleOptions, "per_image", type=int, help="completions per image")
+    _option(p, SampleOptions, "temperature", type=float)
+    _option(p, SampleOptions, "top_k", type=int)
+    _option(p, SampleOptions, "seed", type=int)
+    _option(p, SampleOptions, "scale", type=int, help="integer upscaling of each image in the grid")
+    _option(p, SampleOptions, "cols", type=int, help="images per row of the unconditional grid")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("probe", help="linear probes (layers x L2, the L2 grid widened past an edge) with Ray Tune")
     _common(p)
     _tuned(p)
-    p.add_argument("--layers", default="mid", help="'all', 'mid' or comma-separated block indices")
-    p.add_argument("--concat", action="store_true",
-                   help="also probe the concatenation of the layers' pooled states (e.g. --layers 6,7,8 --concat)")
-    p.add_argument("--test-split", default=None, help="report accuracy here (else on the validation split)")
-    p.add_argument("--test-data", default=None, help="shard dir of --test-split when not --data")
-    p.add_argument("--cache-dir", default=None, help="feature cache (default: OUT/feature_cache)")
-    p.add_argument("--baselines", action="store_true",
-                   help="also probe raw pixels and a randomly initialised model of the same shape")
+    _option(p, ProbeOptions, "layers", help="'all', 'mid' or comma-separated block indices")
+    _option(p, ProbeOptions, "concat", action="store_true",
+            help="also probe the concatenation of the layers' pooled states (e.g. --layers 6,7,8 --concat)")
+    _option(p, SplitOptions, "test_split", help="report accuracy here (else on the validation split)")
+    _option(p, SplitOptions, "test_data", help="shard dir of --test-split when not --data")
+    _option(p, ProbeOptions, "cache_dir", help="feature cache (default: OUT/feature_cache)")
+    _option(p, ProbeOptions, "baselines", action="store_true",
+            help="also probe raw pixels and a randomly initialised model of the same shape")
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("finetune", help="fine-tune with L_clf + lambda*L_gen (lr x lambda x epochs, ASHA)")

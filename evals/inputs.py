@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator
 
 import torch
 
@@ -11,11 +11,9 @@ from igpt.data_pipeline.loader import iterate_split
 from igpt.data_pipeline.token_shards import TokenShards, check_palette
 from igpt.data_pipeline.progress import bar
 from igpt.errors import UserError
+from igpt.evals.summaries import Layer
 from igpt.pretrain.model import IGPT
 from igpt.pretrain.release import load_model
-
-
-Layer = Union[int, str]  # a block index, or the label of a concatenation of several (concat_label)
 
 
 def concat_label(layers: list[int]) -> str:

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from igpt.data_pipeline.io import atomic_path  # noqa: E402
+from igpt.evals.summaries import Layer, ProbeLayer  # noqa: E402
 
 
 def _save(fig: "plt.Figure", path: str | Path) -> str:
@@ -19,17 +20,17 @@ def _save(fig: "plt.Figure", path: str | Path) -> str:
     return str(path)
 
 
-def plot_layer_accuracy(per_layer: dict[int | str, dict[str, float]], path: str | Path, eval_split: str,
+def plot_layer_accuracy(per_layer: dict[Layer, ProbeLayer], path: str | Path, eval_split: str,
                         baselines: dict[str, float] | None = None) -> str:
     """Line plot of best validation (and eval-split) accuracy for each probed layer, concatenations of layers
     (string keys, ``"6+7+8"``) and baselines' best validation accuracy ({name: acc}) as horizontal lines."""
     layers = sorted(l for l in per_layer if not isinstance(l, str))
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(layers, [per_layer[l]["val_acc"] for l in layers], "o-", label="validation")
-    if eval_split != "val" and all("eval_acc" in per_layer[l] for l in layers):
-        ax.plot(layers, [per_layer[l]["eval_acc"] for l in layers], "s--", label=eval_split)
+    ax.plot(layers, [per_layer[l].val_acc for l in layers], "o-", label="validation")
+    if eval_split != "val":
+        ax.plot(layers, [per_layer[l].eval_acc for l in layers], "s--", label=eval_split)
     for label in (l for l in per_layer if isinstance(l, str)):
-        ax.axhline(per_layer[label]["val_acc"], color="C2", label=f"layers {label} concatenated (validation)")
+        ax.axhline(per_layer[label].val_acc, color="C2", label=f"layers {label} concatenated (validation)")
     for (name, acc), style in zip((baselines or {}).items(), (":", "-.", "--")):
         ax.axhline(acc, color="grey", linestyle=style, label=f"{name.replace('_', ' ')} (validation)")
     ax.set_xlabel("layer")

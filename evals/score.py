@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 from igpt.evals.baselines import pixel_features
+from igpt.evals.config import DEFAULT_L2, ProbeSearch, field_default
 from igpt.evals.features import extract_features
 from igpt.evals.inputs import EvalData, EvalInputError, check_compatible, check_layers, concat_label
 from igpt.evals.nll import evaluate_nll
 from igpt.evals.probe import fit_probe, widen_l2
 from igpt.pretrain.model import IGPT
 
-DEFAULT_L2 = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-DEFAULT_WIDEN = 6  # rounds of widening past an edge
+DEFAULT_WIDEN = field_default(ProbeSearch, "widen")  # rounds of widening past an edge, as `igpt eval probe`'s
 
 
 def probe_layer(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,

@@ -45,6 +45,8 @@ def test_quick_demo_runs_every_stage_and_reuses_them(quick_demo) -> None:
     assert "open MLflow: mlflow ui --backend-store-uri sqlite:///" in first.stdout
     assert "Traceback" not in first.stderr and "Configuration for experiment" not in first.stderr  # no Tune tables
     assert len((first.stdout + first.stderr).splitlines()) <= 40
+    assert first.stdout.count("[not judged: quick run]") == 4  # 12 steps cannot meet the bar: not judged
+    assert "[PASS]" not in first.stdout and "[FAIL]" not in first.stdout
 
     summary = json.loads((work / "summary.json").read_text())
     bar = summary["quality_bar"]
@@ -75,6 +77,27 @@ def test_quick_demo_runs_every_stage_and_reuses_them(quick_demo) -> None:
     assert second.returncode == 0, second.stderr[-4000:]
     assert second.stderr.count("reusing") >= 4 and "downloading" not in second.stderr
     assert json.loads((work / "summary.json").read_text())["quality_bar"] == bar
+
+
+def _summary(work, **bar) -> dict:
+    """A demo summary.json's parts that format_report reads."""
+    quality_bar = {"probe_accuracy": 0.2, "probe_features": 2, "probe_l2": 0.01, "probe_l2_searched": [0.01, 1.0],
+                   "raw_pixels_accuracy": 0.25, "random_init_accuracy": 0.18, "val_bits_per_pixel": 7.5,
+                   "untrained_bits_per_pixel": math.log2(512), "beats_raw_pixels": False, "probe_l2_interior": False,
+                   "beats_random_init": True, "bpp_well_below_untrained": False, **bar}
+    artifacts = {k: str(work / k) for k in ("palette", "token_shards", "run_dir", "release", "samples")}
+    return {"quality_bar": quality_bar, "artifacts": artifacts, "mlflow_ui": "mlflow ui", "mlflow_url": "http://x"}
+
+
+def test_report_judges_the_quality_bar_except_in_a_quick_run(tmp_path):
+    from igpt.demo import format_report
+
+    full = format_report(_summary(tmp_path))
+    assert full.count("[FAIL]") == 3 and full.count("[PASS]") == 1 and "not judged" not in full
+    quick = format_report(_summary(tmp_path), judged=False)
+    assert quick.count("[not judged: quick run]") == 4 and "PASS" not in quick and "FAIL" not in quick
+    assert [line.split("[")[0] for line in quick.splitlines()] == [line.split("[")[0] for line in full.splitlines()]
+    assert "linear probe accuracy: 0.200 (layer 2, L2 0.01, at an edge of the 2 L2 values 0.01..1 searched)" in quick
 
 
 def test_shard_stage_with_a_margin_trains_on_margin_shards_and_evaluates_on_exact_ones(cifar_dir, cifar_tokens,

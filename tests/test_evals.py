@@ -23,15 +23,16 @@ from igpt.data_pipeline.io import file_sha256
 from igpt.data_pipeline.manifest import Manifest, SplitInfo
 from igpt.data_pipeline.palette import save_palette, uniform9_palette
 from igpt.evals.baselines import pixel_features, random_init_cache, random_init_model
-from igpt.evals.commands import (EvalRun, SampleOptions, SplitOptions, _accuracy_note, run_finetune, run_nll, run_probe,
-                            run_sample)
-from igpt.evals.config import load_search_config
+from igpt.evals.commands import _accuracy_note, run_finetune, run_nll, run_probe, run_sample
+from igpt.evals.config import (EvalRun, NllOptions, ProbeOptions, SampleOptions, SplitOptions, field_default,
+                               load_search_config)
 from igpt.evals.features import FeatureCache
 from igpt.evals.finetune import finetune
 from igpt.evals.inputs import EvalData, EvalInputError, parse_layers
 from igpt.evals.nll import evaluate_nll
 from igpt.evals.probe import fit_probe, widen_l2
 from igpt.evals.sample import complete_bottom_half
+from igpt.evals.summaries import FinetuneSummary, NllSummary, ProbeSummary, SampleSummary
 from igpt.evals.tune import TRIAL_KIND, trial_name
 from igpt.pretrain.model import IGPT
 from igpt.pretrain.presets import model_config
@@ -110,12 +111,14 @@ def test_nll_trained_below_untrained_and_exact_at_init(releases, cifar_tokens, t
     trained = run_nll(EvalRun(str(releases["trained"]), str(cifar_tokens), out=str(tmp_path / "t"),
                               tracking_uri=tracking_uri))
     # the zero-initialised head gives a uniform distribution: exactly ln 512 nats per token
-    assert untrained["nats_per_token"] == pytest.approx(math.log(512), abs=1e-5)
-    assert trained["nats_per_token"] < untrained["nats_per_token"] - 1.0  # ~3.8 after 30 steps
-    assert trained["nats_ci_low"] < trained["nats_per_token"] < trained["nats_ci_high"]
-    assert trained["bits_per_pixel"] == pytest.approx(trained["nats_per_token"] / math.log(2))
-    assert trained["images"] == EvalData.open(cifar_tokens).num_samples("val")
-    assert (tmp_path / "t" / "summary.json").is_file()
+    assert untrained.nats_per_token == pytest.approx(math.log(512), abs=1e-5)
+    assert trained.nats_per_token < untrained.nats_per_token - 1.0  # ~3.8 after 30 steps
+    assert trained.nats_ci_low < trained.nats_per_token < trained.nats_ci_high
+    assert trained.bits_per_pixel == pytest.approx(trained.nats_per_token / math.log(2))
+    assert trained.images == EvalData.open(cifar_tokens).num_samples("val")
+    written = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert written == trained.to_dict() and list(written)[:2] == ["eval", "split"] and list(written)[-1] == "mlflow"
+    assert NllSummary.from_dict(written) == trained
 
 
 def test_nll_matches_float64_reference(releases, cifar_tokens):
@@ -137,9 +140,9 @@ def test_sample_writes_grids_of_the_right_size(releases, cifar_tokens, tmp_path,
     summary = run_sample(EvalRun(str(releases["trained"]), str(cifar_tokens), out=str(tmp_path),
                                  tracking_uri=tracking_uri), opt)
     cell, pad = RES * 2, 2
-    with Image.open(summary["files"]["samples"]) as im:  # 2 rows x 2 cols
+    with Image.open(summary.files["samples"]) as im:  # 2 rows x 2 cols
         assert im.size == (2 * cell + 3 * pad, 2 * cell + 3 * pad) and im.mode == "RGB"
-    with Image.open(summary["files"]["completions"]) as im:  # 2 rows x (occluded + 2 completions + original)
+    with Image.open(summary.files["completions"]) as im:  # 2 rows x (occluded + 2 completions + original)
         assert im.size == (4 * cell + 5 * pad, 2 * cell + 3 * pad)
 
 
@@ -310,14 +313,14 @@ def test_bad_inputs_are_named(releases, cifar_tokens, tmp_path):
     unlabelled = edited_copy(cifar_tokens, tmp_path / "unlabelled", unlabel)
     search = load_search_config()
     with pytest.raises(EvalInputError, match="'train'.*no labels"):
-        run_probe(EvalRun(str(releases["trained"]), str(unlabelled), out=str(tmp_path / "o")), SplitOptions(), "1",
-                  search)
+        run_probe(EvalRun(str(releases["trained"]), str(unlabelled), out=str(tmp_path / "o")), SplitOptions(),
+                  ProbeOptions(layers="1"), search)
     with pytest.raises(EvalInputError, match="no labels"):
         run_finetune(EvalRun(str(releases["trained"]), str(unlabelled), out=str(tmp_path / "o")), SplitOptions(),
                      search)
     with pytest.raises(EvalInputError, match=r"layer index \[7\] out of range.*0\.\.2"):
-        run_probe(EvalRun(str(releases["trained"]), str(cifar_tokens), out=str(tmp_path / "o")), SplitOptions(), "1,7",
-                  search)
+        run_probe(EvalRun(str(releases["trained"]), str(cifar_tokens), out=str(tmp_path / "o")), SplitOptions(),
+                  ProbeOptions(layers="1,7"), search)
     with pytest.raises(EvalInputError, match="bad --layers"):
         parse_layers("one", 2)
 
@@ -327,9 +330,9 @@ def test_bad_inputs_are_named(releases, cifar_tokens, tmp_path):
 
     with_empty = edited_copy(cifar_tokens, tmp_path / "with_empty", add_empty)
     with pytest.raises(EvalInputError, match="split 'empty' .* is empty"):
-        run_nll(EvalRun(str(releases["trained"]), str(with_empty), out=str(tmp_path / "o")), split="empty")
+        run_nll(EvalRun(str(releases["trained"]), str(with_empty), out=str(tmp_path / "o")), NllOptions(split="empty"))
     with pytest.raises(EvalInputError, match="split 'test' not in"):
-        run_nll(EvalRun(str(releases["trained"]), str(cifar_tokens), out=str(tmp_path / "o")), split="test")
+        run_nll(EvalRun(str(releases["trained"]), str(cifar_tokens), out=str(tmp_path / "o")), NllOptions(split="test"))
 
 
 def test_cli_reports_input_errors(releases, cifar_tokens, tmp_path, capsys):
@@ -407,11 +410,12 @@ def test_finetune_tune_trials_with_asha(ray_session, releases, cifar_tokens, tmp
                                        "finetune.batch_size=16"])
     run = EvalRun(str(releases["trained"]), str(cifar_tokens), out=str(tmp_path), limit=300, tracking_uri=tracking_uri)
     summary = run_finetune(run, SplitOptions(), search)
-    assert len(summary["trials"]) == 2
-    assert summary["accuracy"] == max(t["best_val_acc"] for t in summary["trials"])
-    assert summary["accuracy"] == max(summary["best_trial_val_acc_per_epoch"])
-    assert summary["accuracy"] > 0.15
-    parent, children, artifacts = _mlflow_runs(summary["mlflow"]["tracking_uri"], summary["mlflow"]["parent_run_id"])
+    assert len(summary.trials) == 2
+    assert summary.accuracy == max(t.best_val_acc for t in summary.trials)
+    assert summary.accuracy == max(summary.best_trial_val_acc_per_epoch)
+    assert summary.accuracy > 0.15
+    assert FinetuneSummary.from_dict(json.loads((tmp_path / "summary.json").read_text())) == summary
+    parent, children, artifacts = _mlflow_runs(summary.mlflow.tracking_uri, summary.mlflow.parent_run_id)
     assert parent.info.status == "FINISHED" and {"summary.json", "confusion_matrix.png"} <= artifacts
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert {c.data.params["lam"] for c in children} == {"0.0", "0.5"}
@@ -485,6 +489,73 @@ def test_probe_widens_its_grid_and_concatenates_layers(ray_session, releases, ci
 
     stepped = MlflowClient(tracking_uri).get_metric_history(parent.info.run_id, "probe_best_l2")
     assert {m.step: m.value for m in stepped} == {1: per["1"]["l2"], 2: per["2"]["l2"]}
+
+
+MLFLOW = {"tracking_uri": "sqlite:///o/mlflow.db", "experiment": "igpt-eval", "parent_run_id": "abc"}
+SUMMARIES = [  # summary.json as the evals write it, keys in order
+    (NllSummary, {"eval": "nll", "split": "val", "images": 200, "nats_per_token": 3.8, "nats_ci_low": 3.7,
+                  "nats_ci_high": 3.9, "bits_per_pixel": 5.48, "bpp_ci_low": 5.3, "bpp_ci_high": 5.6,
+                  "sem_nats": 0.05, "seconds": 1.5, "mlflow": MLFLOW}),
+    (SampleSummary, {"eval": "sample", "resolution": 16,
+                     "files": {"samples": "o/samples.png", "completions": "o/completions.png"}, "mlflow": MLFLOW}),
+    (ProbeSummary, {"eval": "probe", "accuracy": 0.3, "accuracy_split": "val", "note": "no test split given",
+                    "best": {"layer": "1+2", "l2": 0.01, "val_acc": 0.3},
+                    "per_layer": {"1": {"l2": 0.1, "val_acc": 0.25, "eval_acc": 0.25, "l2_searched": [0.01, 0.1, 1.0],
+                                        "l2_at_edge": False},
+                                  "1+2": {"l2": 0.01, "val_acc": 0.3, "eval_acc": 0.3, "l2_searched": [0.01, 0.1],
+                                          "l2_at_edge": True}},
+                    "trials": 5, "num_train": 900, "num_val": 100, "confusion_matrix": [[1, 0], [2, 3]],
+                    "class_names": ["cat", "dog"],
+                    "baselines": {"raw_pixels": {"layer": None, "l2": 1.0, "val_acc": 0.2, "accuracy": 0.2, "trials": 2,
+                                                 "l2_searched": [0.01, 1.0]},
+                                  "random_init": {"layer": 2, "l2": 0.01, "val_acc": 0.15, "accuracy": 0.15,
+                                                  "trials": 2, "l2_searched": [0.01, 1.0], "seed": 0}},
+                    "beats_baselines": True, "mlflow": MLFLOW}),
+    (ProbeSummary, {"eval": "probe", "accuracy": 0.3, "accuracy_split": "test", "note": "on test",
+                    "best": {"layer": 1, "l2": 0.01, "val_acc": 0.3},
+                    "per_layer": {"1": {"l2": 0.01, "val_acc": 0.3, "eval_acc": 0.28, "l2_searched": [0.01],
+                                        "l2_at_edge": True}},
+                    "trials": 1, "num_train": 900, "num_val": 100, "confusion_matrix": [[1]], "class_names": None,
+                    "mlflow": MLFLOW}),
+    (FinetuneSummary, {"eval": "finetune", "accuracy": 0.4, "accuracy_split": "val", "note": "no test split given",
+                       "best": {"lr": 0.003, "lam": 0.5, "epochs": 2, "epochs_run": 2},
+                       "best_trial_val_acc_per_epoch": [0.3, 0.4],
+                       "trials": [{"config": {"lr": 0.003, "lam": 0.5, "epochs": 2}, "best_val_acc": 0.4,
+                                   "epochs_run": 2}],
+                       "num_train": 300, "num_val": 100, "confusion_matrix": [[1]], "class_names": ["cat"],
+                       "mlflow": MLFLOW}),
+]
+
+
+@pytest.mark.parametrize("kind, written", SUMMARIES)
+def test_summaries_read_back_and_write_the_same_json(kind, written):
+    summary = kind.from_dict(written)
+    assert json.dumps(summary.to_dict()) == json.dumps(written)  # the same keys, in the same order
+    assert summary.brief() == {k: v for k, v in written.items() if k != "confusion_matrix"}
+    with pytest.raises(ValueError, match="not a"):
+        (NllSummary if kind is not NllSummary else SampleSummary).from_dict(written)
+
+
+def test_cli_defaults_are_the_schemas():
+    import argparse
+
+    from igpt.evals.cli import _from_args, register
+    from igpt.evals.config import DEFAULT_L2, ProbeSearch
+
+    def parsed(*argv: str) -> argparse.Namespace:
+        p = argparse.ArgumentParser()
+        register(p.add_subparsers())
+        return p.parse_args(["eval", *argv, "--checkpoint", "c", "--data", "d"])
+
+    for schema, cmd in ((NllOptions, "nll"), (SampleOptions, "sample"), (ProbeOptions, "probe"),
+                        (SplitOptions, "probe"), (SplitOptions, "finetune")):
+        assert _from_args(schema, parsed(cmd)) == schema()
+    assert _from_args(EvalRun, parsed("probe")) == EvalRun("c", "d")
+    assert _from_args(SampleOptions, parsed("sample", "--top-k", "5")).top_k == 5
+    assert ProbeSearch().l2 == list(DEFAULT_L2) == [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    assert field_default(ProbeSearch, "widen") == 6
+    with pytest.raises(ValueError, match="no default"):
+        field_default(EvalRun, "checkpoint")
 
 
 def test_trial_names_are_short_and_tell_trials_apart():
