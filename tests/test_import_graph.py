@@ -64,7 +64,8 @@ class Import:
 
 
 def module_name(path: Path) -> str:
-    """``pretrain/train.py`` → ``igpt.pretrain.train``, ``igpt/cli.py`` → ``igpt.cli``, ``igpt/__init__.py`` → ``igpt``."""
+    """``pretrain/train.py`` → ``igpt.pretrain.train``, ``igpt/cli.py`` → ``igpt.cli``,
+    ``igpt/__init__.py`` → ``igpt``."""
     parts = path.relative_to(REPO).with_suffix("").parts
     parts = parts if parts[0] == "igpt" else ("igpt", *parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -257,8 +258,10 @@ def test_the_collector_sees_top_level_lazy_relative_and_dynamic_imports() -> Non
                      ("igpt.pretrain.config", "igpt", False, False, False),
                      ("igpt.data_pipeline.io.write_json", "igpt", False, False, False),
                      ("igpt.evals.nll", "igpt", False, False, True),
-                     ("igpt.kernels.reference", "igpt", True, False, False), ("importlib", "importlib", True, False, False),
-                     ("igpt.kernels.flash_attention", "igpt", True, True, False), ("kernels", "kernels", True, True, False)}
+                     ("igpt.kernels.reference", "igpt", True, False, False),
+                     ("importlib", "importlib", True, False, False),
+                     ("igpt.kernels.flash_attention", "igpt", True, True, False),
+                     ("kernels", "kernels", True, True, False)}
 
 
 def test_every_module_has_a_layer_and_the_graph_sees_the_dynamic_imports() -> None:
@@ -266,7 +269,8 @@ def test_every_module_has_a_layer_and_the_graph_sees_the_dynamic_imports() -> No
     assert {"igpt", "igpt.cli", "igpt.__main__", "igpt.pretrain.train", "igpt.cluster.slurm"} <= set(modules)
     assert [m for m in modules if layer(m) is None] == []
     dynamic = [i for p in python_files() for i in file_imports(p) if i.dynamic]
-    assert len(dynamic) >= 4 and {i.name for i in dynamic} >= {"igpt.kernels.flash_attention"}  # benchmarks/attention.py
+    # benchmarks/attention.py's importlib.import_module("igpt.kernels.flash_attention"), four times
+    assert len(dynamic) >= 4 and {i.name for i in dynamic} >= {"igpt.kernels.flash_attention"}
 
 
 def test_no_import_cycle() -> None:
@@ -332,4 +336,5 @@ def test_generated_commands_run_igpt_by_its_package() -> None:
     }
     report = [use for name, text in generated.items() for use in old_uses_in_text(text, name)]
     assert not report, "\n".join(report)
-    assert all("igpt.cli" in text or "-m igpt." in text for name, text in generated.items() if name != "slurm ray cluster")
+    assert all("igpt.cli" in text or "-m igpt." in text
+               for name, text in generated.items() if name != "slurm ray cluster")
