@@ -19,6 +19,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_SITE_PACKAGES: list[str] = sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
+# For a child that must find igpt through PYTHONPATH alone, as the GPU scripts arrange: neither the working
+# directory (``python -m`` in the checkout) nor a script's folder goes on sys.path.
+ONLY_PYTHONPATH = {"PYTHONSAFEPATH": "1"}
 
 
 @dataclass(frozen=True)
