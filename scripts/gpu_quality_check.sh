@@ -29,11 +29,12 @@ read -r -a EXTRA <<<"${EXTRA:-}"  # more training overrides (key=value …)
 PY="${PY:-python3}"
 mkdir -p "$OUT" "$WORK"
 LOG="$OUT/setup.log"  # at most 8 files come back: the GPU, install and data logs share one
+SITE=""  # the dependency wheels; igpt itself comes from the checkout, which is not pip-installed
 if [ -z "${SKIP_INSTALL:-}" ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/site:$PWD"
+  SITE="/tmp/site:"
 fi
-export PYTHONUNBUFFERED=1 DS_ACCELERATOR="${DS_ACCELERATOR:-$DEVICE}"
+export PYTHONPATH="$SITE$PWD" PYTHONUNBUFFERED=1 DS_ACCELERATOR="${DS_ACCELERATOR:-$DEVICE}"
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$LOG"
 "$PY" -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)" | tee -a "$LOG"
 

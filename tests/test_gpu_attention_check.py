@@ -2,25 +2,24 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from isolated_venv import ONLY_PYTHONPATH, REPO, make_venv
 
 from igpt.pretrain.attention_table import load_entries
 
-REPO = Path(__file__).resolve().parent.parent
 FILES = {"tests.log", "bench.log", "attention.json", "attention_table.json", "compile.log", "compile_triton.json",
          "compile_auto.json"}
 
 
 @pytest.mark.slow
 def test_smoke_run_writes_every_file(tmp_path):
+    # As on a GPU machine: python3 (the venv's, first on PATH) has the dependencies but no igpt; only the script's
+    # PYTHONPATH, the checkout, leads to it.
+    venv = make_venv(tmp_path / "venv")
     out = tmp_path / "out"
-    env = {**os.environ, "SMOKE": "1", "OUT": str(out), "TESTS": "tests/test_attention_auto.py -k pick",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3 is this interpreter
+    env = venv.env(**ONLY_PYTHONPATH, SMOKE="1", OUT=str(out), TESTS="tests/test_attention_auto.py -k pick")
     done = subprocess.run(["bash", "scripts/gpu_attention_check.sh"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -4,26 +4,25 @@ Ray-free scorer, and what comes back under $OUT."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from isolated_venv import ONLY_PYTHONPATH, REPO, make_venv
 
 from igpt.data_pipeline.manifest import Manifest
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
 def test_gpu_quality_script_end_to_end_on_cpu(cifar_dir, cifar_tokens, tmp_path):
+    # As on a GPU machine: igpt is not installed; only the script's PYTHONPATH, the checkout, leads to it.
+    venv = make_venv(tmp_path / "venv")
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "WORK": str(tmp_path / "work"), "SRC": str(cifar_dir / "cifar10-train-000000.tar"),
+    env = {**venv.env(**ONLY_PYTHONPATH), "OUT": str(out), "WORK": str(tmp_path / "work"),
+           "SRC": str(cifar_dir / "cifar10-train-000000.tar"),
            "PALETTE": str(cifar_tokens / "palette.npy"), "LIMIT": "600", "RES": "16", "MARGIN": "2", "DEVICE": "cpu",
-           "SKIP_INSTALL": "1", "PY": sys.executable, "PROBE_STEPS": "6", "TRAIN_SECONDS": "2", "PROBE_LAYERS": "1",
+           "SKIP_INSTALL": "1", "PY": str(venv.python), "PROBE_STEPS": "6", "TRAIN_SECONDS": "2", "PROBE_LAYERS": "1",
            "PROBE_CONCAT": "0,1,2", "DS_ACCELERATOR": "cpu",
            "EXTRA": "model.n_layer=2 model.n_embd=32 model.n_head=2 train.precision=fp32 train.micro_batch_size=8 "
                     "data.num_workers=0 train.log_every=2 train.val_every=4 checkpoint.every=4 train.val_batches=2"}

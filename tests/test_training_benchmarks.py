@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from isolated_venv import ONLY_PYTHONPATH, REPO, make_venv
 
 from igpt.pretrain.distributed import single_process_env
 
-REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "configs" / "cifar10-gpu-recipe.yaml")
 REFERENCE = REPO.parent / "shared" / "reference" / "plain_igpt.py"
 TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "train.micro_batch_size=8", "data.num_workers=1",
         "optim.warmup_steps=2"]
 
 
-def _bench(script: str, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO,
-                          env={**single_process_env(), "DS_ACCELERATOR": "cpu"},
+def _bench(script: str, *args: str, venv_dir: Path) -> subprocess.CompletedProcess:
+    """``python3 benchmarks/SCRIPT ARGS`` as scripts/gpu_training_check.sh runs it: igpt not installed, the
+    checkout on PYTHONPATH (for the benchmark and the igpt processes it starts)."""
+    venv = make_venv(venv_dir)
+    done = subprocess.run([venv.python, f"benchmarks/{script}", *args], cwd=REPO,
+                          env=single_process_env(venv.env(**ONLY_PYTHONPATH, PYTHONPATH=str(REPO),
+                                                          DS_ACCELERATOR="cpu")),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -31,7 +34,8 @@ def test_precision_ablation_engine_equals_the_plain_loop_on_the_same_augmented_s
     results = tmp_path / "ablation.json"
     _bench("precision_ablation.py", "--data", str(cifar_tokens_margin), "--config", RECIPE, "--device", "cpu",
            "--steps", "4", "--eval-every", "2", "--rows", "plain-fp32", "engine-fp32-sdpa", "--out",
-           str(tmp_path / "runs"), "--results", str(results), *TINY, "data.hflip=true", "data.random_crop=true")
+           str(tmp_path / "runs"), "--results", str(results), *TINY, "data.hflip=true", "data.random_crop=true",
+           venv_dir=tmp_path / "venv")
     rows = json.loads(results.read_text())["rows"]
     plain, engine = rows["plain-fp32"]["val_nll"], rows["engine-fp32-sdpa"]["val_nll"]
     assert list(plain) == list(engine) == ["2", "4"]
@@ -47,7 +51,8 @@ def test_recipe_vs_plain_runs_the_recipe_unaugmented_on_exact_shards(cifar_token
     reference = ["--reference", str(REFERENCE)] if REFERENCE.is_file() else ["--skip-reference"]
     printed = _bench("recipe_vs_plain.py", "--data", str(cifar_tokens), "--tokens", "4e4", "--device", "cpu",
                      *reference, "--out", str(tmp_path / "runs"), "--json", str(out), *TINY,
-                     "train.precision=fp32", "data.hflip=false", "data.random_crop=false").stdout
+                     "train.precision=fp32", "data.hflip=false", "data.random_crop=false",
+                     venv_dir=tmp_path / "venv").stdout
     result = json.loads(out.read_text())
     assert result["steps"] == 4e4 // (8 * 256) and result["shape"]["n_layer"] == 1
     ours = result["ours"]
