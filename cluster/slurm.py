@@ -24,8 +24,9 @@ TEMPLATES = files("igpt.cluster.templates")  # package data
 # The exit code that means "checkpointed after a signal, requeue me": the default of the training's
 # `checkpoint.preempt_exit_code` (tests/test_cluster_slurm.py checks that they agree). torchrun
 # reports any failed rank as 1 (and exits 1 after forwarding a TERM), so each node's task turns
-# "stopped non-zero after the preemption signal or TERM" into this code, which srun passes on to the
-# batch script.
+# "stopped non-zero, and the ranks noted a complete preemption checkpoint" (the file named by
+# `igpt.pretrain.checkpointer.PREEMPTED_NOTE_ENV`) into this code, which srun passes on to the batch
+# script; a stop without that note (the checkpoint failed) keeps its non-zero code and is not requeued.
 REQUEUE_EXIT_CODE = 124
 _UNCATCHABLE = ("KILL", "STOP")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -129,8 +130,11 @@ def render_sbatch(job: SlurmJob) -> str:
         values["dashboard_port"] = job.dashboard_port
         values["ray_gpus"] = f"--num-gpus={job.gpus_per_node}" if job.gpus_per_node else ""
     else:
+        from igpt.pretrain.checkpointer import PREEMPTED_NOTE_ENV
+
         name = "sbatch.sh.tmpl"
         preempt = signal_name(job.preempt_signal)
+        values["preempted_note_env"] = PREEMPTED_NOTE_ENV
         values["preempt_signal"] = preempt
         values["trapped_signals"] = " ".join(dict.fromkeys((preempt, "TERM")))
         values["signal_seconds"] = job.signal_seconds

@@ -1,10 +1,12 @@
 """DeepSpeed checkpoints with a completeness marker, retention, resume selection and preemption.
 
 Layout: ``RUN_DIR/checkpoints/step_00000100/`` (DeepSpeed files from every rank) and
-``RUN_DIR/checkpoints/latest`` (DeepSpeed's pointer). After every rank has written its files,
-rank 0 writes ``COMPLETE.json`` last: the step, world size, palette sha256 and the size and
-sha256 of every file. A tag without a marker, or whose files do not match it, is incomplete or
-corrupt: ``find_resumable`` skips it with a warning and never loads it.
+``RUN_DIR/checkpoints/latest`` (DeepSpeed's pointer, naming the newest complete tag). A save starts
+from an empty tag dir; after every rank has written its files, rank 0 writes ``COMPLETE.json``
+last: the step, world size, palette sha256 and the size and sha256 of every file. A tag without a
+marker, or whose files do not match it, is incomplete or corrupt: ``find_resumable`` skips it with
+a warning and never loads it. A write that fails on any rank (a full disk) fails the save on every
+rank with ``CheckpointSaveError`` and rank 0 removes the partial tag (``save``).
 
 Client state (saved by DeepSpeed beside the model states): step, tokens seen, world size,
 ``loader_states`` and ``rng_states`` (lists indexed by rank, gathered from every rank, so each rank
@@ -20,9 +22,9 @@ converts again), then loaded with ``checkpoint.load_universal``. The data stream
 (``igpt.data_pipeline.loader.TokenStream.resume_from``). Moving between ZeRO-0 and ZeRO-1/2/3 is refused.
 
 Preemption: SIGTERM, SIGINT or ``checkpoint.preempt_signal`` (default SIGUSR1) sets a flag; the loop
-agrees on it across ranks within a step, saves a checkpoint and exits with
+agrees on it across ranks within a step, saves a checkpoint and, once it is complete, exits with
 ``checkpoint.preempt_exit_code`` (default 124), which a launcher or SLURM ``--requeue`` wrapper treats
-as "requeue me". DataLoader workers ignore these signals (``igpt.data_pipeline.loader``), so a signal sent
+as "requeue me" (a save that fails raises ``CheckpointSaveError`` instead: exit 2, no requeue). DataLoader workers ignore these signals (``igpt.data_pipeline.loader``), so a signal sent
 to the whole process group reaches the ranks without killing their loaders.
 
 Reading weights without an engine (``igpt export``, ``igpt.pretrain.release.load_model``): ``resolve_tag``
@@ -41,16 +43,17 @@ import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from igpt.data_pipeline.io import atomic_dir, file_sha256, write_json_atomic
+from igpt.data_pipeline.io import atomic_dir, file_sha256, write_json_atomic, write_text_atomic
 from igpt.errors import UserError
 
 MARKER = "COMPLETE.json"
+LATEST = "latest"  # the name of the newest complete tag, written after its marker
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 UNIVERSAL = "universal"  # the universal-format copy of a tag, inside the tag dir
 MODULE_PREFIX = "model."  # the training engine wraps IGPT in LossModule
@@ -185,24 +188,98 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- save / load through the engine
+class CheckpointSaveError(UserError):
+    """A checkpoint write failed on some rank (a full disk, a quota): every rank raises it, nothing partial is kept."""
+
+
+class _CaughtWrites:
+    """This rank's checkpoint writes (the DeepSpeed checkpoint engine's ``save``) with their first error caught
+    and kept in ``error`` and every later write skipped, so that the rank stays in step with the collectives
+    DeepSpeed runs between the writes. A full disk raises OSError (ENOSPC) from a plain write and RuntimeError
+    from torch's zip writer."""
+
+    def __init__(self, engine, error: Exception | None = None) -> None:
+        self.writer, self.error = engine.checkpoint_engine, error
+
+    def __enter__(self) -> "_CaughtWrites":
+        write = self.writer.save
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if self.error is not None:
+                return None
+            try:
+                return write(*args, **kwargs)
+            except (OSError, RuntimeError) as err:
+                self.error = err
+                return None
+
+        self.writer.save = guarded
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.writer.save  # the class's method again
+
+
+def _attempt(action: Callable[..., None], *args: Any) -> OSError | None:
+    """Run ``action(*args)``; the OSError it raised, or None."""
+    try:
+        action(*args)
+    except OSError as err:
+        return err
+    return None
+
+
+def _agree(error: Exception | None, tag_dir: Path, rank0: bool) -> None:
+    """Collective: when any rank has an ``error``, rank 0 removes ``tag_dir`` and every rank raises
+    CheckpointSaveError naming the tag and each failed rank's error."""
+    errors = gather_per_rank(None if error is None else f"{type(error).__name__}: {error}")
+    failed = [f"rank {rank}: {' '.join(e.split())}" for rank, e in enumerate(errors) if e is not None]
+    if not failed:
+        return
+    if rank0:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    raise CheckpointSaveError(f"checkpoint {tag_dir.name} could not be saved ({'; '.join(failed)}); its partial "
+                              f"files were removed and the earlier checkpoints are untouched: make room in "
+                              f"{tag_dir.parent} and rerun with --resume auto")
+
+
+def _empty_tag_dir(tag_dir: Path) -> None:
+    """Remove what an earlier save of this tag left (its files, a ``universal/`` copy), so the new one starts empty."""
+    if tag_dir.exists():
+        shutil.rmtree(tag_dir)
+    tag_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
 def save(engine, run_dir: str | os.PathLike, step: int, client_state: dict[str, Any], *, loader_state: Any,
          keep_last: int) -> Path:
-    """Collective: every rank writes its DeepSpeed shards, then rank 0 writes the marker and prunes."""
+    """Collective: every rank writes its DeepSpeed shards into an empty tag dir, then rank 0 writes the marker,
+    points ``latest`` at the tag and prunes. A failed write on any rank fails the save on every rank alike
+    (``CheckpointSaveError``) and rank 0 removes the partial tag, so no rank waits for another."""
     tag = tag_for(step)
     root = checkpoints_dir(run_dir)
-    state = dict(client_state)
+    tag_dir = root / tag
+    rank0 = engine.global_rank == 0
+    error = _attempt(_empty_tag_dir, tag_dir) if rank0 else None
+    state = dict(client_state)  # the gathers below also keep every rank out of the tag dir until it is empty
     state["loader_states"] = gather_per_rank(loader_state)
     state["rng_states"] = gather_per_rank(rng_state())
     state["world_size"] = len(state["loader_states"])
-    engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=True)
-    _barrier()
-    if engine.global_rank == 0:
-        write_marker(root / tag, {"step": step, "world_size": state["world_size"],
-                                  "palette_sha256": client_state.get("palette_sha256"),
-                                  "zero_stage": engine.zero_optimization_stage()})
-        prune(run_dir, keep_last)
-    _barrier()
-    return root / tag
+    with _CaughtWrites(engine, error) as writes:
+        engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+    _agree(writes.error, tag_dir, rank0)
+    if rank0:
+        info = {"step": step, "world_size": state["world_size"], "palette_sha256": client_state.get("palette_sha256"),
+                "zero_stage": engine.zero_optimization_stage()}
+        error = _attempt(_complete, run_dir, tag_dir, info, keep_last)
+    _agree(error, tag_dir, rank0)
+    return tag_dir
+
+
+def _complete(run_dir: str | os.PathLike, tag_dir: Path, info: dict[str, Any], keep_last: int) -> None:
+    """Rank 0, once every rank has written its files: the marker, ``latest`` naming the tag, then retention."""
+    write_marker(tag_dir, info)
+    write_text_atomic(tag_dir.name, tag_dir.parent / LATEST)
+    prune(run_dir, keep_last)
 
 
 @dataclass(frozen=True)

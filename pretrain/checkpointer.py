@@ -5,16 +5,22 @@ The format (DeepSpeed files, completeness marker, universal conversion) is ``igp
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from igpt.data_pipeline.io import write_text_atomic
 from igpt.data_pipeline.token_shards import check_palette
 from igpt.errors import UserError
 from igpt.pretrain import checkpoint as ckpt
 from igpt.pretrain.config import MODEL_FIELDS, TrainConfig, config_from_checkpoint, to_dict
 from igpt.pretrain.state import TrainState
+
+# The environment variable naming the file in which every rank notes a completed preemption checkpoint (the
+# SLURM node task sets it and requeues the job only when the note is there: ``igpt.cluster.slurm``).
+PREEMPTED_NOTE_ENV = "IGPT_PREEMPTED_NOTE"
 
 
 class Checkpointer:
@@ -38,6 +44,12 @@ class Checkpointer:
     def signal_name(self) -> str:
         signum = self.preemption.signum
         return signal.Signals(signum).name if signum else "another rank"
+
+    def note_preempted(self, step: int) -> None:
+        """After this step's preemption checkpoint is complete: say so in ``$IGPT_PREEMPTED_NOTE`` (if set)."""
+        note = os.environ.get(PREEMPTED_NOTE_ENV)
+        if note:
+            write_text_atomic(f"preempted at step {step}, checkpoint {ckpt.tag_for(step)} complete\n", note)
 
     def close(self) -> None:
         self.preemption.restore()

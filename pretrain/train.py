@@ -328,9 +328,10 @@ class Trainer:
                 self._loop()
             status = "FINISHED"
             return 0
-        except Preempted:
+        except Preempted:  # raised only once the preemption checkpoint is complete (a failed save raises its error)
             status = "KILLED"
             self.tracker.set_tags({"preempted_at_step": self.state.step})
+            self.checkpointer.note_preempted(self.state.step)
             return self.cfg.checkpoint.preempt_exit_code
         finally:
             self.tracker.close(status)

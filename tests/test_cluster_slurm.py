@@ -18,6 +18,7 @@ import pytest
 from igpt.cluster.cli import register
 from igpt.cluster.command import IGPT_ENTRY
 from igpt.cluster.slurm import REQUEUE_EXIT_CODE, SlurmJob, render_sbatch, submit
+from igpt.pretrain.checkpointer import PREEMPTED_NOTE_ENV
 from slurm_cluster import missing_slurm_binaries, start_slurm_cluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,28 +88,41 @@ def _node_task(script: str) -> str:
 
 
 # Stands in for torchrun: reports whether it started with USR2 ignored, exits 1 on TERM after a grace
-# period (as torchrun does once its workers stopped), or 1 when told to through the flag file.
+# period (as torchrun does once its workers stopped), or 1 when told to through the flag file; with
+# argv[2] == "note" its "ranks" first note a complete preemption checkpoint in the file that the environment
+# variable argv[3] names, as the training does.
 FAKE_TORCHRUN = """
 import os, signal, sys, time
+
+
+def stop(*_):
+    time.sleep(0.5)
+    if sys.argv[2] == "note":
+        open(os.environ[sys.argv[3]], "w").write("preempted at step 7, checkpoint step_00000007 complete")
+    sys.exit(1)
+
+
 print("USR2 ignored" if signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN else "USR2 default", flush=True)
-signal.signal(signal.SIGTERM, lambda *_: (time.sleep(0.5), sys.exit(1)))
+signal.signal(signal.SIGTERM, stop)
 open(sys.argv[1], "w").close()
 while os.path.exists(sys.argv[1]):
     time.sleep(0.05)
-sys.exit(1)
+stop()
 """
 
 
-@pytest.mark.parametrize("sig", ["USR2", "TERM", None])
-def test_node_task_maps_a_stop_after_the_signal_to_the_requeue_code(sig, tmp_path):
+@pytest.mark.parametrize("sig, note", [("USR2", True), ("TERM", True), ("TERM", False), (None, False)])
+def test_node_task_requeues_only_a_stop_with_a_complete_preemption_checkpoint(sig, note, tmp_path):
     """Sent to the whole step like slurmstepd does, USR2 (configured) or TERM reaches the node task, which
-    outlives the stopping training and exits with the requeue code; without a signal the failure stays."""
+    outlives the stopping training and exits with the requeue code when the ranks noted a complete preemption
+    checkpoint; a signal whose checkpoint failed (no note), or a failure without a signal, keeps exit 1."""
     script = render_sbatch(SlurmJob(command=["x"], preempt_signal="USR2"))
     flag = tmp_path / "running"
     env = dict(os.environ, REQUEUE_EXIT_CODE=str(REQUEUE_EXIT_CODE), PREEMPT_SIGNAL="USR2",
-               TRAPPED_SIGNALS="USR2 TERM", SLURM_NODEID="0")
+               TRAPPED_SIGNALS="USR2 TERM", SLURM_NODEID="0", TMPDIR=str(tmp_path))
     proc = subprocess.Popen(["bash", "-c", _node_task(script), "igpt-node", sys.executable, "-c", FAKE_TORCHRUN,
-                             str(flag)], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+                             str(flag), "note" if note else "-", PREEMPTED_NOTE_ENV],
+                            env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 30
     while not flag.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -118,11 +132,14 @@ def test_node_task_maps_a_stop_after_the_signal_to_the_requeue_code(sig, tmp_pat
     flag.unlink()
     out, _ = proc.communicate(timeout=30)
     assert out.startswith("USR2 ignored"), out
-    if sig is None:
-        assert proc.returncode == 1 and "stopped by" not in out, out
-    else:
+    if note:
         assert proc.returncode == REQUEUE_EXIT_CODE, (proc.returncode, out)
-        assert f"node 0: training stopped by {sig} (exit 1)" in out, out
+        assert f"node 0: training stopped by {sig} (exit 1), preempted at step 7, checkpoint step_00000007 complete" \
+            in out, out
+    else:
+        assert proc.returncode == 1, (proc.returncode, out)
+        assert ("not requeued" in out) == (sig is not None), out
+    assert [p.name for p in tmp_path.iterdir()] == [], "the note's temporary dir is left behind"
 
 
 def test_bad_input_is_named():
