@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from igpt.pretrain import checkpoint as ckpt
 from test_train_support import all_logs, launch, read_log, run_overrides, train_ranks, wait_all
 
-pytestmark = pytest.mark.slow
 FAILED = ckpt.tag_for(2)
 
 # `igpt train` whose checkpoint writer (torch.save, under DeepSpeed's checkpoint engine) on rank argv[1] writes a
@@ -61,6 +61,7 @@ def failed_run(cifar_tokens, tmp_path_factory) -> tuple[Path, list[int], float]:
     return run, codes, time.monotonic() - failed_at
 
 
+@pytest.mark.slow
 def test_enospc_on_one_rank_stops_every_rank_and_removes_the_partial_tag(failed_run):
     run, codes, seconds = failed_run
     assert codes == [2, 2], all_logs(run)  # a user error (free the disk), not the requeue code 124
@@ -74,6 +75,7 @@ def test_enospc_on_one_rank_stops_every_rank_and_removes_the_partial_tag(failed_
                 "No space left on device") in log and "Traceback" not in log, log
 
 
+@pytest.mark.slow
 def test_a_resaved_tag_starts_empty(failed_run, cifar_tokens, tmp_path):
     """After the failure the run resumes; step 2's save goes into a dir that held a stale universal/ copy and a
     stale rank's file (left by an earlier save of that tag): the new checkpoint holds neither."""
@@ -90,3 +92,53 @@ def test_a_resaved_tag_starts_empty(failed_run, cifar_tokens, tmp_path):
     assert files and all(not name.startswith(ckpt.UNIVERSAL) and "rank_7" not in name for name in files), files
     assert [p.name for p in ckpt.find_resumable(run)] == [FAILED, ckpt.tag_for(1)]
     assert (ckpt.checkpoints_dir(run) / ckpt.LATEST).read_text() == FAILED
+
+
+class _Writer:
+    """DeepSpeed's checkpoint engine as ``save`` sees it; ``full`` writes a few bytes and fails as torch's zip
+    writer does on a full disk."""
+
+    def __init__(self, full: bool) -> None:
+        self.full = full
+
+    def save(self, state_dict: dict, path: str) -> None:
+        if self.full:
+            Path(path).write_bytes(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        torch.save(state_dict, path)
+
+
+class _Engine:
+    """One rank's DeepSpeed engine, as far as ``checkpoint.save`` uses it: two files through the writer."""
+
+    global_rank = 0
+
+    def __init__(self, full: bool = False) -> None:
+        self.checkpoint_engine = _Writer(full)
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        assert not save_latest  # `latest` is written after the marker
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+            self.checkpoint_engine.save(client_state, str(Path(save_dir) / tag / name))
+
+
+def test_a_torch_zip_write_error_fails_the_save_and_removes_the_tag(tmp_path):
+    """A full disk under torch's zip writer is a RuntimeError, not an OSError: caught alike."""
+    save = dict(client_state={}, loader_state=None, keep_last=2)
+    ckpt.save(_Engine(), tmp_path, 1, **save)
+    stale = ckpt.checkpoints_dir(tmp_path) / FAILED / ckpt.UNIVERSAL
+    stale.mkdir(parents=True)
+    with pytest.raises(ckpt.CheckpointSaveError, match=rf"checkpoint {FAILED} could not be saved \(rank 0: "
+                                                       r"RuntimeError: \[enforce fail"):
+        ckpt.save(_Engine(full=True), tmp_path, 2, **save)
+    assert [p.name for p in ckpt.list_tags(tmp_path)] == [ckpt.tag_for(1)]
+    assert (ckpt.checkpoints_dir(tmp_path) / ckpt.LATEST).read_text() == ckpt.tag_for(1)
+    stale.mkdir(parents=True)
+    ckpt.save(_Engine(), tmp_path, 2, **save)
+    assert sorted(json.loads((stale.parent / ckpt.MARKER).read_text())["files"]) == [
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert not stale.exists() and (ckpt.checkpoints_dir(tmp_path) / ckpt.LATEST).read_text() == FAILED
