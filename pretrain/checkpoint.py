@@ -24,8 +24,9 @@ converts again), then loaded with ``checkpoint.load_universal``. The data stream
 Preemption: SIGTERM, SIGINT or ``checkpoint.preempt_signal`` (default SIGUSR1) sets a flag; the loop
 agrees on it across ranks within a step, saves a checkpoint and, once it is complete, exits with
 ``checkpoint.preempt_exit_code`` (default 124), which a launcher or SLURM ``--requeue`` wrapper treats
-as "requeue me" (a save that fails raises ``CheckpointSaveError`` instead: exit 2, no requeue). DataLoader workers ignore these signals (``igpt.data_pipeline.loader``), so a signal sent
-to the whole process group reaches the ranks without killing their loaders.
+as "requeue me" (a save that fails raises ``CheckpointSaveError`` instead: exit 2, no requeue).
+DataLoader workers ignore these signals (``igpt.data_pipeline.loader``), so a signal sent to the whole
+process group reaches the ranks without killing their loaders.
 
 Reading weights without an engine (``igpt export``, ``igpt.pretrain.release.load_model``): ``resolve_tag``
 picks a run's checkpoint, ``consolidated_state_dict`` its fp32 ``IGPT`` state dict. ZeRO-1/2/3 checkpoints
@@ -244,7 +245,8 @@ def _agree(error: Exception | None, tag_dir: Path, rank0: bool) -> None:
 
 
 def _empty_tag_dir(tag_dir: Path) -> None:
-    """Remove what an earlier save of this tag left (its files, a ``universal/`` copy), so the new one starts empty."""
+    """Remove what an earlier save of this tag left (its files, a ``universal/`` copy), so the new one starts
+    empty; create the checkpoints dir here, where an error is caught, leaving DeepSpeed's uncaught mkdir no work."""
     if tag_dir.exists():
         shutil.rmtree(tag_dir)
     tag_dir.parent.mkdir(parents=True, exist_ok=True)
