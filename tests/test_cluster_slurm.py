@@ -245,7 +245,8 @@ def _assert_requeued_and_resumed(r: dict, sig: str, slurm) -> None:
     assert 0 < preempted < 30 and run.data.tags["slurm_job_id"] == job_id
     assert run.info.status == "FINISHED"
     assert "2 rank(s)" in text and f"preemption (SIG{sig}) – saving a checkpoint" in text, text
-    assert f"training stopped by {sig}" in text, text
+    assert f"training stopped by {sig} (exit 1), preempted at step {preempted}, checkpoint step_{preempted:08d} " \
+        "complete" in text, text  # the ranks' note of a complete preemption checkpoint: the only way to a requeue
     assert f"step_{preempted:08d} at step {preempted}" in text, text  # the second run resumed from it
     assert "requeueing job" in text and f"job {job_id} restart 1" in text
     loss_steps = [int(m.step) for m in client.get_metric_history(run.info.run_id, "loss")]
