@@ -27,7 +27,7 @@ def _add_slurm(sub: argparse._SubParsersAction) -> None:
                        description="Train on N nodes: one task per node runs torchrun with a c10d rendezvous on "
                                    "the first node. The config's checkpoint.preempt_signal (default USR1, sent "
                                    "when the time limit is near) or TERM (preemption) makes the training "
-                                   "checkpoint; the job then requeues itself and resumes with --resume auto.")
+                                   "checkpoint; once that checkpoint is complete the job requeues itself and resumes with --resume auto.")
     p.add_argument("command", nargs="*", help="CONFIG.yaml [key=value …], or after -- an igpt subcommand")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU training")
