@@ -145,6 +145,40 @@ def test_bad_input_is_named():
         args.func(args)
 
 
+def _one_line_error(argv: list[str], capsys) -> str:
+    """Run ``igpt ARGV`` in this process; return its one error line (exit code 2, nothing on stdout)."""
+    from igpt.runner import add_common_options, run
+
+    parser = argparse.ArgumentParser(prog="igpt")
+    register(parser.add_subparsers(dest="command", required=True))
+    assert run(add_common_options(parser).parse_args(argv)) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, (out, err)
+    return err
+
+
+@pytest.mark.parametrize("option", ["--sbatch-arg=--qos=high\ntouch /tmp/pwned", "--sbatch-arg=--qos=a b",
+                                    "--sbatch-arg=--qos=high\r", "--srun-arg=--x=1\ntouch /tmp/pwned"])
+def test_sbatch_and_srun_args_cannot_start_a_shell_line(option, capsys, tmp_path):
+    """An #SBATCH line is a shell comment: a newline in it would start a live command, and quoting does not
+    protect it; srun options are quoted on a command line, where only control characters are refused."""
+    err = _one_line_error(["launch", "slurm", "--ray-cluster", "--log-dir", str(tmp_path), option, "--dry-run"],
+                          capsys)
+    assert err.startswith("igpt launch slurm: error: ") and option.partition("=")[0] in err, err
+
+
+@pytest.mark.parametrize("name", ["run\ntouch pwned", "run with space", "run\x1b[2J"])
+def test_working_directory_names_are_checked_as_rendered(name, capsys, tmp_path, monkeypatch):
+    """The job's working directory is the submitting one, made absolute: its name goes into #SBATCH --chdir."""
+    workdir = tmp_path / name
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    err = _one_line_error(["launch", "slurm", "--ray-cluster", "--log-dir", str(tmp_path), "--dry-run"], capsys)
+    assert "the working directory" in err, err
+    err = _one_line_error(["launch", "slurm", "--ray-cluster", "--log-dir", "logs", "--dry-run"], capsys)
+    assert "--log-dir" in err, err  # relative, inside the bad directory
+
+
 def test_requeue_exit_code_matches_the_training():
     from igpt.pretrain.config import CheckpointSection
 
