@@ -138,6 +138,7 @@ def render_sbatch(job: SlurmJob) -> str:
     if job.ray_cluster:
         name = "ray_on_slurm.sh.tmpl"
         values["dashboard_port"] = job.dashboard_port
+        values["log_dir_sh"] = shlex.quote(os.path.abspath(job.log_dir))
         values["ray_gpus"] = f"--num-gpus={job.gpus_per_node}" if job.gpus_per_node else ""
     else:
         name = "sbatch.sh.tmpl"
