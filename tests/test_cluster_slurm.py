@@ -355,7 +355,7 @@ def test_ray_cluster_inside_slurm_runs_a_probe_eval(preempted_training, slurm, c
 
     run_dir, tmp = preempted_training["run_dir"], preempted_training["tmp"]
     ray_tmp = tempfile.mkdtemp(prefix="igs", dir="/tmp")  # keeps other tests' ray.init() away from it
-    # Token auth off for this local cluster (see test_cluster_ray.ray_head).
+    # The template turns token authentication on (over the shell's RAY_AUTH_MODE=disabled) with the job's own token.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dashboard_port = s.getsockname()[1]
@@ -377,6 +377,8 @@ def test_ray_cluster_inside_slurm_runs_a_probe_eval(preempted_training, slurm, c
     text = (tmp / "logs" / f"ray-{job_id}.out").read_text()
     assert proc.returncode == 0, proc.stdout + proc.stderr + text
     assert "[igpt-ray] driver exited with 0" in text and "Connected to Ray cluster" in text, text
+    token_file = tmp / "logs" / f"ray-{job_id}.ray-token"
+    assert f"token {token_file} (new)" in text and token_file.stat().st_mode & 0o777 == 0o600, text
     client = MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name("igpt-eval").experiment_id])
     assert any(r.info.status == "FINISHED" and r.data.metrics for r in runs), runs
