@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def _add_ray(sub: argparse._SubParsersAction) -> None:
                    help="code uploaded with the job (default: this checkout; from a wheel install, the installed igpt "
                         "package as a py_module); 'none': use what is installed on the cluster")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable (repeatable)")
+    p.add_argument("--auth-token-file", default=os.environ.get("RAY_AUTH_TOKEN_PATH"), metavar="PATH",
+                   help="the cluster's token, for token authentication (default: $RAY_AUTH_TOKEN_PATH); the Ray "
+                        "cluster of `igpt launch slurm --ray-cluster` writes it to LOG_DIR/NAME-JOBID.ray-token")
     p.add_argument("--submission-id", default=None)
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     p.set_defaults(func=_run_ray)
@@ -125,9 +129,9 @@ def _run_slurm(args: argparse.Namespace) -> int:
 
 
 def _run_ray(args: argparse.Namespace) -> int:
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
-    from igpt.cluster.ray_job import RayJob, default_working_dir, installed_package, submit, wait
+    from igpt.cluster.ray_job import RayJob, connect, default_working_dir, installed_package, submit, wait
 
     env_vars = {}
     for item in args.env:
@@ -142,7 +146,7 @@ def _run_ray(args: argparse.Namespace) -> int:
     job = RayJob(py_modules=py_modules, command=args.command, address=args.address, workers=args.workers,
                  cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, python=args.python,
                  working_dir=working_dir, env_vars=env_vars, submission_id=args.submission_id)
-    client = JobSubmissionClient(args.address)
+    client = connect(args.address, args.auth_token_file)
     job_id = submit(job, client)
     print(job_id, flush=True)
     if args.no_wait:

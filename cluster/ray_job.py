@@ -7,17 +7,22 @@ Ray Tune trials over the cluster it is attached to.
 from __future__ import annotations
 
 import asyncio
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 import igpt
 from igpt.cluster.command import igpt_args, python_igpt
 from igpt.errors import UserError
 
+# What a Ray token file holds (ours: 64 hex digits): one token of visible ASCII; read up to a bound.
+_TOKEN = re.compile(r"[!-~]{1,1024}")
+_TOKEN_FILE_MAX = 4096
 # Never uploaded with the working dir (on top of what .gitignore excludes).
 EXCLUDES = [".git", ".venv", "runs", "mlruns", "slurm-logs", "*.pt", "*.safetensors", "*.tar", "benchmarks/results"]
 
@@ -75,10 +80,39 @@ def runtime_env(job: RayJob) -> dict:
     return env
 
 
+def auth_headers(token_file: str | None) -> dict[str, str]:
+    """The ``Authorization`` header for a cluster with token authentication, from ``token_file`` (Ray's token
+    file: the token, surrounding whitespace ignored); none without a file, where Ray's own lookup applies
+    (``RAY_AUTH_MODE=token`` with ``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``)."""
+    if token_file is None:
+        return {}
+    with open(token_file, "rb") as f:
+        raw = f.read(_TOKEN_FILE_MAX + 1)
+    token = raw.decode("ascii", errors="replace").strip()
+    if len(raw) > _TOKEN_FILE_MAX or not _TOKEN.fullmatch(token):
+        raise UserError(f"--auth-token-file {token_file}: not a Ray token file (one token of visible ASCII "
+                         "characters, as `ray get-auth-token` prints it)")
+    return {"Authorization": f"Bearer {token}"}
+
+
+def connect(address: str, token_file: str | None = None) -> JobSubmissionClient:
+    """A job submission client of the cluster at ``address``, authenticated with ``token_file`` when given;
+    no job server there, or one that wants a token and gets none or a wrong one, is a one-line error."""
+    try:
+        return JobSubmissionClient(address, headers=auth_headers(token_file))
+    except AuthenticationError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise UserError(f"the Ray cluster at {address} refused the request ({reason}): give its token with "
+                         "--auth-token-file (a Ray cluster started by `igpt launch slurm --ray-cluster` keeps "
+                         "it in LOG_DIR/NAME-JOBID.ray-token)") from None
+    except ConnectionError as err:
+        raise UserError(f"no Ray job server answers at {address} ({str(err).strip().splitlines()[0]})") from None
+
+
 def submit(job: RayJob, client: JobSubmissionClient | None = None, agent_wait_s: float = 120.0) -> str:
     """Submit ``job``; return its submission id. A cluster whose job agent is not up yet (just started,
     or busy) answers "No available agent … try again later": the submission is retried for ``agent_wait_s``."""
-    client = client or JobSubmissionClient(job.address)
+    client = client or connect(job.address)
     deadline = time.monotonic() + agent_wait_s
     while True:
         try:

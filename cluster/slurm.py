@@ -30,6 +30,8 @@ TEMPLATES = files("igpt.cluster.templates")  # package data
 REQUEUE_EXIT_CODE = 124
 _UNCATCHABLE = ("KILL", "STOP")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # ASCII control characters: newline, CR, NUL, ESC …
+_UNSAFE_IN_SBATCH = re.compile(r"[\s\x00-\x1f\x7f]")
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$|^UNLIMITED$|^INFINITE$")
 _FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                  "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -82,6 +84,13 @@ def signal_name(name: str) -> str:
     return key
 
 
+def _sbatch_values(job: SlurmJob) -> list[tuple[str, str | None]]:
+    """(option, value) of every user value that goes into an ``#SBATCH`` line; paths as rendered (absolute)."""
+    return [("--job-name", job.job_name), ("--log-dir", os.path.abspath(job.log_dir)),
+            ("the working directory", os.path.abspath(job.workdir)), ("--partition", job.partition),
+            ("--account", job.account), ("--mem", job.mem), *(("--sbatch-arg", a) for a in job.sbatch_args)]
+
+
 def _check(job: SlurmJob) -> None:
     if job.nodes < 1:
         raise UserError(f"--nodes must be >= 1, got {job.nodes}")
@@ -95,11 +104,13 @@ def _check(job: SlurmJob) -> None:
         raise UserError(f"--signal-seconds must be in 0..65535, got {job.signal_seconds}")
     if not 1 <= job.requeue_exit_code <= 255:
         raise UserError(f"requeue exit code must be in 1..255, got {job.requeue_exit_code}")
-    for name in ("job_name", "log_dir", "workdir", "partition", "account", "mem"):
-        value = getattr(job, name)
-        if value is not None and (not value or re.search(r"\s", value)):
-            raise UserError(f"{name} {value!r} must be non-empty and contain no whitespace "
-                             "(it goes into an #SBATCH line)")
+    for label, value in _sbatch_values(job):
+        if value is not None and (not value or _UNSAFE_IN_SBATCH.search(value)):
+            raise UserError(f"{label} {value!r} must be non-empty and contain no whitespace or control characters "
+                             "(it goes into an #SBATCH line, where quoting does not protect)")
+    for value in job.srun_args:
+        if _CONTROL.search(value):
+            raise UserError(f"--srun-arg {value!r} must contain no control characters (newline, CR, NUL …)")
     if not job.command and not job.ray_cluster:
         raise UserError("no command to run")
 
@@ -128,6 +139,7 @@ def render_sbatch(job: SlurmJob) -> str:
     if job.ray_cluster:
         name = "ray_on_slurm.sh.tmpl"
         values["dashboard_port"] = job.dashboard_port
+        values["log_dir_sh"] = shlex.quote(os.path.abspath(job.log_dir))
         values["ray_gpus"] = f"--num-gpus={job.gpus_per_node}" if job.gpus_per_node else ""
     else:
         from igpt.pretrain.checkpointer import PREEMPTED_NOTE_ENV

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -10,13 +11,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from igpt.cluster.cli import register
-from igpt.cluster.ray_job import RayJob, entrypoint, runtime_env
+from igpt.cluster.ray_job import RayJob, auth_headers, connect, entrypoint, runtime_env
 from igpt.cluster.ray_train import rank_envs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,18 +31,22 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(tmp_path_factory):
     """`ray start --head --block` in its own process group, dashboard on 127.0.0.1; stopped by its PID.
+    Yields (job server address, token file).
 
     Its own --temp-dir keeps other tests' `ray.init()` from finding it (never `ray stop`). Token
-    authentication is off for this 127.0.0.1-only cluster, in the head and in this process: Ray
-    otherwise turns it on whenever a shared ~/.ray/auth_token exists, which other Ray users of this
-    host may rewrite while the cluster runs."""
+    authentication is on, as `igpt launch slurm --ray-cluster` starts a head: RAY_AUTH_MODE=token with
+    the token in a private file (RAY_AUTH_TOKEN_PATH), never a shared ~/.ray/auth_token, which other
+    Ray users of this host may rewrite while the cluster runs. This process keeps RAY_AUTH_MODE=disabled
+    (conftest): only `igpt launch ray --auth-token-file` authenticates it."""
+    token = tmp_path_factory.mktemp("ray-token") / "token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
     temp_dir = tempfile.mkdtemp(prefix="igr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     dash_port = _free_port()
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_AUTH_MODE", "disabled")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH")}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     log = open(Path(temp_dir) / "head.out", "wb")
     proc = subprocess.Popen(
@@ -56,13 +62,16 @@ def ray_head():
                 raise RuntimeError(f"ray start exited {proc.returncode}: {(Path(temp_dir) / 'head.out').read_text()}")
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                raise AssertionError(f"the job server at {address} answered a request without the token")
+            except urllib.error.HTTPError as err:  # up, and asking for the token
+                assert err.code == 401, err
                 break
             except OSError:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"Ray job server not up at {address}:\n"
                                        f"{(Path(temp_dir) / 'head.out').read_text()[-3000:]}")
                 time.sleep(1)
-        yield address
+        yield address, str(token)
     finally:
         proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:
@@ -75,7 +84,6 @@ def ray_head():
         except ProcessLookupError:
             pass
         log.close()
-        mp.undo()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -134,7 +142,8 @@ def test_ray_job_trains_on_two_workers_then_probes(ray_head, cifar_tokens, tmp_p
     from mlflow.tracking import MlflowClient
 
     run_dir, store = tmp_path / "run", f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
-    common = ["--address", ray_head, "--python", sys.executable, *CPU_ENV]
+    address, token = ray_head
+    common = ["--address", address, "--auth-token-file", token, "--python", sys.executable, *CPU_ENV]
     rc = _launch([str(REPO / "configs" / "cifar10-cpu-tiny.yaml"), f"data.dir={cifar_tokens}",
                   f"train.run_dir={run_dir}", "train.steps=12", "train.log_every=4", "train.val_every=12",
                   "train.sample_every=1000", "checkpoint.every=12", "--workers", "2", *common])
@@ -157,3 +166,40 @@ def test_ray_job_trains_on_two_workers_then_probes(ray_head, cifar_tokens, tmp_p
     probe_runs = client.search_runs([probe_exp.experiment_id])
     assert probe_runs and all(r.info.status == "FINISHED" for r in probe_runs)
     assert any(r.data.metrics for r in probe_runs)
+
+
+def test_auth_token_file_is_read_bounded_and_checked(tmp_path):
+    """A token file gives an Authorization header; anything else in it is a one-line error, read up to a bound."""
+    token = tmp_path / "token"
+    token.write_text("ab" * 32 + "\n")
+    assert auth_headers(str(token)) == {"Authorization": "Bearer " + "ab" * 32} and auth_headers(None) == {}
+    for bad in (b"", b"two words", b"ab\r\nX-Injected: 1", b"\xff\xfe", b"a" * 100_000_000):
+        token.write_bytes(bad)
+        with pytest.raises(ValueError, match="--auth-token-file .*: not a Ray token file") as err:
+            auth_headers(str(token))
+        assert "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError):
+        auth_headers(str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_token_auth_cluster_refuses_submissions_without_its_token(ray_head, tmp_path, capsys, monkeypatch):
+    """The head has token authentication (as `igpt launch slurm --ray-cluster` starts it): `igpt launch ray`
+    without its token, with a wrong one or at no job server at all is refused in one line."""
+    from igpt.runner import add_common_options, run
+
+    address, token = ray_head
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)  # the default of --auth-token-file
+    wrong = tmp_path / "wrong"
+    wrong.write_text("cd" * 32)
+    for extra, reason in (([], "Authentication required"), (["--auth-token-file", str(wrong)], "Authentication failed"),
+                          (["--address", f"http://127.0.0.1:{_free_port()}"], "no Ray job server")):
+        parser = argparse.ArgumentParser(prog="igpt")
+        register(parser.add_subparsers(dest="command", required=True))
+        args = add_common_options(parser).parse_args(
+            ["launch", "ray", "--address", address, *extra, "--no-wait", "--", "eval", "probe",
+             "--checkpoint", str(tmp_path), "--data", str(tmp_path)])
+        assert run(args) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.splitlines()) == 1 and reason in err, err
+    assert isinstance(connect(address, token).list_jobs(), list)  # the right token gets in

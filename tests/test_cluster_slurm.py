@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -162,6 +163,40 @@ def test_bad_input_is_named():
         args.func(args)
 
 
+def _one_line_error(argv: list[str], capsys) -> str:
+    """Run ``igpt ARGV`` in this process; return its one error line (exit code 2, nothing on stdout)."""
+    from igpt.runner import add_common_options, run
+
+    parser = argparse.ArgumentParser(prog="igpt")
+    register(parser.add_subparsers(dest="command", required=True))
+    assert run(add_common_options(parser).parse_args(argv)) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, (out, err)
+    return err
+
+
+@pytest.mark.parametrize("option", ["--sbatch-arg=--qos=high\ntouch /tmp/pwned", "--sbatch-arg=--qos=a b",
+                                    "--sbatch-arg=--qos=high\r", "--srun-arg=--x=1\ntouch /tmp/pwned"])
+def test_sbatch_and_srun_args_cannot_start_a_shell_line(option, capsys, tmp_path):
+    """An #SBATCH line is a shell comment: a newline in it would start a live command, and quoting does not
+    protect it; srun options are quoted on a command line, where only control characters are refused."""
+    err = _one_line_error(["launch", "slurm", "--ray-cluster", "--log-dir", str(tmp_path), option, "--dry-run"],
+                          capsys)
+    assert err.startswith("igpt launch slurm: error: ") and option.partition("=")[0] in err, err
+
+
+@pytest.mark.parametrize("name", ["run\ntouch pwned", "run with space", "run\x1b[2J"])
+def test_working_directory_names_are_checked_as_rendered(name, capsys, tmp_path, monkeypatch):
+    """The job's working directory is the submitting one, made absolute: its name goes into #SBATCH --chdir."""
+    workdir = tmp_path / name
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    err = _one_line_error(["launch", "slurm", "--ray-cluster", "--log-dir", str(tmp_path), "--dry-run"], capsys)
+    assert "the working directory" in err, err
+    err = _one_line_error(["launch", "slurm", "--ray-cluster", "--log-dir", "logs", "--dry-run"], capsys)
+    assert "--log-dir" in err, err  # relative, inside the bad directory
+
+
 def test_requeue_exit_code_matches_the_training():
     from igpt.pretrain.config import CheckpointSection
 
@@ -176,6 +211,67 @@ def test_ray_cluster_template_renders(capsys):
     assert "start --head --block" in script and "--num-gpus=4" in script
     assert "eval probe --checkpoint runs/x --data shards/" in script and "--resume" not in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def _run_ray_template(tmp_path: Path, capsys, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, str]:
+    """Render the Ray template (3 nodes, a driver) and run it under bash with stand-ins for scontrol, srun and the
+    interpreter; srun and the interpreter log their token settings and arguments. Returns (the run, their log)."""
+    bin_dir, calls, logs = tmp_path / "bin", tmp_path / "calls", tmp_path / "logs$HOME"
+    bin_dir.mkdir()
+    logs.mkdir()
+    for name in ("srun", "python"):
+        (bin_dir / name).write_text(f'#!/bin/bash\n'
+                                    f'echo "{name} $RAY_AUTH_MODE ${{RAY_AUTH_TOKEN_PATH:-}} $*" >>{calls}\n')
+    (bin_dir / "scontrol").write_text('#!/bin/bash\n[ "$2" = hostnames ] && printf "n1\\nn2\\nn3\\n" || '
+                                      'echo "NodeName=$3 NodeAddr=10.9.8.7 Arch=x86_64"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    args = _parse(["launch", "slurm", "--ray-cluster", "--nodes", "3", "--log-dir", str(logs), "--python",
+                   str(bin_dir / "python"), "--dry-run", "--", "eval", "probe", "--checkpoint", "r", "--data", "d"])
+    assert args.func(args) == 0
+    script = capsys.readouterr().out
+    assert "0.0.0.0" not in script, "no listener on every interface"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH_TOKEN", "SLURM"))} | env
+    env |= {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "igpt",
+            "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_NNODES": "3", "SLURM_CPUS_PER_TASK": "2"}
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    return proc, calls.read_text() if calls.exists() else ""
+
+
+def test_ray_cluster_runs_every_process_with_the_jobs_private_token(tmp_path, capsys):
+    """Token authentication on every process of the Ray template: a fresh 0600 token file beside the logs, its
+    path and RAY_AUTH_MODE=token exported to the head's and the workers' `ray start` steps, the wait for the head
+    and the driver (overriding a RAY_AUTH_MODE=disabled of the submitting shell); the dashboard on HEAD only."""
+    proc, calls = _run_ray_template(tmp_path, capsys, {"RAY_AUTH_MODE": "disabled"})
+    token_file = tmp_path / "logs$HOME" / "igpt-4242.ray-token"
+    assert proc.returncode == 0, proc.stdout + proc.stderr + calls
+    assert f"token {token_file} (new)" in proc.stdout, proc.stdout
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert re.fullmatch(r"[0-9a-f]{64}", token_file.read_text())
+    assert [p.name for p in token_file.parent.iterdir()] == [token_file.name], "no temp file left"
+    lines = calls.splitlines()
+    kinds = [("srun", "start --head --block"), ("python", "- 10.9.8.7:"), ("srun", "start --block --address"),
+             ("python", "eval probe --checkpoint r --data d")]
+    assert len(lines) == len(kinds), calls  # the steps run in the background: in any order
+    for program, what in kinds:
+        line = next(ln for ln in lines if ln.startswith(program) and what in ln)
+        assert line.startswith(f"{program} token {token_file} "), line
+    assert "--dashboard-host=10.9.8.7" in next(ln for ln in lines if "--head" in ln), calls
+
+
+def test_ray_cluster_uses_the_token_of_the_submitting_shell(tmp_path, capsys):
+    """A RAY_AUTH_TOKEN_PATH given to the job is used as it is (no new token); one that is no file stops the job."""
+    mine = tmp_path / "my-token"
+    mine.write_text("ab" * 32)
+    proc, calls = _run_ray_template(tmp_path, capsys, {"RAY_AUTH_TOKEN_PATH": str(mine)})
+    assert proc.returncode == 0 and f"token {mine}," in proc.stdout, proc.stdout + proc.stderr
+    assert len(calls.splitlines()) == 4 and all(f"token {mine} " in line for line in calls.splitlines()), calls
+    assert list((tmp_path / "logs$HOME").iterdir()) == []
+    shutil.rmtree(tmp_path / "bin")
+    shutil.rmtree(tmp_path / "logs$HOME")
+    (tmp_path / "calls").unlink()
+    proc, calls = _run_ray_template(tmp_path, capsys, {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+    assert proc.returncode == 1 and "is not a readable token file" in proc.stderr and calls == "", proc.stderr
 
 
 def test_sbatch_test_only_accepts_both_templates(slurm, tmp_path, monkeypatch):
@@ -277,7 +373,7 @@ def test_ray_cluster_inside_slurm_runs_a_probe_eval(preempted_training, slurm, c
 
     run_dir, tmp = preempted_training["run_dir"], preempted_training["tmp"]
     ray_tmp = tempfile.mkdtemp(prefix="igs", dir="/tmp")  # keeps other tests' ray.init() away from it
-    # Token auth off for this local cluster (see test_cluster_ray.ray_head).
+    # The template turns token authentication on (over the shell's RAY_AUTH_MODE=disabled) with the job's own token.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dashboard_port = s.getsockname()[1]
@@ -299,6 +395,8 @@ def test_ray_cluster_inside_slurm_runs_a_probe_eval(preempted_training, slurm, c
     text = (tmp / "logs" / f"ray-{job_id}.out").read_text()
     assert proc.returncode == 0, proc.stdout + proc.stderr + text
     assert "[igpt-ray] driver exited with 0" in text and "Connected to Ray cluster" in text, text
+    token_file = tmp / "logs" / f"ray-{job_id}.ray-token"
+    assert f"token {token_file} (new)" in text and token_file.stat().st_mode & 0o777 == 0o600, text
     client = MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name("igpt-eval").experiment_id])
     assert any(r.info.status == "FINISHED" and r.data.metrics for r in runs), runs
