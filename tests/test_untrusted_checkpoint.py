@@ -60,9 +60,12 @@ def assert_refused(message: str, crafted: Path, marker: Path) -> None:
 
 def test_eval_nll_refuses_a_crafted_zero0_checkpoint(cifar_tokens, tmp_path, capsys):
     run, crafted, marker = crafted_run(tmp_path, cifar_tokens)
-    code = main(["eval", "nll", "--checkpoint", str(run), "--data", str(cifar_tokens), "--out", str(tmp_path / "o")])
-    assert code == 2
+    args = ["eval", "nll", "--checkpoint", str(run), "--data", str(cifar_tokens), "--out", str(tmp_path / "o")]
+    assert main(args) == 2
     assert_refused(capsys.readouterr().err, crafted, marker)
+    with pytest.raises(AttributeError):  # the payload's None where the module belongs
+        main([*args, "--trust-checkpoint"])
+    assert marker.exists()  # the flag, the way out, reaches the loader: the file is unpickled in full
 
 
 def test_export_refuses_deepspeed_shards_writable_by_others(cifar_tokens, tmp_path, capsys):
