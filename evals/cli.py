@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from igpt.evals.config import (EvalRun, EvalSearchConfig, NllOptions, ProbeOptions, SampleOptions, SplitOptions,
                                field_default, load_search_config)
+from igpt.pretrain.cli import add_trust_option
 
 if TYPE_CHECKING:
     from igpt.evals.summaries import Summary
@@ -38,6 +39,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     _option(p, EvalRun, "tracking_uri", help="MLflow tracking URI (default: sqlite in --out)")
     _option(p, EvalRun, "experiment", help="MLflow experiment name")
     _option(p, EvalRun, "run_name", help="MLflow parent run name")
+    add_trust_option(p)
 
 
 def _tuned(p: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ from igpt.evals.tune import tune_finetune, tune_probe
 def _open(run: EvalRun) -> tuple[EvalData, Any, str]:
     """The shards, the checked model on its device and the palette's sha256; creates the output dir."""
     data = EvalData.open(run.data)
-    model, _, palette_sha = load_checked(run.checkpoint, data)
+    model, _, palette_sha = load_checked(run.checkpoint, data, run.trust_checkpoint)
     model.to(pick_device(run.device))
     Path(run.out).mkdir(parents=True, exist_ok=True)
     return data, model, palette_sha

@@ -41,6 +41,7 @@ class EvalRun:
     experiment: str = "igpt-eval"
     run_name: str | None = None
     verbose: bool = False  # Ray Tune's console tables (probe, finetune)
+    trust_checkpoint: bool = False  # load a run dir's checkpoint that is not the user's own (--trust-checkpoint)
 
     @property
     def uri(self) -> str:

@@ -109,9 +109,10 @@ class EvalData(TokenShards):
         return torch.cat(toks), (torch.cat(labs) if labels else None)
 
 
-def load_checked(checkpoint: str | Path, data: EvalData) -> tuple[IGPT, dict[str, Any], str]:
-    """Load a checkpoint and refuse it if its palette or geometry does not match the shards."""
-    model, config, palette_sha = load_model(checkpoint)
+def load_checked(checkpoint: str | Path, data: EvalData, trust: bool = False) -> tuple[IGPT, dict[str, Any], str]:
+    """Load a checkpoint (``trust``: as ``load_model``'s) and refuse it if its palette or geometry does not
+    match the shards."""
+    model, config, palette_sha = load_model(checkpoint, trust)
     check_compatible(model, palette_sha, data, checkpoint)
     return model, config, palette_sha
 

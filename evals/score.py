@@ -103,6 +103,7 @@ def score_model(model: IGPT, palette_sha256: str, data_dir: str, *, layers: Sequ
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m igpt.evals.score CHECKPOINT --data DIR …``: the scores as JSON on stdout (and in ``--json``)."""
+    from igpt.pretrain.cli import add_trust_option
     from igpt.runner import add_common_options, run
 
     p = argparse.ArgumentParser(prog="python -m igpt.evals.score", description=__doc__.splitlines()[0])
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=None, help="also write the scores here")
+    add_trust_option(p)
     add_common_options(p)
     p.set_defaults(func=_cmd)
     return run(p.parse_args(argv))
@@ -127,7 +129,7 @@ def _cmd(args: argparse.Namespace) -> int:
     from igpt.evals.inputs import parse_layers, pick_device
     from igpt.pretrain.release import load_model
 
-    model, _, sha = load_model(args.checkpoint)
+    model, _, sha = load_model(args.checkpoint, args.trust_checkpoint)
     n_layer = model.cfg.n_layer
     layers = parse_layers(args.layers, n_layer) if args.layers else []
     concat = parse_layers(args.concat, n_layer, "--concat") if args.concat else []

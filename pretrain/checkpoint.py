@@ -32,15 +32,24 @@ Reading weights without an engine (``igpt export``, ``igpt.pretrain.release.load
 picks a run's checkpoint, ``consolidated_state_dict`` its fp32 ``IGPT`` state dict. ZeRO-1/2/3 checkpoints
 are consolidated with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (from the fp32 master
 partitions of every rank); ZeRO-0 checkpoints hold the full module already.
+
+Untrusted checkpoints: unpickling can run any code a crafted file holds. Our own read of a ZeRO-0 file uses
+torch's weights-only unpickler (tensors, plain containers and NumPy's RNG state, ``SAFE_GLOBALS``). DeepSpeed
+unpickles in full (``engine.load_checkpoint``, ``zero_to_fp32``, ``ds_to_universal``), so ``check_trusted``
+runs before each of them (``plan_resume``, ``consolidated_state_dict``): the tag must be the user's own (every
+file and dir up to the run dir owned by this uid, writable by nobody else) or trusted explicitly
+(``--trust-checkpoint``, or ``IGPT_TRUST_CHECKPOINT=1``). A release dir (safetensors) is the way to share weights.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import signal
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +67,13 @@ LATEST = "latest"  # the name of the newest complete tag, written after its mark
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 UNIVERSAL = "universal"  # the universal-format copy of a tag, inside the tag dir
 MODULE_PREFIX = "model."  # the training engine wraps IGPT in LossModule
+MODEL_STATES = "mp_rank_00_model_states.pt"  # a ZeRO-0 checkpoint's one file: module, optimizer, client state
+TRUST_ENV = "IGPT_TRUST_CHECKPOINT"  # =1: trust every checkpoint, as --trust-checkpoint does (cluster jobs)
+# What a model-states file holds besides tensors and plain containers: NumPy's RNG state (the client state's
+# ``rng_states``), an array pickled through NumPy's ``_reconstruct`` with a uint32 dtype.
+SAFE_GLOBALS = (np.ndarray(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32)))
+WAYS_OUT = (f"if you trust it, pass --trust-checkpoint (or set {TRUST_ENV}=1); to share weights safely, the run's "
+            "owner runs `igpt export RUN_DIR --out DIR` and you use that release dir (safetensors only)")
 
 
 def tag_for(step: int) -> str:
@@ -175,13 +191,55 @@ def resolve_tag(run_dir: str | os.PathLike, tag: str | None = None) -> Path:
     return found[0]
 
 
-def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 ``IGPT`` state dict of a checkpoint of any ZeRO stage (loaded from our own trusted files)."""
+def _trusted_by_user(trust: bool) -> bool:
+    return trust or os.environ.get(TRUST_ENV) == "1"
+
+
+def check_trusted(tag_dir: Path, trust: bool = False) -> None:
+    """Raise a UserError unless DeepSpeed may unpickle the checkpoint ``tag_dir`` (which runs any code a crafted
+    file holds): the user trusts it (``trust``, ``IGPT_TRUST_CHECKPOINT=1``) or owns it, that is every file of
+    the tag and every dir from the tag up to the run dir belongs to this uid and is writable by nobody else."""
+    if _trusted_by_user(trust):
+        return
+    for path in [*sorted(tag_dir.rglob("*")), tag_dir, tag_dir.parent, tag_dir.parent.parent]:
+        st = path.stat()
+        if st.st_uid != os.getuid():
+            why = f"belongs to uid {st.st_uid}, not to you"
+        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            why = "is writable by group or others"
+        else:
+            continue
+        raise UserError(f"refusing to load checkpoint {tag_dir}: {path} {why}, and loading a DeepSpeed checkpoint "
+                        f"runs any code its files hold; {WAYS_OUT}")
+
+
+def _refused_global(err: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused, from its long message."""
+    found = re.search(r"WeightsUnpickler error: *(.+?)(\.\s|$)", str(err), re.MULTILINE)
+    return found.group(1) if found else "objects other than tensors"
+
+
+def _read_model_states(path: Path, trust: bool = False) -> dict[str, Any]:
+    """A ZeRO-0 model-states file, through torch's weights-only unpickler (tensors, plain containers and
+    ``SAFE_GLOBALS``); unpickled in full only when the user trusts it (``trust``, ``IGPT_TRUST_CHECKPOINT=1``)."""
+    if _trusted_by_user(trust):
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"refusing to load {path}: it holds more than tensors and RNG states "
+                        f"({_refused_global(err)}), and unpickling it could run code; {WAYS_OUT}") from None
+
+
+def consolidated_state_dict(tag_dir: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """fp32 ``IGPT`` state dict of a checkpoint of any ZeRO stage: a ZeRO-0 file through the weights-only
+    unpickler, ZeRO-1/2/3 shards through DeepSpeed once ``check_trusted`` (with ``trust``) allows."""
     info = verify(tag_dir, check_sha256=False)
     if info["zero_stage"] == 0:
-        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        sd = states["module"]
+        sd = _read_model_states(tag_dir / MODEL_STATES, trust)["module"]
     else:
+        check_trusted(tag_dir, trust)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
@@ -305,8 +363,11 @@ class ResumePlan:
         return f"world size {self.saved_world} → {world}, ZeRO-{self.saved_stage} → ZeRO-{stage}, {how}"
 
 
-def plan_resume(tag_dir: Path, world: int, stage: int) -> ResumePlan:
-    """How to resume from the verified checkpoint ``tag_dir`` at ``world`` ranks and ZeRO ``stage``."""
+def plan_resume(tag_dir: Path, world: int, stage: int, trust: bool = False) -> ResumePlan:
+    """How to resume from the verified checkpoint ``tag_dir`` at ``world`` ranks and ZeRO ``stage``. DeepSpeed
+    unpickles a planned checkpoint (``convert_to_universal``, ``load``), so a plan is made only for one that
+    ``check_trusted`` (with ``trust``) allows."""
+    check_trusted(tag_dir, trust)
     info = json.loads((tag_dir / MARKER).read_text())
     saved_world, saved_stage = int(info["world_size"]), int(info["zero_stage"])
     if (saved_stage == 0) != (stage == 0):

@@ -64,9 +64,10 @@ class Checkpointer:
         return path
 
     # ---------------------------------------------------------------- resume
-    def plan(self, resume: str, zero_stage: int) -> ckpt.ResumePlan | None:
+    def plan(self, resume: str, zero_stage: int, trust: bool = False) -> ckpt.ResumePlan | None:
         """The checkpoint to resume from (``auto``: the newest complete one; else the given tag dir) and how,
-        the same on every rank (rank 0 chooses), with its universal copy written when the plan needs one."""
+        the same on every rank (rank 0 chooses), with its universal copy written when the plan needs one. Every
+        rank refuses a checkpoint that ``ckpt.check_trusted`` (with ``trust``) does not allow."""
         check = self.cfg.checkpoint.verify_sha256
         candidates: list[Path] = []
         if resume != "auto":  # every rank checks, so a bad path fails everywhere and no rank waits
@@ -78,7 +79,7 @@ class Checkpointer:
         if not candidates:
             self.log(f"resume auto: no complete checkpoint in {self.run_dir}, starting from step 0")
             return None
-        plan = ckpt.plan_resume(Path(candidates[0]), self.world, zero_stage)
+        plan = ckpt.plan_resume(Path(candidates[0]), self.world, zero_stage, trust)
         ckpt.prepare_resume(plan)
         return plan
 
@@ -87,7 +88,7 @@ class Checkpointer:
         this run (palette, model); the data stream re-splits when the layout changed."""
         client = ckpt.load(engine, plan)
         check_palette(client["palette_sha256"], palette_sha256, f"checkpoint {plan.tag_dir} and the training data")
-        saved = config_from_checkpoint(client["config"])
+        saved = config_from_checkpoint(client["config"], f"checkpoint {plan.tag_dir}")
         changed = [k for k in MODEL_FIELDS if getattr(saved.model, k) != getattr(self.cfg.model, k)]
         if changed:
             raise UserError(f"checkpoint {plan.tag_dir} has a different model ({changed}); cannot resume")

@@ -7,6 +7,13 @@ from igpt.errors import UserError
 from igpt.runner import standalone_main
 
 
+def add_trust_option(p: argparse.ArgumentParser) -> None:
+    """``--trust-checkpoint``, the commands' way to load a run dir's checkpoint that is not the user's own."""
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a run dir's checkpoint even if it is not yours (its pickles can run code; trust its "
+                        "author), and unpickle it in full; also IGPT_TRUST_CHECKPOINT=1. Release dirs need no trust")
+
+
 def _train(args: argparse.Namespace) -> int:
     import faulthandler
 
@@ -16,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
     faulthandler.enable()  # a rank that dies on a signal leaves its Python stacks in its log
     from igpt.pretrain.train import train
 
-    return train(cfg, resume=args.resume)
+    return train(cfg, resume=args.resume, trust_checkpoint=args.trust_checkpoint)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -25,11 +32,11 @@ def _export(args: argparse.Namespace) -> int:
             raise UserError("--tag picks a checkpoint for --format release; --format hf takes the newest")
         from igpt.pretrain.hf import export_hf
 
-        out = export_hf(args.run_dir, args.out)
+        out = export_hf(args.run_dir, args.out, trust=args.trust_checkpoint)
     else:
         from igpt.pretrain.export import export
 
-        out = export(args.run_dir, args.out, tag=args.tag)
+        out = export(args.run_dir, args.out, tag=args.tag, trust=args.trust_checkpoint)
     print(f"wrote {out}")
     return 0
 
@@ -54,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, merged last")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="'auto': newest complete checkpoint of the run dir (fresh start if none); or a checkpoint dir")
+    add_trust_option(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(func=_train)
 
@@ -65,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="release: our format; hf: from_pretrained-loadable ImageGPTForCausalImageModeling with "
                         "preprocessor_config.json (needs model.norm=rms and the ar objective)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: newest complete)")
+    add_trust_option(p)
     p.set_defaults(func=_export)
 
     group = subparsers.add_parser("import", help="bring outside weights into our release format")

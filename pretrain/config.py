@@ -8,6 +8,11 @@ YAML file and the ``key=value`` overrides, with OmegaConf's structured merge, an
 loading it gives an equal ``TrainConfig``. ``load_structured`` is the same merge for any schema
 (the evals' search config uses it too). ``config_from_checkpoint`` reads the config a checkpoint
 recorded (``to_dict``) back, older checkpoints' missing fields at their schema defaults.
+
+Interpolation (``${oc.env:VAR}``, ``${section.key}``) is resolved in a user's own config only. A config
+someone else wrote (a run dir's or a release's ``config.yaml``: ``load_config(..., plain=True)``; a
+checkpoint's recorded config) must hold plain values: an interpolation there is refused, never resolved, so
+a foreign file cannot copy this machine's environment into ``config.yaml`` or MLflow.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, TypeVar
+from typing import Any, Iterator, Literal, Optional, Sequence, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -209,19 +214,41 @@ def _describe(err: OmegaConfBaseException, label: str) -> str:
     return f"{label} key {key!r}: {msg}" if key else f"{label}: {msg}"
 
 
+def _read_yaml(path: str | os.PathLike, error: type[ValueError] = ConfigError, label: str = "config") -> DictConfig:
+    """The YAML file ``path``, unresolved; ``error`` when it is missing or does not parse."""
+    if not Path(path).is_file():
+        raise error(f"{label} file not found: {path}")
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # yaml errors carry the line
+        raise error(f"cannot parse {path}: {err}") from err
+
+
+def _interpolated_keys(node: Any, prefix: str = "") -> Iterator[str]:
+    """Dotted keys of the strings in plain nested dicts and lists that hold an interpolation (``${``)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        if isinstance(value, str) and "${" in value:
+            yield f"{prefix}{key}"
+        else:
+            yield from _interpolated_keys(value, f"{prefix}{key}.")
+
+
+def refuse_interpolation(values: Any, source: str) -> None:
+    """Raise ConfigError naming ``source`` and the first key of ``values`` (plain nested dicts and lists) whose
+    value holds an interpolation: a config someone else wrote is never resolved."""
+    key = next(_interpolated_keys(values), None)
+    if key is not None:
+        raise ConfigError(f"{source}: config key {key!r} holds an interpolation (${{…}}); a config from a run dir, "
+                          "a release or a checkpoint must hold plain values and is never resolved")
+
+
 def load_structured(schema: type[Schema], path: str | os.PathLike | None, overrides: Sequence[str] = (), *,
                     under: Sequence[dict] = (), error: type[ValueError] = ConfigError,
                     label: str = "config") -> Schema:
     """``schema``'s defaults ← ``under`` (plain dicts) ← the YAML at ``path`` ← ``key=value`` overrides,
     as a ``schema`` instance; a bad file, key or value raises ``error`` naming the key."""
-    layers: list[DictConfig] = []
-    if path is not None:
-        if not Path(path).is_file():
-            raise error(f"{label} file not found: {path}")
-        try:
-            layers.append(OmegaConf.load(path))
-        except Exception as err:  # yaml errors carry the line
-            raise error(f"cannot parse {path}: {err}") from err
+    layers = [] if path is None else [_read_yaml(path, error, label)]
     bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
     if bad:
         raise error(f"overrides must look like section.key=value, got {bad}")
@@ -253,8 +280,12 @@ def _preset_layer(path: str | os.PathLike | None, overrides: Sequence[str]) -> d
     return {"model": MODEL_PRESETS[preset]}
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Schema defaults ← the model preset ← the YAML at ``path`` ← ``key=value`` overrides, checked."""
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
+                plain: bool = False) -> TrainConfig:
+    """Schema defaults ← the model preset ← the YAML at ``path`` ← ``key=value`` overrides, checked. ``plain``:
+    the file is someone else's (a run dir's or a release's), so an interpolation in it is refused."""
+    if plain and path is not None:
+        refuse_interpolation(OmegaConf.to_container(_read_yaml(path)), str(path))
     cfg = load_structured(TrainConfig, path, overrides, under=[_preset_layer(path, overrides)])
     validate(cfg)
     return cfg
@@ -271,10 +302,12 @@ def _known_keys(schema: type, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_from_checkpoint(saved: dict[str, Any]) -> TrainConfig:
-    """The ``TrainConfig`` of a checkpoint's client state (``to_dict`` of the run's config). A field the
-    checkpoint lacks takes its schema default (it was saved before the field existed, so the field had its
-    default); a key the schema no longer has is dropped. Not ``validate``d: it describes a past run."""
+def config_from_checkpoint(saved: dict[str, Any], source: str = "checkpoint") -> TrainConfig:
+    """The ``TrainConfig`` of a checkpoint's client state (``to_dict`` of the run's config; ``source`` names the
+    checkpoint in errors). A field the checkpoint lacks takes its schema default (it was saved before the field
+    existed, so the field had its default); a key the schema no longer has is dropped; an interpolation is
+    refused. Not ``validate``d: it describes a past run."""
+    refuse_interpolation(saved, source)
     return load_structured(TrainConfig, None, under=[_known_keys(TrainConfig, saved)], label="checkpoint config")
 
 

@@ -17,8 +17,9 @@ from igpt.pretrain.config import load_config
 from igpt.pretrain.release import CONFIG_FILE, palette_file, write_release
 
 
-def export(run_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None = None) -> Path:
-    """Write the release dir ``out`` (must not exist yet) from a run's checkpoint; return its path."""
+def export(run_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None = None, trust: bool = False) -> Path:
+    """Write the release dir ``out`` (must not exist yet) from a run's checkpoint (``trust``: one that is not
+    the user's own, ``--trust-checkpoint``); return its path."""
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
@@ -27,11 +28,11 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None =
     with bar(total=3, desc="export: verify checkpoint", unit="step") as steps:
         tag_dir = ckpt.resolve_tag(run_dir, tag)
         info = ckpt.verify(tag_dir, check_sha256=False)
-        cfg = load_config(run_dir / CONFIG_FILE)
+        cfg = load_config(run_dir / CONFIG_FILE, plain=True)
         palette = palette_file(run_dir, cfg.data.dir, info["palette_sha256"])
         steps.set_description("export: consolidate weights")
         steps.update()
-        state = ckpt.consolidated_state_dict(tag_dir)
+        state = ckpt.consolidated_state_dict(tag_dir, trust)
         steps.set_description("export: write release")
         steps.update()
         metadata = {"palette_sha256": info["palette_sha256"], "step": str(info["step"]), "source": str(tag_dir.resolve())}

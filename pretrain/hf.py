@@ -77,11 +77,12 @@ def preprocessor_config(palette: np.ndarray, side: int) -> dict[str, Any]:
             "size": {"height": side, "width": side}}
 
 
-def export_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write the Hugging Face directory ``out`` (must not exist or be empty) of a release or run dir."""
+def export_hf(source: str | os.PathLike, out: str | os.PathLike, trust: bool = False) -> Path:
+    """Write the Hugging Face directory ``out`` (must not exist or be empty) of a release or run dir
+    (``trust``: as ``load_model``'s)."""
     out = Path(out)
     _refuse_nonempty(out)
-    model, cfg, sha = load_model(source)
+    model, cfg, sha = load_model(source, trust)
     check_exportable(cfg.model)
     side = _side(cfg.model.n_ctx)
     palette, _ = load_palette(palette_file(source, cfg.data.dir, sha))

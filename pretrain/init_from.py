@@ -23,10 +23,11 @@ class InitMismatch(UserError):
     """``train.init_from`` names weights that do not fit the run's model or data."""
 
 
-def load_init_state(source: str | os.PathLike, model_cfg: IGPTConfig, palette_sha256: str) -> dict[str, Tensor]:
-    """The fp32 state dict of ``source`` for a model ``model_cfg`` on data with palette ``palette_sha256``;
-    raise ``InitMismatch`` naming every parameter or field that differs."""
-    model, cfg, sha = load_model(source)
+def load_init_state(source: str | os.PathLike, model_cfg: IGPTConfig, palette_sha256: str,
+                    trust: bool = False) -> dict[str, Tensor]:
+    """The fp32 state dict of ``source`` for a model ``model_cfg`` on data with palette ``palette_sha256``
+    (``trust``: as ``load_model``'s); raise ``InitMismatch`` naming every parameter or field that differs."""
+    model, cfg, sha = load_model(source, trust)
     check_palette(sha, palette_sha256, f"train.init_from={source} against the training data", error=InitMismatch)
     state = model.state_dict()
     with torch.device("meta"):

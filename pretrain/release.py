@@ -1,8 +1,9 @@
 """Load a trained iGPT without DeepSpeed: from a release dir or from a training run dir.
 
 A release dir (``igpt export``) is read with safetensors only, so no pickled code can run. A run
-dir is consolidated from its newest complete checkpoint (our own files, read with DeepSpeed's
-file utilities, without an engine or process group).
+dir is consolidated from its newest complete checkpoint (``igpt.pretrain.checkpoint.consolidated_state_dict``:
+weights-only unpickling, or DeepSpeed's file utilities for a checkpoint the user owns or trusts, without an
+engine or process group). Either's ``config.yaml`` is someone else's: an interpolation in it is refused.
 """
 from __future__ import annotations
 
@@ -51,19 +52,20 @@ def palette_file(path: str | os.PathLike, data_dir: str, sha: str | None) -> Pat
     return palette
 
 
-def load_model(path: str | os.PathLike) -> tuple[IGPT, TrainConfig, str]:
-    """(model in eval mode on CPU, resolved training config, palette sha256) from a release or run dir."""
+def load_model(path: str | os.PathLike, trust: bool = False) -> tuple[IGPT, TrainConfig, str]:
+    """(model in eval mode on CPU, resolved training config, palette sha256) from a release or run dir
+    (``trust``: load a run dir's checkpoint that is not the user's own, ``--trust-checkpoint``)."""
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file():
-        cfg = load_config(path / CONFIG_FILE)
+        cfg = load_config(path / CONFIG_FILE, plain=True)
         state = load_file(path / WEIGHTS_FILE)
         with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
             sha = (f.metadata() or {}).get("palette_sha256")
         palette_file(path, cfg.data.dir, sha)
     elif (path / "checkpoints").is_dir():
         tag_dir = ckpt.resolve_tag(path)
-        cfg = load_config(path / CONFIG_FILE)
-        state = ckpt.consolidated_state_dict(tag_dir)
+        cfg = load_config(path / CONFIG_FILE, plain=True)
+        state = ckpt.consolidated_state_dict(tag_dir, trust)
         sha = ckpt.verify(tag_dir, check_sha256=False)["palette_sha256"]
     else:
         raise FileNotFoundError(f"{path} is neither a release dir (model.safetensors) nor a run dir (checkpoints/)")

@@ -23,7 +23,8 @@ it has one). A skipped step is recorded with a NaN loss and counted; after ``tra
 skipped steps in a row the run stops with ``NonFiniteLossError``.
 
 ``train.init_from`` starts a fresh run from a release's weights (``igpt.pretrain.init_from``; new optimizer and
-schedule); when ``--resume`` finds a checkpoint, the checkpoint wins and the log says so.
+schedule); when ``--resume`` finds a checkpoint, the checkpoint wins and the log says so. ``trust_checkpoint``
+(``--trust-checkpoint``) lets both load a checkpoint that is not the user's own (``igpt.pretrain.checkpoint.check_trusted``).
 
 Preemption: every rank acts on the same step's all-reduced flag, so all of them stop, save the
 same checkpoint and exit with ``checkpoint.preempt_exit_code`` within a step of the signal.
@@ -110,12 +111,12 @@ def _device_scalar(value: Tensor | float | None, like: Tensor) -> Tensor:
 class Trainer:
     """One training run in one rank; ``run()`` returns the process exit code."""
 
-    def __init__(self, cfg: TrainConfig, resume: str | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, trust_checkpoint: bool = False) -> None:
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)  # keep the one-line progress log readable
         warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)
-        self.cfg = cfg
+        self.cfg, self.trust_checkpoint = cfg, trust_checkpoint
         self.run_dir = Path(cfg.train.run_dir)
         self._init_distributed()
         self._open_data()
@@ -123,7 +124,8 @@ class Trainer:
         self.state = TrainState()
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.ds_config = build_deepspeed_config(cfg, self.device)
-        plan = self.checkpointer.plan(resume, self.ds_config["zero_optimization"]["stage"]) if resume else None
+        stage = self.ds_config["zero_optimization"]["stage"]
+        plan = self.checkpointer.plan(resume, stage, trust_checkpoint) if resume else None
         if plan is not None and plan.universal:
             self.ds_config["checkpoint"] = {"load_universal": True}
         self._build_engine(self._initial_weights(plan))
@@ -182,7 +184,7 @@ class Trainer:
         if plan is not None:
             self.log(f"init_from: not applied, the run resumes checkpoint {plan.tag_dir} instead of {source}")
             return None
-        state = load_init_state(source, self.model_cfg, self.palette_sha256)
+        state = load_init_state(source, self.model_cfg, self.palette_sha256, self.trust_checkpoint)
         self.log(f"init_from: starting from the weights of {source} (fresh optimizer and schedule)")
         return state
 
@@ -381,9 +383,9 @@ class Trainer:
             raise Preempted()
 
 
-def train(cfg: TrainConfig, resume: str | None = None) -> int:
+def train(cfg: TrainConfig, resume: str | None = None, trust_checkpoint: bool = False) -> int:
     """Train with the resolved config ``cfg``; the exit code (0, or the preemption requeue code)."""
-    trainer = Trainer(cfg, resume)
+    trainer = Trainer(cfg, resume, trust_checkpoint)
     try:
         code = trainer.run()
     finally:
