@@ -42,9 +42,11 @@ file and dir up to the run dir owned by this uid, writable by nobody else) or tr
 """
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pickle
+import pwd
 import random
 import re
 import shutil
@@ -198,19 +200,30 @@ def _trusted_by_user(trust: bool) -> bool:
 def check_trusted(tag_dir: Path, trust: bool = False) -> None:
     """Raise a UserError unless DeepSpeed may unpickle the checkpoint ``tag_dir`` (which runs any code a crafted
     file holds): the user trusts it (``trust``, ``IGPT_TRUST_CHECKPOINT=1``) or owns it, that is every file of
-    the tag and every dir from the tag up to the run dir belongs to this uid and is writable by nobody else."""
+    the tag and every dir from the tag up to the run dir belongs to this uid and is writable by nobody else (group
+    write is fine in the user's private group)."""
     if _trusted_by_user(trust):
         return
     for path in [*sorted(tag_dir.rglob("*")), tag_dir, tag_dir.parent, tag_dir.parent.parent]:
         st = path.stat()
         if st.st_uid != os.getuid():
             why = f"belongs to uid {st.st_uid}, not to you"
-        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        elif st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and not _private_group(st.st_gid)):
             why = "is writable by group or others"
         else:
             continue
         raise UserError(f"refusing to load checkpoint {tag_dir}: {path} {why}, and loading a DeepSpeed checkpoint "
                         f"runs any code its files hold; {WAYS_OUT}")
+
+
+def _private_group(gid: int) -> bool:
+    """Whether ``gid`` is this user's own group (a user-private group: umask 002 makes files group-writable
+    there, and nobody else is in it), so that group write permission lets no one else in."""
+    try:
+        group, user = grp.getgrgid(gid), pwd.getpwuid(os.getuid())
+    except KeyError:
+        return False
+    return gid == user.pw_gid and group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
 
 
 def _refused_global(err: pickle.UnpicklingError) -> str:

@@ -102,8 +102,17 @@ def test_trust_comes_from_ownership_the_flag_or_the_environment(cifar_tokens, tm
     tag = crafted.parent
     ckpt.check_trusted(tag)  # all the user's own, writable by nobody else
     (run / "checkpoints").chmod(0o775)
+    if ckpt._private_group(os.getgid()):  # umask 002 in a user-private group: still nobody else's
+        ckpt.check_trusted(tag)
+    assert not ckpt._private_group(65534)  # nogroup: not the user's own
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "_private_group", lambda gid: False)  # a group shared with others
+        with pytest.raises(UserError, match="checkpoints is writable by group or others"):
+            ckpt.check_trusted(tag)
+    (run / "checkpoints").chmod(0o757)
     with pytest.raises(UserError, match="checkpoints is writable by group or others"):
         ckpt.check_trusted(tag)
+    (run / "checkpoints").chmod(0o755)
     ckpt.check_trusted(tag, trust=True)
     monkeypatch.setenv(ckpt.TRUST_ENV, "1")
     ckpt.check_trusted(tag)
