@@ -212,7 +212,12 @@ def _raising(items: Iterator) -> Iterator:
     """The workers' batches, raising a worker's UserError (see ``_SlotStream``) here."""
     for item in items:
         if isinstance(item[1], UserError):
-            raise item[1]
+            error = item[1]
+            del item
+            try:
+                raise error
+            finally:  # no cycle through the traceback: the DataLoader is freed with it, and stops its workers
+                del error
         yield item
 
 

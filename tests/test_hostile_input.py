@@ -2,8 +2,12 @@
 huge sizes; refused quickly, with bounded memory, as the documented errors (and a seeded fuzz of both)."""
 from __future__ import annotations
 
+import ast
+import contextlib
 import io
 import json
+import os
+import re
 import shutil
 import signal
 import struct
@@ -11,14 +15,12 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from igpt.data_pipeline.decode import SkipImage, decode_image
-from igpt.data_pipeline.loader import TokenStream
 from igpt.data_pipeline.manifest import Manifest
 from igpt.data_pipeline.palette import save_palette, uniform9_palette
 from igpt.data_pipeline.shard import shard_dataset
@@ -32,7 +34,7 @@ class Hang(BaseException):
     """Raised by ``within`` when time is up (a BaseException: no ``except Exception``/``OSError`` swallows it)."""
 
 
-@contextmanager
+@contextlib.contextmanager
 def within(seconds: float):
     """Fail the test with Hang if the block runs longer than ``seconds``."""
     def hang(*_: object) -> None:
@@ -115,19 +117,35 @@ def test_sharder_skips_a_bad_tar_and_a_header_bomb_with_reasons(tmp_path):
     assert m.split("train").num_samples == 2 and m.skipped_counts == {"too-large": 1} and m.labelled
 
 
+def _python(script: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh interpreter; its whole process group (DataLoader workers too) ends with it."""
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def test_loader_refuses_a_bad_shard_in_one_line(cifar_tokens, tmp_path):
     data = shutil.copytree(cifar_tokens, tmp_path / "tokens")
     for shard in Manifest.load(data).split("train").shards:
         (data / shard.file).write_bytes(EVIL["negative-size"][0] + b"\0" * 2 * BLOCK)
-    stream = TokenStream(data, "train", 8, num_workers=1)
-    with within(10), pytest.raises(TarFormatError, match=r"train-\d+\.tar: member 'evil.jpg'") as err:
-        next(iter(stream))  # raised in the DataLoader worker, surfaced here as its own one-line error
-    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
-
-
-def _python(script: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    # raised in the DataLoader worker, surfaced in the training process as its own one-line error
+    proc = _python(f"""
+        from igpt.data_pipeline.loader import TokenStream
+        from igpt.data_pipeline.tario import TarFormatError
+        try:
+            next(iter(TokenStream({str(data)!r}, "train", 8, num_workers=1)))
+        except TarFormatError as e:
+            print(repr(str(e)))
+    """, 60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    message = ast.literal_eval(proc.stdout)
+    assert re.fullmatch(r".*train-\d+\.tar: member 'evil.jpg' at byte 0: bad size field \(.*\)", message), message
 
 
 def test_jpeg_header_claiming_65535_squared_is_refused_unallocated():
@@ -208,7 +226,7 @@ FUZZ = """
             counts["tar-ok"] += 1
         except TarFormatError:
             counts["tar-refused"] += 1
-    for _ in range(600):
+    for _ in range(400):
         try:
             decode_image(jpeg_case(seeds), 8)
             counts["jpeg-ok"] += 1
@@ -222,6 +240,6 @@ def test_fuzzed_tar_and_jpeg_headers_never_hang_overallocate_or_raise_the_unexpe
     proc = _python(FUZZ, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = json.loads(proc.stdout)
-    assert counts["tar-ok"] > 50 and counts["tar-refused"] > 50 and counts["jpeg-ok"] > 50, counts
+    assert counts["tar-ok"] > 50 and counts["tar-refused"] > 50 and counts["jpeg-ok"] > 30, counts
     assert set(counts) <= {"tar-ok", "tar-refused", "jpeg-ok", "empty-file", "not-an-image", "truncated", "corrupt",
                            "too-large", "unsupported-mode"}, counts
