@@ -154,7 +154,8 @@ def find_images(sources: list[str]) -> Found:
         items.extend(found)
         skipped.extend(bad)
     if not items:
-        raise UserError(f"data sources {sources} hold no images ({len(skipped)} inputs rejected)")
+        first = f"; the first, {skipped[0].reason}: {skipped[0].detail}" if skipped else ""
+        raise UserError(f"data sources {sources} hold no images ({len(skipped)} inputs rejected{first})")
     return Found(items, skipped, class_names)
 
 
