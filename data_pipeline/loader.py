@@ -179,7 +179,7 @@ class _SlotStream(IterableDataset):
         try:
             for batch in _batches(samples, s.batch_size, s.with_labels, s.with_keys):
                 yield worker, *batch
-        except UserError as e:  # a bad shard: handed over as is, so the user sees its one line, not a worker's traceback
+        except UserError as e:  # a bad shard: handed over, so the user sees its one line, not a worker's traceback
             yield worker, e, None, None
 
 
