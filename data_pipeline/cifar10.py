@@ -1,7 +1,8 @@
 """CIFAR-10 where no local copy exists: the official binary archive, downloaded and converted once.
 
 ``ensure_cifar10(cache)`` downloads ``cifar-10-binary.tar.gz`` (resuming an interrupted download
-with an HTTP Range request), checks its published md5, converts the five training batches to
+with an HTTP Range request), checks its published md5 (also of an archive already in the cache, which
+is refused, not replaced, when it differs), converts the five training batches to
 raw-image WebDataset tars and caches them; the test batch is left out (the pipeline holds out its
 own validation split). Each archive record is 1 label byte and 3,072 pixel bytes: the R, G and B
 planes of a 32×32 image. The tars hold ``cifar10_train_NNNNN.png`` (lossless) + ``.cls`` in
@@ -15,6 +16,7 @@ import http.client
 import io
 import itertools
 import os
+import re
 import tarfile
 import urllib.error
 import urllib.request
@@ -37,6 +39,8 @@ BATCH_DIR = "cifar-10-batches-bin"
 TRAIN_BATCHES = tuple(f"{BATCH_DIR}/data_batch_{i}.bin" for i in range(1, 6))
 META = f"{BATCH_DIR}/batches.meta.txt"
 RECORD = 1 + 3 * 32 * 32
+BATCH_BYTES = 10000 * RECORD  # the official batches' size: the most read of a member
+META_BYTES = 4096  # batches.meta.txt: ten class names
 PER_TAR = 5000
 MARKER = "cifar10.json"
 TAR_GLOB = "cifar10-train-*.tar"
@@ -122,23 +126,31 @@ def download(url: str, dest: Path, md5: str, log: Log) -> Path:
 
 def read_batches(archive: Path) -> tuple[list[bytes], list[str]]:
     """The five training batches (bytes, in order) and the class names of a CIFAR-10 binary archive."""
-    want = {*TRAIN_BATCHES, META}
+    limit = {**dict.fromkeys(TRAIN_BATCHES, BATCH_BYTES), META: META_BYTES}
     found: dict[str, bytes] = {}
     try:
         with tarfile.open(archive, "r:gz") as tf:
             for member in tf:
-                if member.name in want and member.isfile():
+                if member.name in limit and member.isfile():
+                    if member.size > limit[member.name]:
+                        raise UserError(f"{archive}:{member.name} is {member.size} bytes, more than CIFAR-10's "
+                                        f"{limit[member.name]}: not the CIFAR-10 binary archive")
                     found[member.name] = tf.extractfile(member).read()
+                    if len(found) == len(limit):
+                        break
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise UserError(f"{archive} is not a readable CIFAR-10 binary archive ({e})") from e
-    missing = sorted(want - set(found))
+    missing = sorted(set(limit) - set(found))
     if missing:
         raise UserError(f"{archive} lacks {missing}: not the CIFAR-10 binary archive (cifar-10-binary.tar.gz)")
     for name in TRAIN_BATCHES:
         if len(found[name]) % RECORD:
             raise UserError(f"{archive}:{name} is {len(found[name])} bytes, not a whole number of "
                              f"{RECORD}-byte records")
-    names = [line.strip() for line in found[META].decode().splitlines() if line.strip()]
+    try:
+        names = [line.strip() for line in found[META].decode().splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{archive}:{META} is not text ({e})") from None
     return [found[name] for name in TRAIN_BATCHES], names
 
 
@@ -186,6 +198,9 @@ def convert(archive: Path, out_dir: Path, log: Log, per_tar: int = PER_TAR) -> d
 def ensure_cifar10(cache: str | os.PathLike, url: str = URL, md5: str = MD5, log: Log = print) -> str:
     """Raw-image tars of CIFAR-10's training split under ``cache`` (downloaded and converted if needed);
     returns their glob pattern, a source for ``igpt palette fit`` / ``igpt data shard``."""
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", md5):
+        raise UserError(f"the CIFAR-10 md5 must be 32 hex digits (--data-md5, $IGPT_CIFAR10_MD5), got {md5!r}")
+    md5 = md5.lower()
     cache = Path(cache).expanduser().resolve()
     out = cache / f"train-{md5[:12]}"
     if (out / MARKER).is_file():
@@ -194,6 +209,9 @@ def ensure_cifar10(cache: str | os.PathLike, url: str = URL, md5: str = MD5, log
     archive = cache / f"{md5[:12]}-{ARCHIVE}"
     if not archive.is_file():
         download(url, archive, md5, log)
+    elif (digest := file_md5(archive)) != md5:
+        raise DownloadError(f"{archive}: md5 {digest} does not match the expected {md5}; it was left as it is: "
+                            "delete it to download the archive again")
     convert(archive, out, log)
     archive.unlink()  # the tars hold everything the pipeline reads
     return str(out / TAR_GLOB)

@@ -55,7 +55,8 @@ def _fast_jpeg(data: bytes) -> Image.Image | None:
     """8-bit 3-component JPEGs straight into Pillow's libjpeg decoder, skipping its Python marker parser.
 
     Same decoder, same arguments as ``Image.open(...).load()``, so the pixels are identical (tested);
-    anything unusual (other component counts, errors, truncation) returns None for the full path.
+    anything unusual (other component counts, errors, truncation, more pixels than ``Image.MAX_IMAGE_PIXELS``)
+    returns None for the full path, before anything is allocated.
     """
     if data[:2] != b"\xff\xd8":
         return None
@@ -64,8 +65,8 @@ def _fast_jpeg(data: bytes) -> Image.Image | None:
         marker = data[pos + 1]
         if marker in _SOF:
             precision, h, w, comps = struct.unpack(">BHHB", data[pos + 4 : pos + 10])
-            if precision != 8 or comps != 3 or not w or not h:
-                return None
+            if precision != 8 or comps != 3 or not w or not h or w * h > (Image.MAX_IMAGE_PIXELS or w * h):
+                return None  # a size past Pillow's limit: the full path refuses it as too-large, unallocated
             im = Image.new("RGB", (w, h))
             decoder = Image._getdecoder("RGB", "jpeg", ("RGB", ""), ())
             try:

@@ -176,8 +176,11 @@ class _SlotStream(IterableDataset):
         samples = s.shuffled(samples, self.epoch, worker)
         # fast-forward past the batches a resumed run already consumed, without collating them
         samples = itertools.islice(samples, self.skips[worker] * s.batch_size, None)
-        for batch in _batches(samples, s.batch_size, s.with_labels, s.with_keys):
-            yield worker, *batch
+        try:
+            for batch in _batches(samples, s.batch_size, s.with_labels, s.with_keys):
+                yield worker, *batch
+        except UserError as e:  # a bad shard: handed over, so the user sees its one line, not a worker's traceback
+            yield worker, e, None, None
 
 
 def _resampled_units(s: "TokenStream", worker: int, resume: int) -> Iterator[Unit]:
@@ -200,7 +203,22 @@ def _ignore_preemption_signals(worker_id: int) -> None:
 
 def _to_torch(item):
     worker, tokens, labels, keys = item
+    if isinstance(tokens, UserError):
+        return item
     return worker, torch.from_numpy(tokens), None if labels is None else torch.from_numpy(labels), keys
+
+
+def _raising(items: Iterator) -> Iterator:
+    """The workers' batches, raising a worker's UserError (see ``_SlotStream``) here."""
+    for item in items:
+        if isinstance(item[1], UserError):
+            error = item[1]
+            del item
+            try:
+                raise error
+            finally:  # no cycle through the traceback: the DataLoader is freed with it, and stops its workers
+                del error
+        yield item
 
 
 Masks = dict[int, np.ndarray]  # shard index → bool mask over the shard's samples
@@ -313,9 +331,9 @@ class TokenStream:
     def _loader(self, epoch: int, skips: list[int]) -> Iterator:
         ds = _SlotStream(self, epoch, skips)
         if self.num_workers == 0:
-            return map(_to_torch, iter(ds))
-        return iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_to_torch, prefetch_factor=4,
-                               worker_init_fn=_ignore_preemption_signals))
+            return _raising(map(_to_torch, iter(ds)))
+        return _raising(iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_to_torch,
+                                        prefetch_factor=4, worker_init_fn=_ignore_preemption_signals)))
 
     def _emit(self, tokens: torch.Tensor, labels: torch.Tensor | None, keys: list[str] | None) -> dict:
         self.batches_in_epoch += 1

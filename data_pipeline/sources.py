@@ -18,9 +18,10 @@ import numpy as np
 from braceexpand import braceexpand
 
 from igpt.data_pipeline.decode import SkipImage, decode_image
-from igpt.data_pipeline.tario import TarFormatError, index_tar_file
+from igpt.data_pipeline.tario import TarFormatError, iter_members, mapped_tar
 from igpt.errors import UserError
 
+MAX_LABEL_BYTES = 64  # a .cls holds a class index: a few ASCII digits
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 
 
@@ -84,41 +85,48 @@ def _folder(root: Path, label_of: dict[str, int] | None) -> tuple[list[Item], li
 
 
 def _tar(path: Path) -> tuple[list[Item], list[Skip]]:
-    """Group tar members into WebDataset samples by key (the name up to the first dot of the basename)."""
+    """Group tar members into WebDataset samples by key (the name up to the first dot of the basename).
+
+    A malformed header ends the listing: the samples before it are kept, the rest of the tar (with the
+    sample being read, whose members may be incomplete) is one input skipped as ``bad-tar``."""
     try:
-        members = index_tar_file(path)
-    except (TarFormatError, OSError) as e:
+        with mapped_tar(path) as tar:
+            return _tar_samples(path, tar)
+    except OSError as e:
         raise UserError(f"data source {path} is not a readable tar: {e}") from e
+
+
+def _tar_samples(path: Path, tar: bytes | mmap.mmap) -> tuple[list[Item], list[Skip]]:
     samples: dict[str, dict[str, tuple[int, int]]] = {}
-    for name, offset, size in members:
-        head, _, base = name.rpartition("/")
-        stem, dot, ext = base.partition(".")
-        if not dot:
-            continue
-        key = f"{head}/{stem}" if head else stem
-        samples.setdefault(key, {})[ext.lower()] = (offset, size)
     items, skipped = [], []
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        for key, parts in samples.items():
-            where = f"{path}:{key}"
-            ext = next((e for e in IMAGE_EXTS if e in parts), None)
-            if ext is None:
-                skipped.append(Skip(where, "no-image", f"members {sorted(parts)}"))
+    try:
+        for name, offset, size in iter_members(tar, str(path)):
+            head, _, base = name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not dot:
                 continue
-            label = None
-            if "cls" in parts:
-                off, size = parts["cls"]
-                text = mm[off : off + size]
-                try:
-                    label = int(text.strip())
-                except ValueError:
-                    skipped.append(Skip(where, "bad-label", f".cls holds {text[:40]!r}"))
-                    continue
-                if label < 0:
-                    skipped.append(Skip(where, "bad-label", f"negative class {label}"))
-                    continue
-            offset, size = parts[ext]
-            items.append(Item(key, str(path), offset, size, label))
+            key = f"{head}/{stem}" if head else stem
+            samples.setdefault(key, {})[ext.lower()] = (offset, size)
+    except TarFormatError as e:
+        if samples:
+            samples.popitem()
+        skipped.append(Skip(str(path), "bad-tar", f"{e}; the rest of the tar is skipped"))
+    for key, parts in samples.items():
+        where = f"{path}:{key}"
+        ext = next((e for e in IMAGE_EXTS if e in parts), None)
+        if ext is None:
+            skipped.append(Skip(where, "no-image", f"members {sorted(parts)}"))
+            continue
+        label = None
+        if "cls" in parts:
+            off, size = parts["cls"]
+            text = tar[off : off + min(size, MAX_LABEL_BYTES)]
+            if size > MAX_LABEL_BYTES or not text.strip().isdigit():
+                skipped.append(Skip(where, "bad-label", f".cls of {size} bytes holds {text[:40]!r}, not a class index"))
+                continue
+            label = int(text)
+        offset, size = parts[ext]
+        items.append(Item(key, str(path), offset, size, label))
     return items, skipped
 
 
@@ -146,7 +154,8 @@ def find_images(sources: list[str]) -> Found:
         items.extend(found)
         skipped.extend(bad)
     if not items:
-        raise UserError(f"data sources {sources} hold no images ({len(skipped)} inputs rejected)")
+        first = f"; the first, {skipped[0].reason}: {skipped[0].detail}" if skipped else ""
+        raise UserError(f"data sources {sources} hold no images ({len(skipped)} inputs rejected{first})")
     return Found(items, skipped, class_names)
 
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import tarfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from igpt.errors import UserError
 
 BLOCK = 512
+MAX_EXTENDED = 1 << 20  # the largest GNU long-name or pax header read
+_OCTAL = re.compile(rb"[0-7]+")
 
 
 class TarFormatError(UserError):
@@ -21,52 +25,73 @@ class TarFormatError(UserError):
 
 
 def _num(field: bytes) -> int:
-    if field and field[0] & 0x80:  # GNU base-256 for large values
+    """A header number: octal digits (space/NUL padded) or GNU base-256; ValueError for anything else."""
+    if field and field[0] & 0x80:  # GNU base-256 for large values (0xFF, a negative number, is refused)
+        if field[0] != 0x80:
+            raise ValueError(f"negative base-256 number {field.hex()}")
         return int.from_bytes(field[1:], "big")
-    field = field.strip(b" \0")
+    field = field.split(b"\0", 1)[0].strip(b" ")
+    if field and not _OCTAL.fullmatch(field):
+        raise ValueError(f"not an octal number: {field[:16]!r}")
     return int(field, 8) if field else 0
 
 
-def _pax(payload: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(payload):
-        space = payload.index(b" ", pos)
-        length = int(payload[pos:space])
-        key, _, value = payload[space + 1 : pos + length - 1].partition(b"=")
-        out[key.decode()] = value.decode("utf-8", "surrogateescape")
+def _pax(payload: bytes, member: str) -> dict[str, str]:
+    """The ``LEN KEY=VALUE\\n`` records of a pax header; TarFormatError naming ``member`` for a bad one."""
+    out, pos, end = {}, 0, len(payload.rstrip(b"\0"))
+    while pos < end:
+        space = payload.find(b" ", pos, pos + 21)
+        digits = payload[pos:space] if space > pos else b""
+        length = int(digits) if digits.isdigit() else 0
+        if length <= len(digits) + 1 or pos + length > end or payload[pos + length - 1] != 0x0A:
+            raise TarFormatError(f"{member}: bad pax record at byte {pos} of its extended header")
+        key, eq, value = payload[space + 1 : pos + length - 1].partition(b"=")
+        if not eq:
+            raise TarFormatError(f"{member}: pax record at byte {pos} has no '='")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
+    size = out.get("size", "0")
+    if not (size.isascii() and size.isdigit()):
+        raise TarFormatError(f"{member}: pax size {size[:20]!r} is not a non-negative decimal number")
     return out
 
 
 def _parse(read_at, total: int, where: str) -> Iterator[tuple[str, int, int]]:
-    """Yield (name, data offset, size) of the regular files; read_at(offset, n) -> bytes."""
+    """Yield (name, data offset, size) of the regular files; read_at(offset, n) -> bytes.
+
+    Every header field that positions the next header (size fields, pax ``size`` and record lengths) is
+    checked, so each step moves forward; anything malformed is a TarFormatError naming the member."""
     pos, long_name, pax = 0, None, {}
     while pos + BLOCK <= total:
         h = read_at(pos, BLOCK)
         if h.count(0) == BLOCK:
             return
         try:
-            size = _num(h[124:136])
             checksum_ok = pos > 0 or _num(h[148:156]) == sum(h[:148]) + 256 + sum(h[156:])  # is it a tar at all
         except ValueError:
             checksum_ok = False
         if not checksum_ok:
             raise TarFormatError(f"{where}: not a tar header at byte {pos}")
         kind = h[156:157]
+        name = h[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if h[257:262] == b"ustar" and h[345] != 0:
+            name = h[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+        name = pax.get("path", long_name or name)
+        member = f"{where}: member {name!r} at byte {pos}"
+        try:
+            size = int(pax["size"]) if "size" in pax else _num(h[124:136])
+        except ValueError as e:
+            raise TarFormatError(f"{member}: bad size field ({e})") from None
         data = pos + BLOCK
-        if "size" in pax:
-            size = int(pax["size"])
         if data + size > total:
-            raise TarFormatError(f"{where}: truncated tar member at byte {pos}")
+            raise TarFormatError(f"{member}: truncated ({size} bytes of data claimed, {total - data} left)")
+        if kind in (b"L", b"x") and size > MAX_EXTENDED:
+            raise TarFormatError(f"{member}: extended header of {size} bytes (at most {MAX_EXTENDED})")
         if kind == b"L":
             long_name = read_at(data, size).rstrip(b"\0").decode("utf-8", "surrogateescape")
         elif kind == b"x":
-            pax = _pax(read_at(data, size))
+            pax = _pax(read_at(data, size), member)
         elif kind in (b"0", b"\0", b"7"):
-            name = h[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            if h[257:262] == b"ustar" and h[345] != 0:
-                name = h[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
-            name = pax.get("path", long_name or name)
             yield name, data, size
         if kind not in (b"L", b"x"):
             long_name, pax = None, {}
@@ -78,15 +103,17 @@ def iter_members(buf: bytes, where: str = "tar") -> Iterator[tuple[str, int, int
     return _parse(lambda off, n: buf[off : off + n], len(buf), where)
 
 
-def index_tar_file(path: str | os.PathLike) -> list[tuple[str, int, int]]:
-    """(name, offset, size) of each regular file in a tar on disk, reading only the headers."""
+@contextmanager
+def mapped_tar(path: str | os.PathLike) -> Iterator[bytes | mmap.mmap]:
+    """A plain tar on disk, mapped read-only for ``iter_members`` (``b""`` when empty); compressed tars are refused."""
     if str(path).endswith((".gz", ".tgz", ".bz2", ".xz", ".zst")):
         raise TarFormatError(f"{path}: compressed tars are not supported; use plain .tar shards")
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
-            return []
+            yield b""
+            return
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return list(_parse(lambda off, n: mm[off : off + n], len(mm), str(path)))
+            yield mm
 
 
 def _template() -> bytearray:

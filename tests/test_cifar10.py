@@ -14,6 +14,7 @@ from cifar_archive import ArchiveServer, sample_images, write_archive
 from igpt.data_pipeline.cifar10 import MARKER, DownloadError, ensure_cifar10
 from igpt.data_pipeline.palette import save_palette, uniform9_palette
 from igpt.data_pipeline.shard import shard_dataset
+from igpt.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +102,31 @@ def test_unreachable_server_is_a_download_error(tmp_path):
         port = s.getsockname()[1]  # nothing listens here once closed
     with pytest.raises(DownloadError, match="cannot download"):
         ensure_cifar10(tmp_path, f"http://127.0.0.1:{port}/cifar-10-binary.tar.gz", "0" * 32, print)
+
+
+def test_cached_archive_with_another_md5_is_refused_and_kept(archive, tmp_path):
+    payload, md5, _, _ = archive
+    cached = tmp_path / f"{md5[:12]}-cifar-10-binary.tar.gz"  # e.g. left by an interrupted run, or planted
+    cached.write_bytes(payload[:-1] + b"x")
+    with ArchiveServer(payload) as server, pytest.raises(DownloadError, match=rf"{cached}: md5 .* delete it"):
+        ensure_cifar10(tmp_path, server.url, md5, print)
+    assert server.requests == [] and cached.is_file() and not list(tmp_path.rglob("cifar10-train-*.tar"))
+
+
+@pytest.mark.parametrize("md5", ["../../../tmp/x", "c32a1d4ab5d03f1284b67883e8d8753", "g" * 32, ""])
+def test_md5_that_is_not_32_hex_digits_is_refused(tmp_path, md5):
+    with pytest.raises(UserError, match="32 hex digits"):
+        ensure_cifar10(tmp_path / "cache", "http://127.0.0.1:9/unused", md5, print)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_member_larger_than_the_official_layout_is_refused(tmp_path):
+    path = tmp_path / "big.tar.gz"
+    with tarfile.open(path, "w:gz", compresslevel=1) as tf:
+        info = tarfile.TarInfo("cifar-10-batches-bin/data_batch_1.bin")
+        info.size = (10000 + 1) * 3073  # one record more than a CIFAR-10 batch: read whole, it would be converted
+        tf.addfile(info, io.BytesIO(bytes(info.size)))
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    path.rename(tmp_path / f"{md5[:12]}-cifar-10-binary.tar.gz")  # in the cache, with its own md5
+    with pytest.raises(UserError, match="data_batch_1.bin is 30733073 bytes, more than CIFAR-10's 30730000"):
+        ensure_cifar10(tmp_path, "http://127.0.0.1:9/unused", md5, print)
