@@ -2,9 +2,15 @@
 
 Every write goes to a temporary name in the destination's directory and is renamed into place only
 when it succeeded (``os.replace`` is atomic on one filesystem); on failure the temporary is removed.
+Durability: the temporary's data (every file and folder of a temporary directory) is fsynced before the
+rename and the destination's directory after it, so after a power loss the name points at the whole file
+or at the old one, never at a file whose data never reached the disk; and once a helper returns, what it
+wrote survives a power loss, so a file written after it (a shard's record, a checkpoint's marker) never
+outlives it.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -13,6 +19,26 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush ``path``'s data (a file, or a directory's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:  # a few filesystems cannot fsync a directory; its entries are then as durable as it allows
+        if not (err.errno in (errno.EINVAL, errno.ENOTSUP) and Path(path).is_dir()):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """``fsync_file`` every file and folder under ``path``, deepest first, then ``path`` itself."""
+    for folder, _, files in os.walk(path, topdown=False):
+        for name in files:
+            fsync_file(os.path.join(folder, name))
+        fsync_file(folder)
 
 
 @contextmanager
@@ -24,7 +50,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_file(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -38,9 +66,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         yield tmp
+        fsync_tree(tmp)
         if path.exists():
             path.rmdir()
         os.replace(tmp, path)
+        fsync_file(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

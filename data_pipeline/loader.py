@@ -30,6 +30,11 @@ already seen.
 ``with_keys`` adds each sample's WebDataset key to its batch (``batch["keys"]``), to tell which
 samples a run has seen.
 
+Token range: every batch is checked on the CPU, in the worker that cuts it, against the manifest's
+``vocab_size`` (one comparison per batch); a token outside it (a corrupt or foreign shard) is a one-line
+``UserError`` naming the shard and the sample's key, raised in the training process, so no device ever
+indexes an embedding with it (the training step itself has no host sync to check it there).
+
 Augmentation (``hflip``, ``random_crop``; ``igpt.data_pipeline.augment``) happens in the workers, per
 sample, drawn from (seed, epoch, shard index, position in the shard): a resumed or re-split stream
 gives every sample the augmentation the uninterrupted stream gives it. A split stored with a margin
@@ -73,6 +78,7 @@ class Sample(NamedTuple):
     key: str
     tokens: np.ndarray  # uint16 view, (R*R,)
     label: int | None
+    shard: str  # the shard's path
 
 
 def read_shard(path: str, resolution: int, part: int = 0, parts: int = 1) -> Iterator[tuple[np.ndarray, int | None]]:
@@ -97,7 +103,7 @@ def read_samples(path: str, resolution: int, part: int = 0, parts: int = 1,
         if k != key:
             if tokens is not None:
                 if wanted(j):
-                    yield Sample(j, key, tokens, label)
+                    yield Sample(j, key, tokens, label, path)
                 j += 1
             key, tokens, label = k, None, None
         if ext == "tokens.npy":
@@ -108,7 +114,7 @@ def read_samples(path: str, resolution: int, part: int = 0, parts: int = 1,
         elif ext == "cls":
             label = int(data[offset : offset + size])
     if tokens is not None and wanted(j):
-        yield Sample(j, key, tokens, label)
+        yield Sample(j, key, tokens, label, path)
 
 
 def deal_units(shards: list[ShardInfo], data_dir: Path, slots: int, seed: int, epoch: int) -> list[list[Unit]]:
@@ -123,19 +129,26 @@ def deal_units(shards: list[ShardInfo], data_dir: Path, slots: int, seed: int, e
     return [units[s::slots] for s in range(slots)]
 
 
-def _batches(samples: Iterator[Sample], batch_size: int, labels: bool, keys: bool = False):
+def _batches(samples: Iterator[Sample], batch_size: int, vocab_size: int, labels: bool, keys: bool = False):
     buf = []
     for sample in samples:
         buf.append(sample)
         if len(buf) == batch_size:
-            yield _collate(buf, labels, keys)
+            yield _collate(buf, vocab_size, labels, keys)
             buf = []
     if buf:
-        yield _collate(buf, labels, keys)
+        yield _collate(buf, vocab_size, labels, keys)
 
 
-def _collate(buf: list[Sample], labels: bool, keys: bool) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+def _collate(buf: list[Sample], vocab_size: int, labels: bool,
+             keys: bool) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """A batch's arrays; a token outside the vocabulary (a corrupt or foreign shard) is refused here, on the CPU,
+    with one comparison per batch, so that no device ever indexes its embedding with it."""
     tokens = np.stack([s.tokens for s in buf])
+    if tokens.max() >= vocab_size:
+        bad = buf[int(np.argmax(tokens.max(axis=1) >= vocab_size))]
+        raise UserError(f"{bad.shard}: sample {bad.key!r} holds token {int(bad.tokens.max())}, outside the "
+                        f"vocabulary of {vocab_size} tokens that the manifest gives")
     return (tokens, np.array([s.label for s in buf], dtype=np.int64) if labels else None,
             [s.key for s in buf] if keys else None)
 
@@ -177,7 +190,7 @@ class _SlotStream(IterableDataset):
         # fast-forward past the batches a resumed run already consumed, without collating them
         samples = itertools.islice(samples, self.skips[worker] * s.batch_size, None)
         try:
-            for batch in _batches(samples, s.batch_size, s.with_labels, s.with_keys):
+            for batch in _batches(samples, s.batch_size, s.manifest.vocab_size, s.with_labels, s.with_keys):
                 yield worker, *batch
         except UserError as e:  # a bad shard: handed over, so the user sees its one line, not a worker's traceback
             yield worker, e, None, None
@@ -356,14 +369,17 @@ class TokenStream:
         skips = [done.count(w) for w in range(max(self.num_workers, 1))]
         pending: dict[int, list] = {}
         source = self._loader(self.epoch, skips)
-        for want in schedule[self.batches_in_epoch :]:
-            while not pending.get(want):
-                got = next(source, None)
-                if got is None:
-                    raise RuntimeError(f"{self.data_dir}: shards hold fewer samples than the manifest says")
-                worker, *batch = got
-                pending.setdefault(worker, []).append(batch)
-            yield self._emit(*pending[want].pop(0))
+        try:
+            for want in schedule[self.batches_in_epoch :]:
+                while not pending.get(want):
+                    got = next(source, None)
+                    if got is None:
+                        raise RuntimeError(f"{self.data_dir}: shards hold fewer samples than the manifest says")
+                    worker, *batch = got
+                    pending.setdefault(worker, []).append(batch)
+                yield self._emit(*pending[want].pop(0))
+        finally:  # an error's traceback keeps this frame: without the loader its workers stop now, not never
+            del source  # (they ignore SIGTERM, so one left at interpreter exit would block it)
         self.excluded.pop(self.epoch, None)
         self.epoch += 1
         self.batches_in_epoch = 0
@@ -479,7 +495,7 @@ def iterate_split(data_dir: str | Path, split: str, batch_size: int, with_labels
     centre = Augment(manifest.resolution, info.stored_resolution)
     samples = (x._replace(tokens=centre(x.tokens, 0, 0, 0)) for sh in info.shards
                for x in read_samples(str(data_dir / sh.file), centre.stored))
-    for tokens, labels, _ in _batches(samples, batch_size, with_labels):
+    for tokens, labels, _ in _batches(samples, batch_size, manifest.vocab_size, with_labels):
         out = {"tokens": torch.from_numpy(tokens).long()}
         if labels is not None:
             out["labels"] = torch.from_numpy(labels)

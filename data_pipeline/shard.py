@@ -3,8 +3,9 @@
 Each input gets a split by a hash of its id (``--val-fraction``, deterministic for a seed),
 each split's inputs are shuffled with the seed and cut into shards of ``shard_size`` inputs,
 and every shard is one task for a pool of processes. A shard is written to a temporary name and
-renamed, then its record (sample count, skipped inputs) is written beside it under
-``.records/``; a rerun with the same settings keeps every shard that has a record and redoes
+renamed, then, once the tar is on the disk (fsynced with its directory by ``igpt.data_pipeline.io``), its
+record (sample count, skipped inputs) is written beside it under ``.records/``, so no power loss leaves a
+record without its tar; a rerun with the same settings keeps every shard that has a record and redoes
 the rest, so an interrupted run resumes. A sample is ``KEY.tokens.npy`` (uint16, R*R, raster
 order) plus ``KEY.cls`` (ASCII integer) when labelled.
 
@@ -103,7 +104,7 @@ def _write_shard(task: tuple[str, int, list[tuple[str, Item]]]) -> dict:
         "unlabelled": sum(it.label is None for _, it in kept),
         "skipped": skipped,
     }
-    if kept:
+    if kept:  # returns once the tar and its name are durable: only then may the record say the shard is done
         write_bytes_atomic(tar_bytes(members), out_dir / f"{name}.tar")
     write_json_atomic(record, out_dir / RECORDS_DIR / f"{name}.json")
     return record

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from igpt.data_pipeline.io import atomic_dir, file_sha256, write_json_atomic, write_text_atomic
+from igpt.data_pipeline.io import atomic_dir, file_sha256, fsync_tree, write_json_atomic, write_text_atomic
 from igpt.errors import UserError
 
 MARKER = "COMPLETE.json"
@@ -119,7 +119,9 @@ def _barrier() -> None:
 
 # ---------------------------------------------------------------- completeness marker
 def write_marker(tag_dir: Path, info: dict[str, Any]) -> None:
-    """Record every file of ``tag_dir`` (size, sha256) in COMPLETE.json, written last and atomically."""
+    """Record every file of ``tag_dir`` (size, sha256) in COMPLETE.json, written last and atomically, once
+    the files and folders it records are on the disk (fsynced: the marker never outlives them in a power loss)."""
+    fsync_tree(tag_dir)
     files = {}
     for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MARKER):
         files[str(path.relative_to(tag_dir))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}

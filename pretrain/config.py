@@ -17,6 +17,7 @@ a foreign file cannot copy this machine's environment into ``config.yaml`` or ML
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -311,27 +312,60 @@ def config_from_checkpoint(saved: dict[str, Any], source: str = "checkpoint") ->
     return load_structured(TrainConfig, None, under=[_known_keys(TrainConfig, saved)], label="checkpoint config")
 
 
+# The largest vocabulary: tokens are stored as uint16 (igpt.data_pipeline.shard).
+MAX_VOCAB = 1 << 16
+# Seeds feed np.random.seed (< 2**32) after adding 1000 × rank: a bound that leaves room for any world size.
+MAX_SEED = (1 << 31) - 1
+# The preemption exit code means "a checkpoint was written, requeue me", so it must not be a code that other
+# endings produce: 0 (success), 1 (Python's uncaught exception), 2 (the igpt CLI's user error), 126-255 (the
+# shell's "cannot run" and 128+N "killed by signal N"); above 255 an exit status is truncated.
+PREEMPT_EXIT_CODES = range(3, 126)
+
+
+def _ranges(cfg: TrainConfig) -> list[tuple[str, Any, bool, str]]:
+    """(key, value, whether it is in range, the range in words) for every numeric key of the schema that the model's
+    own checks (``IGPTConfig.__post_init__``) leave open; comparisons like ``0 < x < inf``, which NaN and inf fail."""
+    m, d, o, t, c, lg = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.checkpoint, cfg.logging
+    positive = {"train.steps": t.steps, "train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
+                "train.log_every": t.log_every, "train.val_every": t.val_every, "train.sample_every": t.sample_every,
+                "train.sample_count": t.sample_count, "train.max_nonfinite": t.max_nonfinite,
+                "checkpoint.every": c.every, "checkpoint.keep_last": c.keep_last}
+    return [
+        *((key, value, value >= 1, ">= 1") for key, value in positive.items()),
+        ("train.val_batches", t.val_batches, t.val_batches is None or t.val_batches >= 1,
+         ">= 1 or null (the whole split)"),
+        ("model.vocab_size", m.vocab_size, m.vocab_size is None or 1 <= m.vocab_size <= MAX_VOCAB,
+         f"in 1..{MAX_VOCAB} (uint16 tokens) or null (the data's)"),
+        ("model.init_std", m.init_std, 0 < m.init_std < math.inf, "> 0 and finite"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+        ("data.shuffle_buffer", d.shuffle_buffer, d.shuffle_buffer >= 0, ">= 0 (0 or 1: no shuffling)"),
+        ("data.seed", d.seed, 0 <= d.seed <= MAX_SEED, f"in 0..{MAX_SEED}"),
+        ("train.seed", t.seed, 0 <= t.seed <= MAX_SEED, f"in 0..{MAX_SEED}"),
+        ("train.sample_temperature", t.sample_temperature, 0 <= t.sample_temperature < math.inf,
+         ">= 0 and finite (0: the most likely token)"),
+        ("optim.lr", o.lr, 0 < o.lr < math.inf, "> 0 and finite"),
+        ("optim.min_lr", o.min_lr, 0 <= o.min_lr <= o.lr, f"in [0, optim.lr = {o.lr}]"),
+        ("optim.betas", o.betas, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "two numbers in [0, 1)"),
+        ("optim.eps", o.eps, 0 < o.eps < math.inf, "> 0 and finite"),
+        ("optim.weight_decay", o.weight_decay, 0 <= o.weight_decay < math.inf, ">= 0 and finite"),
+        ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0"),
+        ("optim.grad_clip", o.grad_clip, 0 <= o.grad_clip < math.inf, ">= 0 and finite (0: no clipping)"),
+        ("checkpoint.preempt_exit_code", c.preempt_exit_code, c.preempt_exit_code in PREEMPT_EXIT_CODES,
+         f"in {PREEMPT_EXIT_CODES.start}..{PREEMPT_EXIT_CODES.stop - 1} (0, 1, 2 and 126-255 mean other endings)"),
+        ("logging.peak_tflops", lg.peak_tflops, lg.peak_tflops is None or 0 < lg.peak_tflops < math.inf,
+         "> 0 and finite, or null"),
+    ]
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Value checks the type system cannot express; raise ConfigError naming the key."""
-    positive = {"train.steps": cfg.train.steps, "train.micro_batch_size": cfg.train.micro_batch_size,
-                "train.grad_accum": cfg.train.grad_accum, "train.log_every": cfg.train.log_every,
-                "train.val_every": cfg.train.val_every, "train.sample_every": cfg.train.sample_every,
-                "train.max_nonfinite": cfg.train.max_nonfinite, "checkpoint.every": cfg.checkpoint.every,
-                "checkpoint.keep_last": cfg.checkpoint.keep_last}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"config key {key!r} must be >= 1, got {value}")
+    """Value checks the type system cannot express; raise ConfigError naming the key (and the value)."""
+    for key, value, ok, allowed in _ranges(cfg):
+        if not ok:
+            raise ConfigError(f"config key {key!r} must be {allowed}, got {value!r}")
     try:
         signal_from_name(cfg.checkpoint.preempt_signal)
     except ValueError as err:
         raise ConfigError(f"config key 'checkpoint.preempt_signal': {err}") from None
-    if cfg.train.val_batches is not None and cfg.train.val_batches < 1:
-        raise ConfigError(f"config key 'train.val_batches' must be >= 1 or null (the whole split), "
-                          f"got {cfg.train.val_batches}")
-    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
-        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {cfg.optim.betas}")
-    if cfg.optim.lr <= 0 or cfg.optim.min_lr < 0 or cfg.optim.warmup_steps < 0:
-        raise ConfigError("config keys 'optim.lr' must be > 0, 'optim.min_lr' and 'optim.warmup_steps' >= 0")
     ds = cfg.deepspeed
     if ds.offload_param != "none" and ds.zero_stage != 3:
         raise ConfigError("config key 'deepspeed.offload_param' needs deepspeed.zero_stage=3")

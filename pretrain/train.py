@@ -50,7 +50,7 @@ from igpt.data_pipeline.loader import TokenStream
 from igpt.data_pipeline.manifest import Manifest
 from igpt.pretrain.checkpoint import ResumePlan
 from igpt.pretrain.checkpointer import Checkpointer
-from igpt.pretrain.config import TrainConfig, save_config
+from igpt.pretrain.config import ConfigError, TrainConfig, save_config
 from igpt.pretrain.deepspeed_config import build_deepspeed_config, loop_clips_gradients, resolve_device
 from igpt.pretrain.distributed import setup_env, shutdown
 from igpt.pretrain.init_from import load_init_state
@@ -88,11 +88,21 @@ class LossModule(nn.Module):
 
 
 def resolve_model_section(cfg: TrainConfig, manifest: Manifest) -> None:
-    """Fill the model's data-given fields: n_ctx = resolution², vocab_size from the manifest."""
+    """Fill the model's data-given fields (n_ctx = resolution², vocab_size from the manifest) and refuse a model
+    that does not fit the data: a vocabulary smaller than its palette (a token past the embedding table), a context
+    other than its sequence length (the pixel model reads and samples whole images)."""
+    seq_len = manifest.resolution ** 2
     if cfg.model.n_ctx is None:
-        cfg.model.n_ctx = manifest.resolution ** 2
+        cfg.model.n_ctx = seq_len
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = manifest.vocab_size
+    if cfg.model.vocab_size < manifest.vocab_size:
+        raise ConfigError(f"config key 'model.vocab_size' = {cfg.model.vocab_size} is smaller than the palette of "
+                          f"{cfg.data.dir} ({manifest.vocab_size} tokens); set it to null (the data's) or more")
+    if cfg.model.n_ctx != seq_len:
+        raise ConfigError(f"config key 'model.n_ctx' = {cfg.model.n_ctx} does not fit {cfg.data.dir}: its "
+                          f"{manifest.resolution}x{manifest.resolution} images are {seq_len} tokens; set it to null "
+                          f"(the data's) or {seq_len}")
 
 
 def _seed_everything(seed: int) -> None:
@@ -118,8 +128,8 @@ class Trainer:
         warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)
         self.cfg, self.trust_checkpoint = cfg, trust_checkpoint
         self.run_dir = Path(cfg.train.run_dir)
+        self._open_data()  # a model that does not fit the data is refused before any process group starts
         self._init_distributed()
-        self._open_data()
         self.checkpointer = Checkpointer(cfg, self.rank, self.world, self.log)
         self.state = TrainState()
         self.precision = resolve_precision(cfg.train.precision, self.device)

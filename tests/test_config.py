@@ -1,6 +1,7 @@
 """Config schema and merge, the generated DeepSpeed dict, and the tracking arithmetic (no processes started)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,49 @@ def test_overrides_win_over_the_yaml_and_types_are_converted():
 def test_bad_keys_and_values_are_errors_that_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(TINY, ["data.dir=/x", override])
+
+
+@pytest.mark.parametrize("override", [
+    "data.num_workers=-5", "data.shuffle_buffer=-1", "data.seed=-1", "train.seed=-1", "train.sample_count=-1",
+    "train.sample_temperature=-1", "train.sample_temperature=inf", "optim.lr=nan", "optim.lr=inf", "optim.lr=0",
+    "optim.min_lr=1", "optim.eps=-1", "optim.eps=nan", "optim.weight_decay=nan", "optim.grad_clip=-1",
+    "optim.grad_clip=inf", "optim.betas=[0.9,nan]", "checkpoint.preempt_exit_code=0",
+    "checkpoint.preempt_exit_code=1", "checkpoint.preempt_exit_code=2", "checkpoint.preempt_exit_code=137",
+    "checkpoint.preempt_exit_code=999", "model.vocab_size=70000", "model.init_std=inf", "logging.peak_tflops=nan",
+])
+def test_out_of_range_numbers_are_one_line_errors_naming_the_key_and_value(override):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["data.dir=/x", override])
+    message = str(err.value)
+    assert f"config key {key!r} must be" in message and "\n" not in message, message
+    assert _numbers(message.rsplit("got ", 1)[1]) == _numbers(value), message  # -1 reads as -1.0 for a float
+
+
+def _numbers(text: str) -> str:
+    return str([float(x) for x in re.findall(r"-?(?:[\d.]+(?:e-?\d+)?|nan|inf)", text)])
+
+
+def test_the_edges_of_the_ranges_are_accepted():
+    cfg = load_config(TINY, ["data.dir=/x", "data.num_workers=0", "data.shuffle_buffer=0", "optim.grad_clip=0",
+                             "optim.min_lr=3e-4", "optim.lr=3e-4", "train.sample_temperature=0",
+                             "checkpoint.preempt_exit_code=3", "model.vocab_size=65536"])
+    assert cfg.optim.grad_clip == 0 and cfg.checkpoint.preempt_exit_code == 3 and cfg.model.vocab_size == 65536
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.vocab_size=7", "config key 'model.vocab_size' = 7 is smaller than the palette of"),
+    ("model.n_ctx=255", "config key 'model.n_ctx' = 255 does not fit"),
+    ("model.n_ctx=1024", "its 16x16 images are 256 tokens"),
+])
+def test_training_refuses_a_model_that_does_not_fit_the_data(cifar_tokens, tmp_path, capfd, override, words):
+    from igpt.cli import main
+
+    rc = main(["train", str(TINY), f"data.dir={cifar_tokens}", f"train.run_dir={tmp_path / 'run'}", "train.steps=1",
+               override])
+    err = capfd.readouterr().err.strip()
+    assert rc == 2 and err.startswith("igpt train: error: ") and words in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()  # refused at start, before anything is written
 
 
 def test_unknown_key_in_a_yaml_file_and_missing_data_dir(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -10,6 +11,8 @@ import torch
 
 from igpt.data_pipeline.loader import TokenStream, deal_units, iterate_split
 from igpt.data_pipeline.manifest import Manifest
+from igpt.data_pipeline.tario import iter_members, tar_bytes
+from igpt.errors import UserError
 
 
 def _ids(batch: dict) -> list[bytes]:
@@ -135,6 +138,32 @@ def test_iterate_split_is_ordered_and_complete(cifar_tokens):
     assert [len(b["tokens"]) for b in batches][:-1] == [100] * (len(batches) - 1)
     assert all(0 <= int(b["labels"].min()) and int(b["labels"].max()) < 10 for b in batches)
     assert all(int(b["tokens"].max()) < m.vocab_size for b in batches)
+
+
+def _with_a_foreign_token(cifar_tokens, out) -> tuple[str, str]:
+    """A copy of ``cifar_tokens`` whose second sample of the first val shard holds token 600 (the vocabulary is 512);
+    returns (shard file, sample key)."""
+    shutil.copytree(cifar_tokens, out)
+    shard = out / Manifest.load(out).split("val").shards[0].file
+    data = shard.read_bytes()
+    members = [(name, data[offset:offset + size]) for name, offset, size in iter_members(data)]
+    bad = [name for name, _ in members if name.endswith(".tokens.npy")][1]
+    members = [(name, payload[:-2] + np.uint16(600).tobytes() if name == bad else payload) for name, payload in members]
+    shard.write_bytes(tar_bytes(members))
+    return shard.name, bad.partition(".")[0]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_token_outside_the_vocabulary_is_refused_in_one_line_naming_the_shard_and_sample(cifar_tokens, tmp_path,
+                                                                                         num_workers):
+    shard, key = _with_a_foreign_token(cifar_tokens, tmp_path / "tokens")
+    with pytest.raises(UserError) as err:
+        for _ in TokenStream(tmp_path / "tokens", "val", 16, num_workers=num_workers, shuffle_buffer=4).iter_epoch():
+            pass
+    message = str(err.value)
+    assert shard in message and repr(key) in message and "token 600" in message and "\n" not in message, message
+    with pytest.raises(UserError, match=f"{shard}: sample {key!r} holds token 600"):
+        list(iterate_split(tmp_path / "tokens", "val", 64))
 
 
 def test_bad_arguments_are_clear(cifar_tokens, tmp_path):
