@@ -113,7 +113,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(cifar_tokens, tmp_path
 
 def test_nonfinite_loss_skips_steps_then_stops(cifar_tokens, tmp_path):
     run = tmp_path / "run"
-    args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=0, train__steps=20, optim__lr="inf",
+    args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=0, train__steps=20, optim__lr="1e38",
                          optim__warmup_steps=0, train__max_nonfinite=3)
     codes = train_ranks(args, run, nprocs=1)
     log = read_log(run)
