@@ -42,17 +42,20 @@ def fsync_tree(path: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path`` to write; renamed to ``path`` when the block succeeds.
 
-    The temporary keeps ``path``'s suffix, so writers that pick a format by suffix still work."""
+    The temporary keeps ``path``'s suffix, so writers that pick a format by suffix still work. With
+    ``durable=False`` nothing is fsynced: for a file whose loss in a power cut costs only redone work."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp
-        fsync_file(tmp)
+        if durable:
+            fsync_file(tmp)
         os.replace(tmp, path)
-        fsync_file(path.parent)
+        if durable:
+            fsync_file(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -80,15 +83,15 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
         tmp.write_bytes(data)
 
 
-def write_text_atomic(text: str, path: str | os.PathLike) -> None:
-    """Write ``text`` to a temporary name in the same directory, then rename it into place."""
-    with atomic_path(path) as tmp:
+def write_text_atomic(text: str, path: str | os.PathLike, durable: bool = True) -> None:
+    """Write ``text`` to a temporary name in the same directory, then rename it into place (``atomic_path``)."""
+    with atomic_path(path, durable) as tmp:
         tmp.write_text(text)
 
 
-def write_json_atomic(obj: object, path: str | os.PathLike) -> None:
+def write_json_atomic(obj: object, path: str | os.PathLike, durable: bool = True) -> None:
     """Write JSON (indent 1, final newline) atomically, like ``write_text_atomic``."""
-    write_text_atomic(json.dumps(obj, indent=1) + "\n", path)
+    write_text_atomic(json.dumps(obj, indent=1) + "\n", path, durable)
 
 
 def copy_atomic(src: str | os.PathLike, dest: str | os.PathLike) -> None:

@@ -94,14 +94,19 @@ def test_shard_record_is_written_only_after_its_tar_is_durable(tmp_path, monkeyp
     for i in range(3):
         Image.fromarray(np.full((6, 6, 3), 40 * i, np.uint8)).save(tmp_path / f"img{i}.png")
     out = (tmp_path / "out").resolve()
-    seen: list[tuple[str, bool]] = []  # (fsynced path, whether a record of the shard existed by then)
-    fsync = os.fsync
+    seen: list[tuple[str, bool]] = []  # (fsynced or renamed-to path, whether a record of the shard existed by then)
+    fsync, replace = os.fsync, os.replace
 
     def recording_fsync(fd: int) -> None:
         seen.append((os.readlink(f"/proc/self/fd/{fd}"), any((out / RECORDS_DIR).glob("*train-000000*"))))
         fsync(fd)
 
+    def recording_replace(src, dst) -> None:
+        seen.append((str(dst), any((out / RECORDS_DIR).glob("*train-000000*"))))
+        replace(src, dst)
+
     monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
     shard_dataset([str(tmp_path / "img*.png")], out, palette, resolution=4, num_workers=0, progress=False)
     paths = [p for p, _ in seen]
     tar = next(i for i, p in enumerate(paths) if Path(p).parent == out and ".train-000000.tmp" in Path(p).name)
