@@ -221,17 +221,14 @@ def _to_torch(item):
     return worker, torch.from_numpy(tokens), None if labels is None else torch.from_numpy(labels), keys
 
 
-def _raising(items: Iterator) -> Iterator:
-    """The workers' batches, raising a worker's UserError (see ``_SlotStream``) here."""
-    for item in items:
-        if isinstance(item[1], UserError):
-            error = item[1]
-            del item
-            try:
-                raise error
-            finally:  # no cycle through the traceback: the DataLoader is freed with it, and stops its workers
-                del error
-        yield item
+def _unpacked(item: tuple) -> tuple[int, list]:
+    """(worker, batch) of one item of ``_loader``; a worker's UserError (see ``_SlotStream``) is raised here, in
+    the consumer's frame, which drops the loader when it unwinds: no kept traceback holds the loader's workers
+    (they ignore SIGTERM, so one alive at interpreter exit would block it)."""
+    worker, *batch = item
+    if isinstance(batch[0], UserError):
+        raise batch[0]
+    return worker, batch
 
 
 Masks = dict[int, np.ndarray]  # shard index → bool mask over the shard's samples
@@ -344,9 +341,9 @@ class TokenStream:
     def _loader(self, epoch: int, skips: list[int]) -> Iterator:
         ds = _SlotStream(self, epoch, skips)
         if self.num_workers == 0:
-            return _raising(map(_to_torch, iter(ds)))
-        return _raising(iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_to_torch,
-                                        prefetch_factor=4, worker_init_fn=_ignore_preemption_signals)))
+            return map(_to_torch, iter(ds))
+        return iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_to_torch,
+                               prefetch_factor=4, worker_init_fn=_ignore_preemption_signals))
 
     def _emit(self, tokens: torch.Tensor, labels: torch.Tensor | None, keys: list[str] | None) -> dict:
         self.batches_in_epoch += 1
@@ -375,7 +372,7 @@ class TokenStream:
                     got = next(source, None)
                     if got is None:
                         raise RuntimeError(f"{self.data_dir}: shards hold fewer samples than the manifest says")
-                    worker, *batch = got
+                    worker, batch = _unpacked(got)
                     pending.setdefault(worker, []).append(batch)
                 yield self._emit(*pending[want].pop(0))
         finally:  # an error's traceback keeps this frame: without the loader its workers stop now, not never
@@ -386,8 +383,12 @@ class TokenStream:
 
     def __iter__(self) -> Iterator[dict]:
         if self.mode == "resampled":
-            for _, *batch in self._loader(self.total_batches, [0] * max(self.num_workers, 1)):
-                yield self._emit(*batch)
+            source = self._loader(self.total_batches, [0] * max(self.num_workers, 1))
+            try:
+                for got in source:
+                    yield self._emit(*_unpacked(got)[1])
+            finally:  # as in iter_epoch: a kept traceback must not keep the loader
+                del source
         else:
             while True:
                 yield from self.iter_epoch()

@@ -157,13 +157,10 @@ def _with_a_foreign_token(cifar_tokens, out) -> tuple[str, str]:
 def test_a_token_outside_the_vocabulary_is_refused_in_one_line_naming_the_shard_and_sample(cifar_tokens, tmp_path,
                                                                                          num_workers):
     shard, key = _with_a_foreign_token(cifar_tokens, tmp_path / "tokens")
-    try:  # not pytest.raises: its kept traceback would keep the loader, and its workers, alive until exit
+    with pytest.raises(UserError) as err:
         for _ in TokenStream(tmp_path / "tokens", "val", 16, num_workers=num_workers, shuffle_buffer=4).iter_epoch():
             pass
-    except UserError as err:
-        message = str(err)
-    else:
-        pytest.fail("a token outside the vocabulary was not refused")
+    message = str(err.value)
     assert shard in message and repr(key) in message and "token 600" in message and "\n" not in message, message
     with pytest.raises(UserError, match=f"{shard}: sample {key!r} holds token 600"):
         list(iterate_split(tmp_path / "tokens", "val", 64))
