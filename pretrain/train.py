@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from igpt.data_pipeline.loader import TokenStream
 from igpt.data_pipeline.manifest import Manifest
-from igpt.pretrain.checkpoint import ResumePlan
+from igpt.pretrain.checkpoint import CheckpointSaveError, ResumePlan
 from igpt.pretrain.checkpointer import Checkpointer
 from igpt.pretrain.config import ConfigError, TrainConfig, save_config
 from igpt.pretrain.deepspeed_config import build_deepspeed_config, loop_clips_gradients, resolve_device
@@ -67,6 +67,10 @@ LOSSES_FILE = "losses.jsonl"
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a non-finite loss."""
+
+
+# Errors that every rank raises at the same step (from an agreed save result or the all-reduced loss).
+STOPPED_ON_EVERY_RANK = (CheckpointSaveError, NonFiniteLossError)
 
 
 class Preempted(Exception):
@@ -398,9 +402,17 @@ def train(cfg: TrainConfig, resume: str | None = None, trust_checkpoint: bool = 
     trainer = Trainer(cfg, resume, trust_checkpoint)
     try:
         code = trainer.run()
+    except STOPPED_ON_EVERY_RANK:
+        _close(trainer)  # every rank raised it at the same step, so every rank reaches the shutdown barrier
+        raise
     finally:
         sys.stdout.flush()
-    # Only on a clean return: after an error the peers may never reach the shutdown barrier.
+    # Not after other errors: the peers may never reach the shutdown barrier.
+    _close(trainer)
+    return code
+
+
+def _close(trainer: Trainer) -> None:
+    """Free the engine, then leave the process group with rank 0 last (a peer left behind aborts at exit)."""
     trainer.engine.destroy()  # removes ZeRO hooks and frees buffers before the group goes
     shutdown()
-    return code
