@@ -61,6 +61,7 @@ from igpt.pretrain.schedule import lr_at
 from igpt.pretrain.state import TrainState
 from igpt.pretrain.tracking import memory_gb, open_tracker, peak_flops
 from igpt.pretrain.validation import Validator
+from igpt.pretrain.wall_time import WallTime
 
 LOSSES_FILE = "losses.jsonl"
 
@@ -159,6 +160,7 @@ class Trainer:
                                    resolution=self.manifest.resolution)
         self.peak = peak_flops(self.device, cfg.logging.peak_tflops)
         self.consecutive_nonfinite = 0
+        self.wall = WallTime()  # the loop's, restarted when it starts
         self.losses_file: Any = None  # RUN_DIR/losses.jsonl, open on rank 0 while run() runs
         self.keys_file: Any = None  # RUN_DIR/data_keys.rankR.jsonl with data.record_keys, open while run() runs
 
@@ -342,6 +344,9 @@ class Trainer:
         try:
             with self._record_files():
                 self._loop()
+            metrics, line = self.wall.summary()
+            self.tracker.log_metrics(metrics, self.state.step)
+            self.log(line)
             status = "FINISHED"
             return 0
         except Preempted:  # raised only once the preemption checkpoint is complete (a failed save raises its error)
@@ -357,20 +362,23 @@ class Trainer:
         """The optimizer steps: each step's record is booked when it comes back from the device (one step late
         on CUDA); at a boundary or on preemption every record is read first (may raise ``Preempted``)."""
         total = self.cfg.train.steps
-        batches, records = iter(self.stream), StepRecords(self.device)
+        self.wall = wall = WallTime()
+        batches, records = wall.timed(iter(self.stream), "data"), StepRecords(self.device)
         window = MetricsWindow(self.flops_per_token, self.world, self.peak, total)
         clock = time.perf_counter()
         while self.state.step < total:
             lr = self._lr()
-            records.push(self.state.step + 1, lr, self.train_step(batches, lr))
-            self.state.step += 1
-            due = records.pop()
-            preempt = any(r.preempt for r in due) and self.state.step < total
-            boundary = self._boundary()
-            if boundary or preempt:
-                due += records.pop(flush=True)
-            for record in due:
-                self._account(record, window)
+            with wall.phase("step"):  # with the wait for the step's record (CUDA), less loading the batches
+                records.push(self.state.step + 1, lr, self.train_step(batches, lr))
+                self.state.step += 1
+                due = records.pop()
+                preempt = any(r.preempt for r in due) and self.state.step < total
+                boundary = self._boundary()
+                if boundary or preempt:
+                    due += records.pop(flush=True)
+            with wall.phase("logging"):
+                for record in due:
+                    self._account(record, window)
             if boundary or preempt:
                 window.add_seconds(time.perf_counter() - clock)
                 self._at_boundary(due[-1], window, preempt)
@@ -379,20 +387,25 @@ class Trainer:
     def _at_boundary(self, record: StepRecord, window: MetricsWindow, preempt: bool) -> None:
         """Log, validate, sample and checkpoint as this step's number asks (every record is read); on
         preemption checkpoint (once) and raise ``Preempted``."""
-        t, step = self.cfg.train, self.state.step
+        t, step, wall = self.cfg.train, self.state.step, self.wall
         if step % t.log_every == 0 or step == t.steps:
-            metrics, line = window.close(record, tokens_seen=self.state.tokens_seen,
-                                         nonfinite_total=self.state.nonfinite_total, memory_gb=memory_gb(self.device))
-            self.tracker.log_metrics(metrics, step)
-            self.log(line)
+            with wall.phase("logging"):
+                metrics, line = window.close(record, tokens_seen=self.state.tokens_seen,
+                                             nonfinite_total=self.state.nonfinite_total,
+                                             memory_gb=memory_gb(self.device))
+                self.tracker.log_metrics(metrics, step)
+                self.log(line)
         if step % t.val_every == 0 or step == t.steps:
-            self.validator.validate(step)
+            with wall.phase("validation"):
+                self.validator.validate(step)
         if step % t.sample_every == 0:
-            self.validator.sample_grids(step)
+            with wall.phase("samples"):
+                self.validator.sample_grids(step)
         if preempt:
             self.log(f"step {step}: preemption ({self.checkpointer.signal_name()}) – saving a checkpoint")
         if self.checkpointer.due(step) or preempt:
-            self.save_checkpoint()
+            with wall.phase("checkpoint"):
+                self.save_checkpoint()
         if preempt:
             raise Preempted()
 
