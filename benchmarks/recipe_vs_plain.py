@@ -15,12 +15,21 @@ split, fp32 weights under bf16 autocast on CUDA, fp32 on CPU; L2 chosen on 10% o
 layer on val. tokens/s is steps x batch x context / the training loop's seconds on both sides (ours
 without validation and checkpoint time; ``first_window_s`` holds our compile/warm-up window).
 Extra ``key=value`` arguments are overrides for our side only (e.g. ``train.compile=true``).
+
+End to end: ``loop_tokens_per_s`` divides our tokens by the loop's whole wall time less validation, samples
+and checkpoints (the reference times its loop the same way: batching and logging inside, evaluation outside);
+``wall_time`` breaks the loop down (``igpt.pretrain.wall_time``: step, data, logging, validation, samples,
+checkpoint, other). ``--repeats N`` runs N rounds, ours and the reference interleaved (their order alternating),
+and reports the median and range of the ratio; rounds after the first, and every round with
+``--throughput-only``, skip the export and the probes (our val NLL is then the run's own whole-split
+validation, which the full round checks against the scorer's).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -50,37 +59,50 @@ def _run(cmd: list[str], log: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
-def our_throughput(rows: list[dict[str, float]], tokens_per_step: int) -> dict[str, float]:
-    """tokens/s over the whole loop and after the first log window, from the run's tracked windows."""
+EXCLUDED_FROM_LOOP = ("validation", "samples", "checkpoint")  # outside the reference's timed loop too
+
+
+def our_throughput(rows: list[dict[str, float]], tokens_per_step: int, steps: int) -> dict:
+    """tokens/s over the logged training windows, after the first one, and over the loop's wall time (less
+    validation, samples and checkpoints), with the loop's wall-time breakdown, from the run's tracked rows."""
     windows = [(steps * tokens_per_step, s) for steps, s in training_windows(rows, tokens_per_step)]
     tokens, seconds = sum(w[0] for w in windows), sum(w[1] for w in windows)
     steady = windows[1:] or windows
+    wall = {k.removeprefix("time_").removesuffix("_s"): v for k, v in
+            next(r for r in reversed(rows) if "time_total_s" in r).items() if k.startswith("time_")}
+    loop_s = wall["total"] - sum(wall[k] for k in EXCLUDED_FROM_LOOP)
     return {"tokens_per_s": tokens / seconds, "train_s": seconds, "first_window_s": windows[0][1],
             "steady_tokens_per_s": sum(w[0] for w in steady) / sum(w[1] for w in steady),
+            "loop_tokens_per_s": steps * tokens_per_step / loop_s, "loop_s": loop_s, "wall_time": wall,
+            "outside_step_share": (loop_s - wall["step"]) / loop_s,
             "mfu_last_window": next(r["mfu"] for r in reversed(rows) if "mfu" in r)}
 
 
-def run_ours(args: argparse.Namespace, cfg: TrainConfig, steps: int, out: Path, env: dict[str, str]) -> dict:
-    from igpt.pretrain.release import load_model
-    from igpt.evals.score import score_model
-
+def run_ours(args: argparse.Namespace, cfg: TrainConfig, steps: int, out: Path, env: dict[str, str],
+             score: bool) -> dict:
     run_dir, release = out / "ours", out / "ours-release"
     overrides = [f"data.dir={args.data}", f"train.run_dir={run_dir}", f"train.steps={steps}",
                  "logging.backend=jsonl", f"train.val_every={steps}", "train.val_batches=null",
                  f"train.sample_every={10 * steps}", f"checkpoint.every={steps}", f"train.device={args.device}",
                  *args.overrides]
     _run([sys.executable, "-m", "igpt.pretrain.cli", "train", args.config, *overrides], out / "ours.log", env)
-    _run([sys.executable, "-m", "igpt.pretrain.cli", "export", str(run_dir), "--out", str(release)], out / "ours.log", env)
     rows = read_metrics(run_dir / "tracking" / METRICS_FILE)
-    result = our_throughput(rows, cfg.tokens_per_step())
+    result = our_throughput(rows, cfg.tokens_per_step(), steps)
+    result["training_val_loss"] = next(m["val_loss"] for m in reversed(rows) if "val_loss" in m)
+    if not score:
+        result["val_nll"] = result["training_val_loss"]
+        return result
+    from igpt.evals.score import score_model
+    from igpt.pretrain.release import load_model
+
+    _run([sys.executable, "-m", "igpt.pretrain.cli", "export", str(run_dir), "--out", str(release)], out / "ours.log", env)
     model, _, sha = load_model(release)
     result.update(score_model(model, sha, args.data, layers=range(model.cfg.n_layer + 1), device=args.device,
                               l2_grid=args.l2))
-    result["training_val_loss"] = next(m["val_loss"] for m in reversed(rows) if "val_loss" in m)
     return result
 
 
-def run_reference(args: argparse.Namespace, cfg: TrainConfig, out: Path, env: dict[str, str]) -> dict:
+def run_reference(args: argparse.Namespace, cfg: TrainConfig, out: Path, env: dict[str, str], score: bool) -> dict:
     m = cfg.model
     cmd = [sys.executable, str(args.reference), args.data, "--tokens", str(args.tokens), "--layers", str(m.n_layer),
            "--width", str(m.n_embd), "--heads", str(m.n_head), "--batch", str(cfg.global_batch()),
@@ -88,13 +110,40 @@ def run_reference(args: argparse.Namespace, cfg: TrainConfig, out: Path, env: di
            "--out", str(out / "plain.json")]
     if args.reference_compile:
         cmd.append("--compile")
-    if args.reference_tokens:  # a shorter reference run measures throughput only: no probe
+    if not score:  # throughput (and val NLL) only: no probe
         cmd += ["--probe-every", "0"]
     _run(cmd, out / "plain.log", env)
     ref = json.loads((out / "plain.json").read_text())
     return {"tokens_per_s": ref["tokens_per_s"], "train_s": ref["train_s"], "val_nll": ref["val_nll_nats"],
             "probe_best_accuracy": ref.get("probe_best_val_accuracy"), "probe_best_layer": ref.get("probe_best_layer"),
-            "probe_per_layer": ref.get("probe_val_accuracy_per_layer")}
+            "probe_per_layer": ref.get("probe_val_accuracy_per_layer"), "tokens": args.tokens}
+
+
+def run_round(args: argparse.Namespace, cfg: TrainConfig, steps: int, out: Path, env: dict[str, str],
+              score: bool, reference_first: bool) -> dict:
+    """One round: ours and (unless skipped) the reference, in the order given."""
+    out.mkdir(parents=True, exist_ok=True)
+    sides: dict = {}
+    ref_args = argparse.Namespace(**{**vars(args), "tokens": args.reference_tokens or args.tokens})
+    runs = {"ours": lambda: run_ours(args, cfg, steps, out, env, score)}
+    if not args.skip_reference:  # the reference probes only where its token budget equals ours
+        runs["plain"] = lambda: run_reference(ref_args, cfg, out, env, score and not args.reference_tokens)
+    for side in (["plain", "ours"] if reference_first else ["ours", "plain"]):
+        if side in runs:
+            sides[side] = runs[side]()
+    return sides
+
+
+def compare(rounds: list[dict], equal_tokens: bool) -> dict:
+    """ours / plain per round (end-to-end loop tokens/s), their median and range; the val NLL delta of each."""
+    ratios = [r["ours"]["loop_tokens_per_s"] / r["plain"]["tokens_per_s"] for r in rounds]
+    window_ratios = [r["ours"]["tokens_per_s"] / r["plain"]["tokens_per_s"] for r in rounds]
+    out = {"tokens_per_s": statistics.median(ratios), "tokens_per_s_range": [min(ratios), max(ratios)],
+           "tokens_per_s_per_round": ratios, "window_tokens_per_s": statistics.median(window_ratios)}
+    if equal_tokens:
+        deltas = [r["ours"]["val_nll"] - r["plain"]["val_nll"] for r in rounds]
+        out |= {"val_nll_delta": deltas[0], "val_nll_delta_per_round": deltas}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE, help="plain_igpt.py")
     ap.add_argument("--reference-compile", action="store_true", help="torch.compile the reference (its --compile)")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds of both sides (median and range)")
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="no export and no probes in any round (tokens/s, the breakdown and val NLL only)")
     ap.add_argument("--l2", type=float, nargs="+", default=[2e-5, 2e-4, 2e-3, 2e-2],
                     help="probe L2 grid (ours penalises l2/2·|W|², the reference wd·|W|²: these are its 1e-5..1e-2)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "recipe_vs_plain")
@@ -129,14 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"device": args.device, "tokens": args.tokens, "steps": steps, "config": args.config,
                      "overrides": args.overrides, "shape": {k: getattr(cfg.model, k) for k in ("n_layer", "n_embd", "n_head", "n_ctx")},
                      "precision": t.precision, "zero_stage": cfg.deepspeed.zero_stage}
-    results["ours"] = run_ours(args, cfg, steps, args.out, env)
+    rounds = []
+    for k in range(args.repeats):
+        score = k == 0 and not args.throughput_only
+        rounds.append(run_round(args, cfg, steps, args.out / f"round{k + 1}", env, score, reference_first=k % 2 == 1))
+        print(f"round {k + 1}/{args.repeats}: " + ", ".join(
+            f"{side} {r.get('loop_tokens_per_s', r['tokens_per_s']) / 1e3:.1f}k tokens/s" for side, r in rounds[-1].items()),
+            flush=True)
+    results.update(rounds[0])
+    results["rounds"] = rounds
     if not args.skip_reference:
-        ref_args = argparse.Namespace(**{**vars(args), "tokens": args.reference_tokens or args.tokens})
-        results["plain"] = run_reference(ref_args, cfg, args.out, env)
-        results["plain"]["tokens"] = ref_args.tokens
-        results["ours_vs_plain"] = {"tokens_per_s": results["ours"]["tokens_per_s"] / results["plain"]["tokens_per_s"]}
-        if not args.reference_tokens:  # quality only compares at equal tokens
-            results["ours_vs_plain"]["val_nll_delta"] = results["ours"]["val_nll"] - results["plain"]["val_nll"]
+        results["ours_vs_plain"] = compare(rounds, equal_tokens=not args.reference_tokens)
     print(table(results))
     path = args.json or args.out / "recipe_vs_plain.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(results: dict) -> str:
-    """The side-by-side table (markdown)."""
+    """The side-by-side table of the first round (markdown), the ratio over the rounds and our loop's breakdown."""
     sides = [s for s in ("ours", "plain") if s in results]
-    fmt = {"tokens/s": lambda r: f"{r['tokens_per_s'] / 1e3:.1f}k",
+    fmt = {"tokens/s, end to end": lambda r: f"{r.get('loop_tokens_per_s', r['tokens_per_s']) / 1e3:.1f}k",
+           "tokens/s, logged training windows": lambda r: f"{r['tokens_per_s'] / 1e3:.1f}k",
            "val NLL (nats/token)": lambda r: f"{r['val_nll']:.4f}",
            "probe, best layer (val)": lambda r: "-" if r.get("probe_best_accuracy") is None else
            f"{100 * r['probe_best_accuracy']:.1f}% (layer {r['probe_best_layer']})"}
@@ -157,9 +213,15 @@ def table(results: dict) -> str:
     lines += [f"| {name} | " + " | ".join(f(results[s]) for s in sides) + " |" for name, f in fmt.items()]
     if "ours_vs_plain" in results:
         v = results["ours_vs_plain"]
+        low, high = v["tokens_per_s_range"]
         delta = f"; val NLL ours - plain: {v['val_nll_delta']:+.4f}" if "val_nll_delta" in v else \
             f" (the reference ran {results['plain']['tokens']:.3g} tokens: throughput only)"
-        lines.append(f"ours / plain tokens/s: {v['tokens_per_s']:.2f}x{delta}")
+        lines.append(f"ours / plain tokens/s, end to end: {v['tokens_per_s']:.3f}x median of {len(results['rounds'])} "
+                     f"round(s), range {low:.3f}-{high:.3f}{delta}")
+    wall = results["ours"]["wall_time"]
+    lines.append(f"our loop, {wall['total']:.1f} s: " + " | ".join(
+        f"{k} {100 * v / wall['total']:.1f}%" for k, v in wall.items() if k != "total") +
+        f"; outside the step, validation/samples/checkpoints aside: {100 * results['ours']['outside_step_share']:.2f}%")
     return "\n".join(lines)
 
 

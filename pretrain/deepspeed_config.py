@@ -9,6 +9,9 @@ Mapping (our key → DeepSpeed key):
       autocast over an fp32 module, which DeepSpeed sees as fp32; fp16 is not offered)
   deepspeed.zero_stage → zero_optimization.stage (0-3)
   deepspeed.offload_optimizer / offload_param → zero_optimization.offload_optimizer / offload_param
+  train.device cpu → zero_optimization.contiguous_gradients false: ZeRO-1/2 then leave each gradient where
+      backward put it instead of copying it into a flat buffer as it is produced, which only guards against
+      GPU memory fragmentation; on CPU the copies and their hook work cost about 5% of a small model's step
   model.activation_checkpointing is not a DeepSpeed key: the model checkpoints its own blocks.
 The optimizer (torch Adam) is built by the training loop, hence ``zero_allow_untested_optimizer``.
 
@@ -65,6 +68,8 @@ def build_deepspeed_config(cfg: TrainConfig, device: str) -> dict[str, Any]:
     ds = cfg.deepspeed
     precision = resolve_precision(cfg.train.precision, device)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if device == "cpu":
+        zero["contiguous_gradients"] = False
     if ds.offload_optimizer != "none":
         zero["offload_optimizer"] = _offload(ds.offload_optimizer, cfg)
     if ds.offload_param != "none":

@@ -143,6 +143,10 @@ def test_deepspeed_dict_from_our_config_and_the_escape_hatch():
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
     assert zero["reduce_bucket_size"] == 1000 and ds["wall_clock_breakdown"] is True
+    assert zero["contiguous_gradients"] is False  # on CPU: no flat-buffer copy of each gradient
+    assert "contiguous_gradients" not in build_deepspeed_config(cfg, "cuda")["zero_optimization"]  # DeepSpeed's
+    kept = load_config(TINY, ["data.dir=/x", "deepspeed.extra.zero_optimization.contiguous_gradients=true"])
+    assert build_deepspeed_config(kept, "cpu")["zero_optimization"]["contiguous_gradients"] is True
     auto_gpu = build_deepspeed_config(load_config(TINY, ["data.dir=/x", "train.precision=auto"]), "cuda")
     assert auto_gpu["bf16"]["enabled"] is False and auto_gpu["gradient_clipping"] == 1.0  # ZeRO-2: DeepSpeed clips
     module = build_deepspeed_config(load_config(TINY, ["data.dir=/x", "train.precision=bf16-module"]), "cuda")

@@ -22,14 +22,14 @@ pytestmark = pytest.mark.slow
 N = 4  # steps before the kill; the reference run trains 2N
 
 
-@pytest.mark.parametrize("stage, augment", [(2, False), (3, False), (2, True)])
-def test_loss_falls_and_exact_resume_after_sigkill(request, tmp_path, stage, augment):
+@pytest.mark.parametrize("stage, augment, workers", [(2, False, 0), (3, False, 0), (2, True, 2)])
+def test_loss_falls_and_exact_resume_after_sigkill(request, tmp_path, stage, augment, workers):
     """2N uninterrupted steps vs N steps, kill -9 of every rank, resume, N more: identical losses; with
-    augmentation (flips, random crops of margin shards) too."""
+    augmentation (flips, random crops of margin shards) and loader worker processes too."""
     cifar_tokens = request.getfixturevalue("cifar_tokens_margin" if augment else "cifar_tokens")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     common = dict(deepspeed__zero_stage=stage, train__steps=2 * N, train__precision="fp32", data__hflip=augment,
-                  data__random_crop=augment)
+                  data__random_crop=augment, data__num_workers=workers)
     assert train_ranks(run_overrides(cifar_tokens, ref, **common), ref) == [0, 0], all_logs(ref)
     expected = step_losses(ref)
     assert sorted(expected) == list(range(1, 2 * N + 1))

@@ -50,7 +50,7 @@ def test_recipe_vs_plain_runs_the_recipe_unaugmented_on_exact_shards(cifar_token
     out = tmp_path / "result.json"
     reference = ["--reference", str(REFERENCE)] if REFERENCE.is_file() else ["--skip-reference"]
     printed = _bench("recipe_vs_plain.py", "--data", str(cifar_tokens), "--tokens", "4e4", "--device", "cpu",
-                     *reference, "--out", str(tmp_path / "runs"), "--json", str(out), *TINY,
+                     *reference, "--repeats", "2", "--out", str(tmp_path / "runs"), "--json", str(out), *TINY,
                      "train.precision=fp32", "data.hflip=false", "data.random_crop=false",
                      venv_dir=tmp_path / "venv").stdout
     result = json.loads(out.read_text())
@@ -59,6 +59,14 @@ def test_recipe_vs_plain_runs_the_recipe_unaugmented_on_exact_shards(cifar_token
     assert ours["val_nll"] < 6.1 and ours["tokens_per_s"] > 0
     assert ours["training_val_loss"] == pytest.approx(ours["val_nll"], abs=1e-3)
     assert 0.0 < ours["probe_best_accuracy"] <= 1.0
+    wall = ours["wall_time"]  # the loop's breakdown: the phases and the rest add up to its wall time
+    assert sum(v for k, v in wall.items() if k != "total") == pytest.approx(wall["total"], rel=1e-6)
+    assert wall["step"] > 0 and wall["validation"] > 0 and 0 <= ours["outside_step_share"] < 1
+    again = result["rounds"][1]["ours"]  # the second round measures throughput only, on the same data and steps
+    assert "probe_best_accuracy" not in again and again["val_nll"] == pytest.approx(ours["val_nll"], abs=1e-6)
     if REFERENCE.is_file():
         assert result["plain"]["val_nll"] < 6.1 and "val_nll_delta" in result["ours_vs_plain"]
-    assert "| val NLL (nats/token) |" in printed
+        low, high = result["ours_vs_plain"]["tokens_per_s_range"]
+        assert low <= result["ours_vs_plain"]["tokens_per_s"] <= high
+        assert result["rounds"][1]["plain"]["probe_best_accuracy"] is None
+    assert "| val NLL (nats/token) |" in printed and "our loop, " in printed
