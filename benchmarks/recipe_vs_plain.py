@@ -3,8 +3,8 @@
     # one GPU, the GPU recipe against ../shared/reference/plain_igpt.py at ~105M tokens:
     python benchmarks/recipe_vs_plain.py --data runs/demo-gpu/tokens32 --tokens 105e6
     # CPU smoke / the CPU parity check (igpt-tiny on 16x16 shards, ~1.5M tokens):
-    python benchmarks/recipe_vs_plain.py --data DIR16 --config configs/cifar10-cpu-tiny.yaml --tokens 1.5e6 \\
-        --device cpu train.precision=bf16 deepspeed.zero_stage=0
+    python benchmarks/recipe_vs_plain.py --data DIR16 --config configs/cifar10-cpu-tiny.yaml --tokens 1.5e6 --repeats 3 \\
+        --device cpu train.precision=fp32 deepspeed.zero_stage=0
 
 Both sides train the same shape (layers, width, heads from our resolved config), batch, peak
 learning rate, warmup and token budget on the same shards (``steps = tokens // (batch x context)``,
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds of both sides (median and range)")
     ap.add_argument("--throughput-only", action="store_true",
                     help="no export and no probes in any round (tokens/s, the breakdown and val NLL only)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP_NUM_THREADS (torch's intra-op threads) of both sides (default: this process's)")
     ap.add_argument("--l2", type=float, nargs="+", default=[2e-5, 2e-4, 2e-3, 2e-2],
                     help="probe L2 grid (ours penalises l2/2·|W|², the reference wd·|W|²: these are its 1e-5..1e-2)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "recipe_vs_plain")
@@ -176,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     resolve_model_section(cfg, Manifest.load(args.data))
     t = cfg.train
     steps = max(1, int(args.tokens // cfg.tokens_per_step()))
-    env = {**single_process_env(),  # each side is a plain single process
-           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")}
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or _torch_threads()
+    env = {**single_process_env(),  # each side is a plain single process, with the same intra-op threads
+           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu"),
+           "OMP_NUM_THREADS": str(threads)}
     results: dict = {"device": args.device, "tokens": args.tokens, "steps": steps, "config": args.config,
                      "overrides": args.overrides, "shape": {k: getattr(cfg.model, k) for k in ("n_layer", "n_embd", "n_head", "n_ctx")},
-                     "precision": t.precision, "zero_stage": cfg.deepspeed.zero_stage}
+                     "precision": t.precision, "zero_stage": cfg.deepspeed.zero_stage, "omp_num_threads": threads}
     rounds = []
     for k in range(args.repeats):
         score = k == 0 and not args.throughput_only
@@ -223,6 +227,12 @@ def table(results: dict) -> str:
         f"{k} {100 * v / wall['total']:.1f}%" for k, v in wall.items() if k != "total") +
         f"; outside the step, validation/samples/checkpoints aside: {100 * results['ours']['outside_step_share']:.2f}%")
     return "\n".join(lines)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _cuda() -> bool:

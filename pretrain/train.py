@@ -53,6 +53,7 @@ from igpt.pretrain.checkpointer import Checkpointer
 from igpt.pretrain.config import ConfigError, TrainConfig, save_config
 from igpt.pretrain.deepspeed_config import build_deepspeed_config, loop_clips_gradients, resolve_device
 from igpt.pretrain.distributed import setup_env, shutdown
+from igpt.pretrain.host_memory import keep_freed_heap
 from igpt.pretrain.init_from import load_init_state
 from igpt.pretrain.metrics import MetricsWindow, StepRecord, StepRecords
 from igpt.pretrain.model import IGPT
@@ -412,6 +413,7 @@ class Trainer:
 
 def train(cfg: TrainConfig, resume: str | None = None, trust_checkpoint: bool = False) -> int:
     """Train with the resolved config ``cfg``; the exit code (0, or the preemption requeue code)."""
+    keep_freed_heap()  # before the loader's workers fork: they inherit it
     trainer = Trainer(cfg, resume, trust_checkpoint)
     try:
         code = trainer.run()
