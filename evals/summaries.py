@@ -89,14 +89,18 @@ class NllSummary(Summary):
 
     split: str
     images: int
-    nats_per_token: float
-    nats_ci_low: float
-    nats_ci_high: float
-    bits_per_pixel: float
-    bpp_ci_low: float
-    bpp_ci_high: float
-    sem_nats: float
     seconds: float
+    nats_per_token: float | None = None  # the likelihood fields: None for a patch model's pixels target
+    nats_ci_low: float | None = None
+    nats_ci_high: float | None = None
+    bits_per_pixel: float | None = None
+    bpp_ci_low: float | None = None
+    bpp_ci_high: float | None = None
+    sem_nats: float | None = None
+    mse: float | None = None  # the pixels target's mean squared error on normalised patches, else None
+    mse_ci_low: float | None = None
+    mse_ci_high: float | None = None
+    sem_mse: float | None = None
 
 
 @dataclass
@@ -196,6 +200,7 @@ class FinetuneSummary(Summary):
     num_val: int
     confusion_matrix: list[list[int]]
     class_names: list[str] | None
+    init: str = "pretrained"  # the weights fine-tuned: the checkpoint's, or "random" (the supervised baseline)
 
     @classmethod
     def _typed(cls, d: dict[str, Any]) -> dict[str, Any]:
