@@ -347,18 +347,6 @@ def test_cli_reports_input_errors(releases, cifar_tokens, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- Ray Tune + MLflow
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    if ray.is_initialized():  # another module's session: use it, leave it to its owner
-        yield
-        return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _mlflow_runs(uri: str, parent_id: str):
     from mlflow.tracking import MlflowClient
 
