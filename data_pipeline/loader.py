@@ -39,7 +39,8 @@ Augmentation (``hflip``, ``random_crop``; ``igpt.data_pipeline.augment``) happen
 sample, drawn from (seed, epoch, shard index, position in the shard): a resumed or re-split stream
 gives every sample the augmentation the uninterrupted stream gives it. A split stored with a margin
 is cut to the training size: random crops with ``random_crop``, else the centre crop (also in
-``iterate_split``, which never flips).
+``iterate_split``, which never flips). A patch model's random orders (``patch_orders``,
+``igpt.data_pipeline.order``) are drawn in the same place from the same key, so they resume exactly too.
 """
 from __future__ import annotations
 
