@@ -5,7 +5,7 @@ and ``from_dict()`` reads it back (the demo reuses a cached summary.json).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import KW_ONLY, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar, Union
 
 Layer = Union[int, str]  # a block index, or the label of a concatenation of several (inputs.concat_label)
@@ -87,17 +87,22 @@ class NllSummary(Summary):
 
     EVAL: ClassVar[str] = "nll"
 
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("mlflow", "nats_per_token", "nats_ci_low", "nats_ci_high", "bits_per_pixel",
+                                           "bpp_ci_low", "bpp_ci_high", "sem_nats", "mse", "mse_ci_low",
+                                           "mse_ci_high", "sem_mse")
+
     split: str
     images: int
-    seconds: float
-    nats_per_token: float | None = None  # the likelihood fields: None for a patch model's pixels target
+    nats_per_token: float | None = None  # the likelihood: None for a patch model's pixels target
     nats_ci_low: float | None = None
     nats_ci_high: float | None = None
     bits_per_pixel: float | None = None
     bpp_ci_low: float | None = None
     bpp_ci_high: float | None = None
     sem_nats: float | None = None
-    mse: float | None = None  # the pixels target's mean squared error on normalised patches, else None
+    _: KW_ONLY
+    seconds: float
+    mse: float | None = None  # a pixels target's mean squared error on its normalised patches, else None
     mse_ci_low: float | None = None
     mse_ci_high: float | None = None
     sem_mse: float | None = None

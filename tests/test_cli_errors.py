@@ -69,8 +69,6 @@ CASES = [
     ("train", f"train {TINY} train.steps=-3", "'train.steps' must be >= 1"),
     ("train", "train {missing}.yaml", "config file not found"),
     ("train", f"train {TINY} model.unit=patch model.objective=bert", "not supported with unit='patch'"),
-    ("train", f"train {TINY} data.dir={{tokens}} model.unit=patch model.patch_size=3",
-     "'model.patch_size' = 3 does not divide the resolution 4"),
     ("export", "export {missing} --out {root}/rel", "not a training run dir"),
     ("export", "export {root} --out {tokens}", "exists and is not empty"),
     ("eval nll", "eval nll --checkpoint {release} --data {tokens} --out {root}/e", "palette mismatch"),

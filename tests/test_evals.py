@@ -511,7 +511,7 @@ SUMMARIES = [  # summary.json as the evals write it, keys in order
                        "trials": [{"config": {"lr": 0.003, "lam": 0.5, "epochs": 2}, "best_val_acc": 0.4,
                                    "epochs_run": 2}],
                        "num_train": 300, "num_val": 100, "confusion_matrix": [[1]], "class_names": ["cat"],
-                       "mlflow": MLFLOW}),
+                       "init": "pretrained", "mlflow": MLFLOW}),
 ]
 
 
