@@ -39,7 +39,8 @@ Augmentation (``hflip``, ``random_crop``; ``igpt.data_pipeline.augment``) happen
 sample, drawn from (seed, epoch, shard index, position in the shard): a resumed or re-split stream
 gives every sample the augmentation the uninterrupted stream gives it. A split stored with a margin
 is cut to the training size: random crops with ``random_crop``, else the centre crop (also in
-``iterate_split``, which never flips).
+``iterate_split``, which never flips). A patch model's random orders (``patch_orders``,
+``igpt.data_pipeline.order``) are drawn in the same place from the same key, so they resume exactly too.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from igpt.data_pipeline.augment import Augment
 from igpt.data_pipeline.manifest import Manifest, ShardInfo
+from igpt.data_pipeline.order import PatchOrder
 from igpt.data_pipeline.shard import npy_header
 from igpt.data_pipeline.tario import iter_members
 from igpt.errors import UserError
@@ -79,6 +81,7 @@ class Sample(NamedTuple):
     tokens: np.ndarray  # uint16 view, (R*R,)
     label: int | None
     shard: str  # the shard's path
+    order: np.ndarray | None = None  # its random patch order (``patch_orders``), else None
 
 
 def read_shard(path: str, resolution: int, part: int = 0, parts: int = 1) -> Iterator[tuple[np.ndarray, int | None]]:
@@ -141,7 +144,7 @@ def _batches(samples: Iterator[Sample], batch_size: int, vocab_size: int, labels
 
 
 def _collate(buf: list[Sample], vocab_size: int, labels: bool,
-             keys: bool) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+             keys: bool) -> tuple[np.ndarray, np.ndarray | None, list[str] | None, np.ndarray | None]:
     """A batch's arrays; a token outside the vocabulary (a corrupt or foreign shard) is refused here, on the CPU,
     with one comparison per batch, so that no device ever indexes its embedding with it."""
     tokens = np.stack([s.tokens for s in buf])
@@ -150,7 +153,7 @@ def _collate(buf: list[Sample], vocab_size: int, labels: bool,
         raise UserError(f"{bad.shard}: sample {bad.key!r} holds token {int(bad.tokens.max())}, outside the "
                         f"vocabulary of {vocab_size} tokens that the manifest gives")
     return (tokens, np.array([s.label for s in buf], dtype=np.int64) if labels else None,
-            [s.key for s in buf] if keys else None)
+            [s.key for s in buf] if keys else None, None if buf[0].order is None else np.stack([s.order for s in buf]))
 
 
 def _shuffled(samples: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -193,7 +196,7 @@ class _SlotStream(IterableDataset):
             for batch in _batches(samples, s.batch_size, s.manifest.vocab_size, s.with_labels, s.with_keys):
                 yield worker, *batch
         except UserError as e:  # a bad shard: handed over, so the user sees its one line, not a worker's traceback
-            yield worker, e, None, None
+            yield worker, e, None, None, None
 
 
 def _resampled_units(s: "TokenStream", worker: int, resume: int) -> Iterator[Unit]:
@@ -215,10 +218,11 @@ def _ignore_preemption_signals(worker_id: int) -> None:
 
 
 def _to_torch(item):
-    worker, tokens, labels, keys = item
+    worker, tokens, labels, keys, orders = item
     if isinstance(tokens, UserError):
         return item
-    return worker, torch.from_numpy(tokens), None if labels is None else torch.from_numpy(labels), keys
+    return (worker, torch.from_numpy(tokens), None if labels is None else torch.from_numpy(labels), keys,
+            None if orders is None else torch.from_numpy(orders))
 
 
 def _unpacked(item: tuple) -> tuple[int, list]:
@@ -245,7 +249,8 @@ def _unpack(packed: dict) -> dict[int, Masks]:
 
 class TokenStream:
     """Endless batches ``{"tokens": LongTensor (B, R*R)[, "labels": LongTensor (B,)]}`` of one split
-    (``pin_memory``: the tokens in page-locked memory, for asynchronous copies to a GPU)."""
+    (``pin_memory``: the tokens in page-locked memory, for asynchronous copies to a GPU); ``patch_orders=N`` adds
+    ``"order"``, LongTensor (B, N), a random permutation of N patches per sample (``igpt.data_pipeline.order``)."""
 
     def __init__(
         self,
@@ -264,6 +269,7 @@ class TokenStream:
         with_keys: bool = False,
         hflip: bool = False,
         random_crop: bool = False,
+        patch_orders: int = 0,
     ):
         if mode not in ("epoch", "resampled"):
             raise UserError(f"mode must be 'epoch' or 'resampled', got {mode!r}")
@@ -290,6 +296,7 @@ class TokenStream:
         self.excluded: dict[int, Masks] = {}
         self.resolution = self.manifest.resolution
         self.augment = Augment(self.resolution, info.stored_resolution, hflip, random_crop, seed)
+        self.order = PatchOrder(patch_orders, seed) if patch_orders else None
         self.palette_sha256 = self.manifest.palette_sha256
         self.epoch = 0
         self.batches_in_epoch = 0
@@ -313,9 +320,11 @@ class TokenStream:
         path, part, parts, _ = unit
         shard = self.shard_index[path]
         samples = read_samples(path, self.augment.stored, part, parts, self.excluded.get(epoch, {}).get(shard))
-        if self.augment.identity:
-            return samples
-        return (x._replace(tokens=self.augment(x.tokens, augment_epoch, shard, x.index)) for x in samples)
+        if not self.augment.identity:
+            samples = (x._replace(tokens=self.augment(x.tokens, augment_epoch, shard, x.index)) for x in samples)
+        if self.order is not None:
+            samples = (x._replace(order=self.order(augment_epoch, shard, x.index)) for x in samples)
+        return samples
 
     def shuffled(self, samples: Iterator, epoch: int, worker: int) -> Iterator:
         """A worker's samples (or their ids) in the epoch's order: the seeded shuffle buffer."""
@@ -345,7 +354,8 @@ class TokenStream:
         return iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_to_torch,
                                prefetch_factor=4, worker_init_fn=_ignore_preemption_signals))
 
-    def _emit(self, tokens: torch.Tensor, labels: torch.Tensor | None, keys: list[str] | None) -> dict:
+    def _emit(self, tokens: torch.Tensor, labels: torch.Tensor | None, keys: list[str] | None,
+              orders: torch.Tensor | None) -> dict:
         self.batches_in_epoch += 1
         self.total_batches += 1
         tokens = tokens.long()
@@ -355,6 +365,8 @@ class TokenStream:
             out["labels"] = labels
         if keys is not None:
             out["keys"] = keys
+        if orders is not None:
+            out["order"] = orders.pin_memory() if self.pin_memory else orders
         return out
 
     def iter_epoch(self) -> Iterator[dict]:
@@ -496,7 +508,7 @@ def iterate_split(data_dir: str | Path, split: str, batch_size: int, with_labels
     centre = Augment(manifest.resolution, info.stored_resolution)
     samples = (x._replace(tokens=centre(x.tokens, 0, 0, 0)) for sh in info.shards
                for x in read_samples(str(data_dir / sh.file), centre.stored))
-    for tokens, labels, _ in _batches(samples, batch_size, manifest.vocab_size, with_labels):
+    for tokens, labels, _, _ in _batches(samples, batch_size, manifest.vocab_size, with_labels):
         out = {"tokens": torch.from_numpy(tokens).long()}
         if labels is not None:
             out["labels"] = torch.from_numpy(labels)

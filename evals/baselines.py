@@ -2,7 +2,7 @@
 
 Raw pixels are the palette colours of the tokens (the shards' ``palette.npy``), flattened to
 (N, R*R*3) and scaled to [0, 1]; the probe standardises them like model features. The random
-model is ``IGPT(cfg)`` built under a fixed seed; its features go through the ``FeatureCache``
+model is ``build_model(cfg)`` built under a fixed seed (a patch model carrying the shards' palette); its features go through the ``FeatureCache``
 under a checkpoint id prefixed ``random-init-``, so they never collide with trained weights.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 from igpt.data_pipeline.quantize import dequantize
 from igpt.evals.features import FeatureCache, checkpoint_identity
 from igpt.evals.inputs import EvalData
-from igpt.pretrain.model import IGPT, IGPTConfig
+from igpt.pretrain.model import IGPTConfig
+from igpt.pretrain.models import Model, build_model
 
 RAW_PIXELS = "raw_pixels"
 RANDOM_INIT = "random_init"
@@ -35,14 +36,14 @@ def pixel_features(
     return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
 
 
-def random_init_model(cfg: IGPTConfig, seed: int) -> IGPT:
-    """``IGPT(cfg)`` initialised under ``seed``, leaving the global RNG state as it was."""
+def random_init_model(cfg: IGPTConfig, seed: int, palette: np.ndarray | None = None) -> Model:
+    """``build_model(cfg, palette)`` initialised under ``seed``, leaving the global RNG state as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return IGPT(cfg).eval()
+        return build_model(cfg, palette).eval()
 
 
-def random_init_cache(root: str | Path, cfg: IGPTConfig, seed: int) -> FeatureCache:
+def random_init_cache(root: str | Path, cfg: IGPTConfig, seed: int, palette: np.ndarray | None = None) -> FeatureCache:
     """A feature cache over the seeded random model, keyed apart from any trained checkpoint."""
-    model = random_init_model(cfg, seed)
+    model = random_init_model(cfg, seed, palette)
     return FeatureCache(root, model, checkpoint_id=f"random-init-{checkpoint_identity(model)}")

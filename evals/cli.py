@@ -9,7 +9,8 @@ import argparse
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from igpt.evals.config import (EvalRun, EvalSearchConfig, NllOptions, ProbeOptions, SampleOptions, SplitOptions,
+from igpt.evals.config import (EvalRun, EvalSearchConfig, FinetuneOptions, NllOptions, ProbeOptions, SampleOptions,
+                               SplitOptions,
                                field_default, load_search_config)
 from igpt.pretrain.cli import add_trust_option
 
@@ -94,7 +95,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from igpt.evals.commands import run_finetune
 
-    return _report(run_finetune(_from_args(EvalRun, args), _from_args(SplitOptions, args), _search(args)))
+    return _report(run_finetune(_from_args(EvalRun, args), _from_args(SplitOptions, args), _search(args),
+                                _from_args(FinetuneOptions, args)))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -136,4 +138,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune with L_clf + lambda*L_gen (lr x lambda x epochs, ASHA)")
     _common(p)
     _tuned(p)
+    _option(p, FinetuneOptions, "init", choices=["pretrained", "random"],
+            help="random: the checkpoint's architecture trained from scratch with labels only (supervised baseline)")
     p.set_defaults(func=cmd_finetune)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,8 +12,10 @@ import torch
 
 from igpt.data_pipeline.grid import chunk_rows, image_grid, save_png
 from igpt.data_pipeline.io import write_text_atomic
-from igpt.evals.baselines import PIXEL_LAYER, RANDOM_INIT, RAW_PIXELS, pixel_features, random_init_cache
-from igpt.evals.config import EvalRun, EvalSearchConfig, NllOptions, ProbeOptions, SampleOptions, SplitOptions
+from igpt.evals.baselines import (PIXEL_LAYER, RANDOM_INIT, RAW_PIXELS, pixel_features, random_init_cache,
+                                  random_init_model)
+from igpt.evals.config import (EvalRun, EvalSearchConfig, FinetuneOptions, NllOptions, ProbeOptions, SampleOptions,
+                               SplitOptions)
 from igpt.evals.features import FeatureCache
 from igpt.evals.inputs import (EvalData, EvalInputError, Layer, check_compatible, concat_label, layer_order, load_checked,
                           parse_layers, pick_device)
@@ -62,6 +64,9 @@ def run_nll(run: EvalRun, opt: NllOptions = NllOptions()) -> NllSummary:
 def run_sample(run: EvalRun, opt: SampleOptions = SampleOptions()) -> SampleSummary:
     """Unconditional samples (samples.png) and bottom-half completions of real images (completions.png)."""
     data, model, sha = _open(run)
+    if model.cfg.target != "tokens":
+        raise EvalInputError(f"sample needs a model that predicts tokens; {run.checkpoint} has model.target="
+                             f"{model.cfg.target!r} (normalised-pixel regression has no distribution to sample)")
     if opt.num_images > 0:
         data.num_samples(opt.split)  # a bad split is refused before the MLflow run starts
     palette = data.palette
@@ -167,12 +172,12 @@ def _log_per_layer(parent: ParentRun, per_layer: dict[Layer, ProbeLayer], eval_k
 
 def _probe_baselines(run: EvalRun, sources: dict[str, tuple[EvalData, str]], layers: list[int], model_cfg: Any,
                      num_classes: int, search: EvalSearchConfig, parent: ParentRun, acc_key: str,
-                     cache_root: Path, concat: bool) -> dict[str, Baseline]:
+                     cache_root: Path, concat: bool, palette: np.ndarray) -> dict[str, Baseline]:
     """The same probe grid on raw pixels and on a seeded random model of the same shape (its layers
     concatenated too with ``concat``)."""
     device = pick_device(run.device)
     seed = search.probe.baseline_seed
-    random_cache = random_init_cache(cache_root, model_cfg, seed)
+    random_cache = random_init_cache(cache_root, model_cfg, seed, palette)
 
     def pixels(d: EvalData, split: str) -> tuple[dict[int, np.ndarray], np.ndarray]:
         x, y = pixel_features(d, split, batch_size=run.batch_size, limit=run.limit)
@@ -239,7 +244,7 @@ def run_probe(run: EvalRun, splits: SplitOptions, opt: ProbeOptions, search: Eva
         _log_per_layer(parent, per_layer, eval_key)
         parent.log_params({"l2_searched": sorted({r["config"]["l2"] for r in rows})})
         base = (_probe_baselines(run, sources, layers, model.cfg, num_classes, search, parent, acc_key, cache_root,
-                                 opt.concat) if opt.baselines else {})
+                                 opt.concat, data.palette) if opt.baselines else {})
         eval_split = splits.test_split if eval_key == "test" else splits.val_split
         cm = confusion_matrix(labels[eval_key], best["pred"], num_classes)
         out = Path(run.out)
@@ -265,11 +270,17 @@ def run_probe(run: EvalRun, splits: SplitOptions, opt: ProbeOptions, search: Eva
         return _finish(parent, run, summary)
 
 
-def run_finetune(run: EvalRun, splits: SplitOptions, search: EvalSearchConfig) -> FinetuneSummary:
-    """Fine-tuning trials (lr × λ × epochs) under ASHA; best by validation accuracy."""
+def run_finetune(run: EvalRun, splits: SplitOptions, search: EvalSearchConfig,
+                 opt: FinetuneOptions = FinetuneOptions()) -> FinetuneSummary:
+    """Fine-tuning trials (lr × λ × epochs) under ASHA; best by validation accuracy. ``opt.init="random"``: the
+    supervised baseline, the checkpoint's architecture from a seeded random initialisation (``finetune.seed``),
+    trained with labels only (λ = 0)."""
     if splits.test_split is not None or splits.test_data is not None:
         raise EvalInputError("finetune selects and reports on the validation split; --test-split is not supported")
     data, model, sha = _open(run)
+    if opt.init == "random":
+        model = random_init_model(model.cfg, search.finetune.seed, data.palette)
+        search = replace(search, finetune=replace(search.finetune, lam=[0.0]))
     train = data.tokens(splits.train_split, labels=True, limit=run.limit)
     val = data.tokens(splits.val_split, labels=True, limit=run.limit)
     num_classes = data.num_classes(torch.cat([train[1], val[1]]))
@@ -277,7 +288,7 @@ def run_finetune(run: EvalRun, splits: SplitOptions, search: EvalSearchConfig) -
     with parent_run(run.uri, run.experiment, run.run_name or "finetune") as parent:
         parent.log_params({**run.params(), **{f"search.{k}": v for k, v in asdict(search.finetune).items()},
                            "eval": "finetune", "train_split": splits.train_split, "val_split": splits.val_split,
-                           "palette_sha256": sha})
+                           "palette_sha256": sha, "init": opt.init})
         rows = tune_finetune(model, train, val, num_classes, search.finetune, search.resources, parent=parent,
                              tracking_uri=run.uri, storage_path=_storage(run, search), verbose=run.verbose)
         best = max(rows, key=lambda r: r["metrics"]["best_val_acc"])
@@ -292,7 +303,7 @@ def run_finetune(run: EvalRun, splits: SplitOptions, search: EvalSearchConfig) -
             trials=[FinetuneTrial(config=r["config"], best_val_acc=r["metrics"]["best_val_acc"],
                                   epochs_run=len(r["val_acc_per_epoch"])) for r in rows],
             num_train=int(len(train[1])), num_val=int(len(val[1])),
-            confusion_matrix=cm.tolist(), class_names=data.class_names,
+            confusion_matrix=cm.tolist(), class_names=data.class_names, init=opt.init,
         )
         parent.log_metrics({"accuracy": summary.accuracy, "best_lr": best["config"]["lr"],
                             "best_lam": best["config"]["lam"]})

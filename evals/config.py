@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from igpt.errors import UserError
 
@@ -96,6 +96,13 @@ class ProbeOptions:
     concat: bool = False  # also probe the layers' pooled states concatenated
     cache_dir: str | None = None  # feature cache (default: OUT/feature_cache)
     baselines: bool = False  # also probe raw pixels and a randomly initialised model of the same shape
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """``eval finetune``."""
+
+    init: Literal["pretrained", "random"] = "pretrained"  # random: the same architecture from scratch, labels only
 
 
 class SearchConfigError(UserError):

@@ -1,5 +1,6 @@
 """Fine-tuning: a linear classification head on the average-pooled final-norm output, trained jointly
-with the generative loss (iGPT's L = L_clf + λ·L_gen), early stopping on validation accuracy."""
+with the generative loss (iGPT's L = L_clf + λ·L_gen; a patch model's in raster order), early stopping on
+validation accuracy."""
 from __future__ import annotations
 
 import time
@@ -12,13 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from igpt.evals.inputs import EvalInputError
-from igpt.pretrain.model import IGPT
+from igpt.pretrain.models import Model
 
 
 class Classifier(nn.Module):
-    """iGPT body + linear head on the average-pooled ln_f output (hidden state n_layer)."""
+    """iGPT (or patch model) body + linear head on the average-pooled ln_f output (hidden state n_layer)."""
 
-    def __init__(self, body: IGPT, num_classes: int):
+    def __init__(self, body: Model, num_classes: int):
         super().__init__()
         if body.cfg.objective != "ar":
             raise EvalInputError(
@@ -30,10 +31,13 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """(class logits (B, C), generative loss: mean nats/token)."""
+        """(class logits (B, C), generative loss: mean nats/token, or a patch model's ``loss``)."""
         out = self.body(tokens, return_hidden=True)
         pooled = out.hidden_states[-1].mean(dim=1)
-        gen = F.cross_entropy(out.logits.float().flatten(0, 1), tokens.flatten())
+        if self.body.cfg.unit == "patch":
+            gen = self.body.output_losses(out.logits, tokens).mean()
+        else:
+            gen = F.cross_entropy(out.logits.float().flatten(0, 1), tokens.flatten())
         return self.head(pooled).float(), gen
 
 
@@ -57,7 +61,7 @@ def predict(clf: Classifier, tokens: Tensor, batch_size: int, device: torch.devi
 
 
 def finetune(
-    model: IGPT,
+    model: Model,
     train: tuple[Tensor, Tensor],
     val: tuple[Tensor, Tensor],
     num_classes: int,

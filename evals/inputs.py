@@ -12,7 +12,7 @@ from igpt.data_pipeline.token_shards import TokenShards, check_palette
 from igpt.data_pipeline.progress import bar
 from igpt.errors import UserError
 from igpt.evals.summaries import Layer
-from igpt.pretrain.model import IGPT
+from igpt.pretrain.models import Model
 from igpt.pretrain.release import load_model
 
 
@@ -109,7 +109,7 @@ class EvalData(TokenShards):
         return torch.cat(toks), (torch.cat(labs) if labels else None)
 
 
-def load_checked(checkpoint: str | Path, data: EvalData, trust: bool = False) -> tuple[IGPT, dict[str, Any], str]:
+def load_checked(checkpoint: str | Path, data: EvalData, trust: bool = False) -> tuple[Model, dict[str, Any], str]:
     """Load a checkpoint (``trust``: as ``load_model``'s) and refuse it if its palette or geometry does not
     match the shards."""
     model, config, palette_sha = load_model(checkpoint, trust)
@@ -117,7 +117,7 @@ def load_checked(checkpoint: str | Path, data: EvalData, trust: bool = False) ->
     return model, config, palette_sha
 
 
-def check_compatible(model: IGPT, palette_sha: str, data: EvalData, checkpoint: str | Path = "checkpoint") -> None:
+def check_compatible(model: Model, palette_sha: str, data: EvalData, checkpoint: str | Path = "checkpoint") -> None:
     """Palette sha256, vocabulary and context length of the model against the shards' manifest."""
     check_palette(palette_sha, data.palette_sha256, f"checkpoint {checkpoint} against the shards in {data.path}",
                   error=EvalInputError)
@@ -125,7 +125,11 @@ def check_compatible(model: IGPT, palette_sha: str, data: EvalData, checkpoint: 
     vocab = data.manifest.vocab_size
     if vocab > cfg.vocab_size:
         raise EvalInputError(f"shards use {vocab} tokens but the model's vocabulary is {cfg.vocab_size}")
-    if data.resolution ** 2 > cfg.n_ctx:
+    if cfg.unit == "patch":
+        if data.resolution != model.side:
+            raise EvalInputError(f"shards at resolution {data.resolution} do not fit a patch model of "
+                                 f"{model.side}x{model.side} images")
+    elif data.resolution ** 2 > cfg.n_ctx:
         raise EvalInputError(
             f"shards at resolution {data.resolution} need context {data.resolution ** 2}, "
             f"the model's is {cfg.n_ctx}"

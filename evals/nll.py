@@ -1,4 +1,5 @@
-"""Likelihood of a token-shard split: nats per token, bits per pixel, and a confidence interval over images."""
+"""Likelihood of a token-shard split: nats per token, bits per pixel, and a confidence interval over images; for a
+patch model with the ``pixels`` target, its mean squared error on the normalised patches instead."""
 from __future__ import annotations
 
 import math
@@ -9,30 +10,37 @@ import torch
 import torch.nn.functional as F
 
 from igpt.evals.inputs import EvalData, EvalInputError
-from igpt.pretrain.model import IGPT
+from igpt.pretrain.models import Model
 from igpt.pretrain.precision import eval_autocast
 
 Z_95 = 1.959963984540054
 
 
 @torch.no_grad()
-def per_image_nll(model: IGPT, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean nats per token of each image, (B,), under the autoregressive objective, in the evaluation
-    numerics of ``igpt.pretrain.precision`` (bf16 autocast on CUDA, fp32 on CPU; fp32 softmax)."""
+def per_image_nll(model: Model, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean nats per token of each image, (B,), under the autoregressive objective (a patch model: in raster
+    order; its MSE with the ``pixels`` target), in the evaluation numerics of ``igpt.pretrain.precision`` (bf16
+    autocast on CUDA, fp32 on CPU; fp32 softmax)."""
+    if model.cfg.unit == "patch":
+        with eval_autocast(tokens.device):
+            return model.position_losses(tokens).mean(1)
     with eval_autocast(tokens.device):
         logits = model(tokens).logits.float()
     nll = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
     return nll.view(tokens.shape).mean(1)
 
 
-def summarize(per_image: np.ndarray, confidence_z: float = Z_95) -> dict[str, float]:
-    """Mean nats/token and bits/pixel with a normal-approximation interval over images."""
+def summarize(per_image: np.ndarray, confidence_z: float = Z_95, mse: bool = False) -> dict[str, float]:
+    """Mean nats/token and bits/pixel with a normal-approximation interval over images (``mse``: the values are
+    mean squared errors, and so is the summary)."""
     n = len(per_image)
     if n == 0:
         raise EvalInputError("no images to average the loss over")
     mean = float(per_image.mean())
     sem = float(per_image.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
     half = confidence_z * sem
+    if mse:
+        return {"images": n, "mse": mean, "mse_ci_low": mean - half, "mse_ci_high": mean + half, "sem_mse": sem}
     return {
         "images": n,
         "nats_per_token": mean,
@@ -46,7 +54,7 @@ def summarize(per_image: np.ndarray, confidence_z: float = Z_95) -> dict[str, fl
 
 
 def evaluate_nll(
-    model: IGPT,
+    model: Model,
     data: EvalData,
     split: str,
     *,
@@ -61,6 +69,6 @@ def evaluate_nll(
     values, t0 = [], time.perf_counter()
     for batch in data.batches(split, batch_size, limit=limit, progress=f"nll {split}"):
         values.append(per_image_nll(model, batch["tokens"].to(device)).cpu().numpy())
-    result = summarize(np.concatenate(values).astype(np.float64))
+    result = summarize(np.concatenate(values).astype(np.float64), mse=model.cfg.target == "pixels")
     result["seconds"] = time.perf_counter() - t0
     return result

@@ -9,11 +9,11 @@ import torch
 
 from igpt.data_pipeline.progress import bar
 from igpt.data_pipeline.quantize import dequantize
-from igpt.pretrain.model import IGPT
+from igpt.pretrain.models import Model
 
 
 def sample_unconditional(
-    model: IGPT, n: int, resolution: int, *, temperature: float = 1.0, top_k: int | None = None,
+    model: Model, n: int, resolution: int, *, temperature: float = 1.0, top_k: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """(n, R*R) token images sampled from scratch."""
@@ -23,7 +23,7 @@ def sample_unconditional(
 
 
 def complete_bottom_half(
-    model: IGPT, tokens: torch.Tensor, resolution: int, per_image: int = 1, *, temperature: float = 1.0,
+    model: Model, tokens: torch.Tensor, resolution: int, per_image: int = 1, *, temperature: float = 1.0,
     top_k: int | None = None, generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """(B, per_image, R*R): the top R//2 rows of each image kept, the rest sampled."""
@@ -36,9 +36,11 @@ def complete_bottom_half(
 
 
 @contextmanager
-def _position_progress(model: IGPT, positions: int, desc: str) -> Iterator[None]:
-    """A progress bar over the positions ``generate`` samples: it runs the output head once per position."""
-    with bar(total=positions, desc=desc, unit="px") as b:
+def _position_progress(model: Model, pixels: int, desc: str) -> Iterator[None]:
+    """A progress bar over the positions ``generate`` samples: it runs the output head once per position (a pixel,
+    or a patch)."""
+    per_position = model.cfg.patch_size ** 2 if model.cfg.unit == "patch" else 1
+    with bar(total=-(-pixels // per_position), desc=desc, unit="px" if per_position == 1 else "patch") as b:
         hook = model.head.register_forward_hook(lambda *_: b.update())
         try:
             yield

@@ -61,7 +61,7 @@ def score_model(model: IGPT, palette_sha256: str, data_dir: str, *, layers: Sequ
                 l2_grid: Sequence[float] = DEFAULT_L2, batch_size: int = 128,
                 train_limit: int | None = None, concat: Sequence[int] = (),
                 widen: int = DEFAULT_WIDEN, raw_pixels: bool = False) -> dict[str, Any]:
-    """Val NLL (nats/token, bits/pixel) and per-layer probe accuracies of ``model`` on ``data_dir``; with
+    """Val NLL (nats/token, bits/pixel; the MSE of a patch model's pixels target) and per-layer probe accuracies of ``model`` on ``data_dir``; with
     ``concat`` (two or more layers) also the probe of their pooled states concatenated, with ``raw_pixels``
     the same probe on the images' pixels (``igpt.evals.baselines.pixel_features``)."""
     data = EvalData.open(data_dir)
@@ -71,8 +71,9 @@ def score_model(model: IGPT, palette_sha256: str, data_dir: str, *, layers: Sequ
         raise EvalInputError(f"concat needs two or more layers, got {concat}")
     t0 = time.perf_counter()
     nll = evaluate_nll(model, data, val_split, batch_size=batch_size, device=device)
-    result: dict[str, Any] = {"val_nll": nll["nats_per_token"], "val_bits_per_pixel": nll["bits_per_pixel"],
-                              "val_images": nll["images"]}
+    result: dict[str, Any] = ({"val_mse": nll["mse"]} if "mse" in nll else  # a patch model's pixels target
+                              {"val_nll": nll["nats_per_token"], "val_bits_per_pixel": nll["bits_per_pixel"]})
+    result["val_images"] = nll["images"]
     wanted = sorted({*layers, *concat})
     if data.labelled and (wanted or raw_pixels):
         train_f, train_y, _ = extract_features(model, data, train_split, wanted, batch_size=batch_size,

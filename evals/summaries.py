@@ -5,7 +5,7 @@ and ``from_dict()`` reads it back (the demo reuses a cached summary.json).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import KW_ONLY, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar, Union
 
 Layer = Union[int, str]  # a block index, or the label of a concatenation of several (inputs.concat_label)
@@ -87,16 +87,25 @@ class NllSummary(Summary):
 
     EVAL: ClassVar[str] = "nll"
 
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("mlflow", "nats_per_token", "nats_ci_low", "nats_ci_high", "bits_per_pixel",
+                                           "bpp_ci_low", "bpp_ci_high", "sem_nats", "mse", "mse_ci_low",
+                                           "mse_ci_high", "sem_mse")
+
     split: str
     images: int
-    nats_per_token: float
-    nats_ci_low: float
-    nats_ci_high: float
-    bits_per_pixel: float
-    bpp_ci_low: float
-    bpp_ci_high: float
-    sem_nats: float
+    nats_per_token: float | None = None  # the likelihood: None for a patch model's pixels target
+    nats_ci_low: float | None = None
+    nats_ci_high: float | None = None
+    bits_per_pixel: float | None = None
+    bpp_ci_low: float | None = None
+    bpp_ci_high: float | None = None
+    sem_nats: float | None = None
+    _: KW_ONLY
     seconds: float
+    mse: float | None = None  # a pixels target's mean squared error on its normalised patches, else None
+    mse_ci_low: float | None = None
+    mse_ci_high: float | None = None
+    sem_mse: float | None = None
 
 
 @dataclass
@@ -196,6 +205,7 @@ class FinetuneSummary(Summary):
     num_val: int
     confusion_matrix: list[list[int]]
     class_names: list[str] | None
+    init: str = "pretrained"  # the weights fine-tuned: the checkpoint's, or "random" (the supervised baseline)
 
     @classmethod
     def _typed(cls, d: dict[str, Any]) -> dict[str, Any]:

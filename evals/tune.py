@@ -33,7 +33,7 @@ from igpt.evals.finetune import FinetuneHistory, finetune
 from igpt.evals.inputs import Layer, pick_device
 from igpt.evals.probe import fit_probe, widen_l2
 from igpt.evals.tracking import ParentRun
-from igpt.pretrain.model import IGPT
+from igpt.pretrain.models import Model, build_model
 
 PRED_FILE = "predictions.npy"
 
@@ -90,7 +90,7 @@ def probe_trial(config: dict[str, Any], features: dict[str, Any]) -> None:
 
 def finetune_trial(config: dict[str, Any], inputs: dict[str, Any]) -> None:
     """One (lr, λ, epochs) cell: fine-tune a fresh copy of the checkpoint, reporting every epoch."""
-    model = IGPT(inputs["model_config"])
+    model = build_model(inputs["model_config"])
     model.load_state_dict(inputs["state_dict"])
     search: dict[str, Any] = inputs["search"]
 
@@ -264,7 +264,7 @@ def _probe_rows(grid: tune.ResultGrid) -> list[dict[str, Any]]:
 
 
 def tune_finetune(
-    model: IGPT, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+    model: Model, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
     num_classes: int, search: FinetuneSearch, res: Resources, *, parent: ParentRun, tracking_uri: str,
     storage_path: str | Path, verbose: bool = False,
 ) -> list[dict[str, Any]]:

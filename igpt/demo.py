@@ -94,6 +94,9 @@ def resolve_source(data: DataOptions) -> str:
 GPU_RECIPE = dict(workdir="runs/demo-gpu", resolution=32, margin=4,
                   train_config=packaged_config("cifar10-gpu-recipe.yaml"), eval_limit=None,
                   probe_layers="4,5,6,7,8,9", probe_concat=True)
+# The patch model (``--model vit``, igpt.pretrain.patch_model) at 32x32 beside pixel iGPT, per recipe.
+VIT = {"cpu": dict(workdir="runs/demo-vit", resolution=32, train_config=packaged_config("cifar10-demo-vit.yaml")),
+       "gpu": dict(workdir="runs/demo-gpu-vit", train_config=packaged_config("cifar10-gpu-vit.yaml"))}
 QUICK = dict(limit=2000, train_overrides=("train.steps=12", "train.val_every=6", "train.sample_every=12",
                                           "checkpoint.every=6", "train.log_every=3"),
              eval_limit=400, probe_layers="mid", probe_concat=False, probe_l2="[0.01,1.0]")
@@ -349,6 +352,8 @@ RECIPES = {"cpu": {}, "gpu": GPU_RECIPE}
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     s = replace(DemoSettings(), **RECIPES[args.recipe])
+    if args.model == "vit":
+        s = replace(s, **VIT[args.recipe])
     if args.quick:
         s = replace(s, **QUICK)
     given = {"workdir": args.workdir, "source": args.source, "resolution": args.resolution}
@@ -369,7 +374,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="the whole pipeline on CIFAR-10 (palette → shards → train → evals)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu",
                    help="cpu: ~10 training minutes on 2 cores at 16x16; gpu: ~6 minutes on one GPU at 32x32")
-    p.add_argument("--workdir", default=None, help="where every stage writes (rerun to resume; default runs/demo[-gpu])")
+    p.add_argument("--model", choices=["pixel", "vit"], default="pixel",
+                   help="pixel: iGPT, one token per pixel; vit: the patch model (4x4 patches at 32x32, random order)")
+    p.add_argument("--workdir", default=None,
+                   help="where every stage writes (rerun to resume; default runs/demo[-gpu][-vit])")
     p.add_argument("--source", default=None,
                    help="local raw-image CIFAR-10 WebDataset tars, e.g. 'DIR/cifar10-train-*.tar' (default: "
                         "../shared/data/cifar10-train if present, else downloaded into --data-cache)")

@@ -40,7 +40,7 @@ class ModelSection(IGPTConfig):
     """The model: ``igpt.pretrain.model.IGPTConfig``'s fields, starting from the preset ``preset`` names."""
 
     n_ctx: Optional[int] = None
-    """Context; null: resolution² of the token shards."""
+    """Context; null: resolution² of the token shards (a patch model: (resolution / patch_size)² patches)."""
     vocab_size: Optional[int] = None
     """Palette size; null: the token shards' vocabulary."""
     preset: str = "igpt-tiny"
@@ -196,8 +196,15 @@ class TrainConfig:
         return self.train.micro_batch_size * self.train.grad_accum * world_size
 
     def tokens_per_step(self, world_size: int = 1) -> int:
-        """Tokens of one optimizer step on ``world_size`` ranks (``model.n_ctx`` resolved from the data)."""
+        """Tokens (sequence positions: pixels, or patches) of one optimizer step on ``world_size`` ranks
+        (``model.n_ctx`` resolved from the data)."""
         return self.global_batch(world_size) * self.model.n_ctx
+
+    def pixels_per_step(self, world_size: int = 1) -> int:
+        """Image pixels of one optimizer step: ``tokens_per_step``, times patch_size² for a patch model (whose
+        tokens, sequence positions, are patches), so that pixel and patch runs compare."""
+        per_token = self.model.patch_size ** 2 if self.model.unit == "patch" else 1
+        return self.tokens_per_step(world_size) * per_token
 
 
 class ConfigError(UserError):

@@ -29,6 +29,9 @@ class NotConvertible(UserError):
 
 def check_exportable(cfg: IGPTConfig) -> None:
     """Raise ``NotConvertible`` unless ``cfg`` has an exact Hugging Face ImageGPT counterpart."""
+    if cfg.unit != "pixel":
+        raise NotConvertible(f"only pixel models export to Hugging Face ImageGPT; this one has unit={cfg.unit!r} "
+                             "(ImageGPT has no patch embedding); export it as a release with igpt export")
     if cfg.objective != "ar":
         raise NotConvertible(f"only autoregressive models export to Hugging Face ImageGPT; this one has "
                              f"objective={cfg.objective!r} (a BERT model and its mask embedding have no counterpart)")

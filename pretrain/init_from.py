@@ -2,7 +2,8 @@
 
 Only the weights come along: the optimizer, the schedule and the step count start afresh. The source must
 fit the run exactly: the same palette (``check_palette``), the same parameter names and shapes, and the same
-architecture fields (sizes, objective, norm, and the heads and activation, which no shape tells).
+architecture fields (sizes, objective, norm, the heads and activation, and a patch model's unit, patch size,
+target and order, which no shape tells).
 """
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from torch import Tensor
 
 from igpt.data_pipeline.token_shards import check_palette
 from igpt.errors import UserError
-from igpt.pretrain.model import IGPT, IGPTConfig
+from igpt.pretrain.model import IGPTConfig
+from igpt.pretrain.models import build_model
 from igpt.pretrain.release import load_model
 
-ARCHITECTURE_FIELDS = ("vocab_size", "n_ctx", "n_layer", "n_embd", "n_head", "objective", "norm", "activation")
+ARCHITECTURE_FIELDS = ("vocab_size", "n_ctx", "n_layer", "n_embd", "n_head", "objective", "norm", "activation",
+                       "unit", "patch_size", "target", "order")
 
 
 class InitMismatch(UserError):
@@ -31,7 +34,7 @@ def load_init_state(source: str | os.PathLike, model_cfg: IGPTConfig, palette_sh
     check_palette(sha, palette_sha256, f"train.init_from={source} against the training data", error=InitMismatch)
     state = model.state_dict()
     with torch.device("meta"):
-        wanted = {k: tuple(v.shape) for k, v in IGPT(model_cfg).state_dict().items()}
+        wanted = {k: tuple(v.shape) for k, v in build_model(model_cfg).state_dict().items()}
     have = {k: tuple(v.shape) for k, v in state.items()}
     problems = [f"model.{f}: {getattr(cfg.model, f)!r} in the source, {getattr(model_cfg, f)!r} in this run"
                 for f in ARCHITECTURE_FIELDS if getattr(cfg.model, f) != getattr(model_cfg, f)]

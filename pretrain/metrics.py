@@ -84,11 +84,13 @@ class MetricsWindow:
         self._reset()
 
     def _reset(self) -> None:
-        self.loss_sum, self.loss_steps, self.steps, self.tokens, self.seconds = 0.0, 0, 0, 0, 0.0
+        self.loss_sum, self.loss_steps, self.steps, self.tokens, self.pixels, self.seconds = 0.0, 0, 0, 0, 0, 0.0
 
-    def add_step(self, record: StepRecord, tokens: int) -> None:
+    def add_step(self, record: StepRecord, tokens: int, pixels: int) -> None:
+        """Book a step of ``tokens`` sequence positions (pixels or patches) covering ``pixels`` image pixels."""
         self.steps += 1
         self.tokens += tokens
+        self.pixels += pixels
         if not record.skipped:
             self.loss_sum += record.loss
             self.loss_steps += 1
@@ -99,14 +101,15 @@ class MetricsWindow:
     def close(self, record: StepRecord, *, tokens_seen: int, nonfinite_total: int, memory_gb: float) -> tuple[dict, str]:
         """(metrics to track, the log line) at ``record``'s step; the window starts afresh."""
         loss = self.loss_sum / self.loss_steps if self.loss_steps else float("nan")
-        tok_s = self.tokens / max(self.seconds, 1e-9)
+        tok_s, px_s = self.tokens / max(self.seconds, 1e-9), self.pixels / max(self.seconds, 1e-9)
         util = mfu(tok_s, self.flops_per_token, self.world_size, self.peak)
         eta = (self.total_steps - record.step) * self.seconds / self.steps if self.steps else float("nan")
         metrics = {"loss": loss, "bpp": loss / math.log(2), "lr": record.lr, "grad_norm": record.grad_norm,
-                   "tokens_per_s": tok_s, "mfu": util, "memory_gb": memory_gb, "tokens_seen": tokens_seen,
+                   "tokens_per_s": tok_s, "pixels_per_s": px_s, "mfu": util, "memory_gb": memory_gb, "tokens_seen": tokens_seen,
                    "nonfinite_steps": nonfinite_total}
         line = (f"step {record.step:>6}/{self.total_steps} | loss {loss:.4f} ({loss / math.log(2):.3f} bpp) | "
                 f"lr {record.lr:.2e} | gnorm {record.grad_norm:.3f} | {tok_s / 1e3:.1f}k tok/s | "
+                f"{'' if self.pixels == self.tokens else f'{px_s / 1e3:.1f}k px/s | '}"
                 f"MFU {100 * util:.2f}% | mem {memory_gb:.2f} GB | skipped {nonfinite_total} | "
                 f"ETA {format_eta(eta)}")
         self._reset()

@@ -23,6 +23,9 @@ from igpt.pretrain.attention import AttnBackend, attention_backend
 Objective = Literal["ar", "bert"]
 Norm = Literal["layernorm", "rms"]
 Activation = Literal["gelu_tanh", "quick_gelu"]
+Unit = Literal["pixel", "patch"]
+Target = Literal["tokens", "pixels"]
+Order = Literal["raster", "random"]
 NORM_EPS = 1e-5  # every norm's epsilon (nn.LayerNorm's default and Hugging Face ImageGPT's layer_norm_epsilon)
 
 
@@ -58,6 +61,17 @@ class IGPTConfig:
     activation: Activation = "gelu_tanh"
     """MLP activation: ``gelu_tanh`` (GELU, tanh approximation) or ``quick_gelu`` (``x * sigmoid(1.702 x)``,
     OpenAI's iGPT)."""
+    unit: Unit = "pixel"
+    """What one sequence position is: ``pixel`` (iGPT, this class) or ``patch``, a ``patch_size``² square of pixels
+    (a ViT patch embedding of its palette colours, ``igpt.pretrain.patch_model.PatchGPT``)."""
+    patch_size: int = 4
+    """Patch side in pixels (``unit: patch``); must divide the resolution. ``n_ctx`` then counts patches."""
+    target: Target = "tokens"
+    """What a patch model predicts of the next patch: ``tokens``, its patch_size² palette tokens (one softmax per
+    pixel, so nats per token compare with the pixel model), or ``pixels``, its colours normalised per patch (MSE, AIM)."""
+    order: Order = "raster"
+    """The order a patch model is trained in: ``raster``, or ``random``, a permutation per sample drawn by the
+    loader, with the position of the patch to predict given to the model (sigma-GPT)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd"):
@@ -76,6 +90,16 @@ class IGPTConfig:
             raise UserError(f"IGPTConfig.mask_prob must be in (0, 1), got {self.mask_prob!r}")
         if not self.init_std > 0.0:
             raise UserError(f"IGPTConfig.init_std must be positive, got {self.init_std!r}")
+        for name, kind in (("unit", Unit), ("target", Target), ("order", Order)):
+            if getattr(self, name) not in get_args(kind):
+                raise UserError(f"IGPTConfig.{name}={getattr(self, name)!r}; choose one of {get_args(kind)}")
+        if not isinstance(self.patch_size, int) or isinstance(self.patch_size, bool) or self.patch_size < 1:
+            raise UserError(f"IGPTConfig.patch_size must be a positive int, got {self.patch_size!r}")
+        if self.unit == "pixel" and (self.target, self.order) != ("tokens", "raster"):
+            raise UserError(f"IGPTConfig: target={self.target!r} and order={self.order!r} need unit='patch' (a pixel "
+                             "model predicts tokens in raster order)")
+        if self.unit == "patch" and self.objective == "bert":
+            raise UserError("IGPTConfig: objective='bert' is not supported with unit='patch'; use objective='ar'")
 
     @property
     def head_dim(self) -> int:
@@ -177,7 +201,64 @@ class Block(nn.Module):
         return x, h
 
 
-class IGPT(nn.Module):
+class TransformerBody(nn.Module):
+    """What the pixel and the patch model share around their ``blocks`` and ``ln_f``: the initialisation of the
+    linear layers and norms, activation checkpointing, pooled features and the FLOP count."""
+
+    cfg: IGPTConfig
+    blocks: nn.ModuleList
+    ln_f: nn.Module
+
+    def _init_body(self) -> None:
+        """GPT-2 initialisation of every linear layer and norm: N(0, std) weights, residual projections scaled
+        by 1/sqrt(2 n_layer), zero biases."""
+        std = self.cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith("c_proj") else 1.0
+                nn.init.normal_(module.weight, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+
+    def _run_block(self, block: Block, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def _pooled(self, x: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
+        """Average-pooled hidden states {layer: (B, D)} of the inputs ``x`` (see ``forward``), running only the
+        blocks needed."""
+        wanted = list(dict.fromkeys(int(layer) for layer in layers))
+        pooled: dict[int, Tensor] = {}
+        last = max(wanted)
+        for i, block in enumerate(self.blocks):
+            if i == last:
+                pooled[i] = block.ln_1(x).mean(dim=1)
+                break
+            x, h = block(x)
+            if i in wanted:
+                pooled[i] = h.mean(dim=1)
+        else:
+            pooled[self.cfg.n_layer] = self.ln_f(x).mean(dim=1)
+        return {layer: pooled[layer] for layer in wanted}
+
+    def _check_layers(self, layers: Sequence[int]) -> None:
+        if not layers or any(not 0 <= int(layer) <= self.cfg.n_layer for layer in layers):
+            raise UserError(f"layers must be a non-empty list of ints in [0, {self.cfg.n_layer}], got {list(layers)}")
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs (forward + backward) per token (sequence position), PaLM appendix B: 6 N + 12 L T d.
+
+        N is the non-embedding parameter count (every matmul weight, the head included), L the
+        layers, T the sequence length (default n_ctx) and d the width; the attention term counts
+        the full T x T score matrix (no causal discount), as PaLM does, so MFU stays comparable."""
+        T = self.cfg.n_ctx if seq_len is None else seq_len
+        return 6 * self.num_params(non_embedding=True) + 12 * self.cfg.n_layer * T * self.cfg.n_embd
+
+
+class IGPT(TransformerBody):
     def __init__(self, cfg: IGPTConfig) -> None:
         super().__init__()
         if cfg.n_ctx is None or cfg.vocab_size is None:
@@ -196,14 +277,7 @@ class IGPT(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, std) weights, residual projections scaled by 1/sqrt(2 n_layer), zero head."""
         std = self.cfg.init_std
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith("c_proj") else 1.0
-                nn.init.normal_(module.weight, std=std * scale)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                module.reset_parameters()
+        self._init_body()
         nn.init.normal_(self.wte.weight, std=std)
         nn.init.normal_(self.wpe.weight, std=std / 2)
         for vector in (self.sos, self.mask_emb):
@@ -244,11 +318,6 @@ class IGPT(nn.Module):
             x = torch.where(bert_mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
         return x + self.wpe.weight[: tokens.shape[1]]
 
-    def _run_block(self, block: Block, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
-
     # ---------------------------------------------------------------- training
     def forward(self, tokens: Tensor, *, return_hidden: bool = False, bert_mask: Tensor | None = None) -> IGPTOutput:
         """Logits (B, T, V) where ``logits[:, t]`` predicts token t; with ``return_hidden`` also the
@@ -285,23 +354,9 @@ class IGPT(nn.Module):
     # ---------------------------------------------------------------- probes
     def features(self, tokens: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
         """Average-pooled hidden states {layer: (B, D)} (see ``forward``), running only the blocks needed."""
-        wanted = list(dict.fromkeys(int(layer) for layer in layers))
-        if not wanted or any(not 0 <= layer <= self.cfg.n_layer for layer in wanted):
-            raise UserError(f"layers must be a non-empty list of ints in [0, {self.cfg.n_layer}], got {list(layers)}")
+        self._check_layers(layers)
         self._check_tokens(tokens)
-        x = self._inputs(tokens, None)
-        pooled: dict[int, Tensor] = {}
-        last = max(wanted)
-        for i, block in enumerate(self.blocks):
-            if i == last:
-                pooled[i] = block.ln_1(x).mean(dim=1)
-                break
-            x, h = block(x)
-            if i in wanted:
-                pooled[i] = h.mean(dim=1)
-        else:
-            pooled[self.cfg.n_layer] = self.ln_f(x).mean(dim=1)
-        return {layer: pooled[layer] for layer in wanted}
+        return self._pooled(self._inputs(tokens, None), layers)
 
     # ---------------------------------------------------------------- sampling
     def decode(self, tokens: Tensor, cache: KVCache, end: int) -> Tensor:
@@ -370,15 +425,6 @@ class IGPT(nn.Module):
         if non_embedding:
             n -= self.wte.weight.numel() + self.wpe.weight.numel() + self.cfg.n_embd  # + the SOS or mask vector
         return n
-
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs (forward + backward) per token, PaLM appendix B: 6 N + 12 L T d.
-
-        N is the non-embedding parameter count (every matmul weight, the head included), L the
-        layers, T the sequence length (default n_ctx) and d the width; the attention term counts
-        the full T x T score matrix (no causal discount), as PaLM does, so MFU stays comparable."""
-        T = self.cfg.n_ctx if seq_len is None else seq_len
-        return 6 * self.num_params(non_embedding=True) + 12 * self.cfg.n_layer * T * self.cfg.n_embd
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:

@@ -20,7 +20,7 @@ from igpt.data_pipeline.palette import PALETTE_FILE
 from igpt.data_pipeline.token_shards import check_palette
 from igpt.pretrain import checkpoint as ckpt
 from igpt.pretrain.config import TrainConfig, load_config, save_config
-from igpt.pretrain.model import IGPT
+from igpt.pretrain.models import Model, build_model
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.yaml"
 
@@ -52,7 +52,7 @@ def palette_file(path: str | os.PathLike, data_dir: str, sha: str | None) -> Pat
     return palette
 
 
-def load_model(path: str | os.PathLike, trust: bool = False) -> tuple[IGPT, TrainConfig, str]:
+def load_model(path: str | os.PathLike, trust: bool = False) -> tuple[Model, TrainConfig, str]:
     """(model in eval mode on CPU, resolved training config, palette sha256) from a release or run dir
     (``trust``: load a run dir's checkpoint that is not the user's own, ``--trust-checkpoint``)."""
     path = Path(path)
@@ -71,8 +71,8 @@ def load_model(path: str | os.PathLike, trust: bool = False) -> tuple[IGPT, Trai
         raise FileNotFoundError(f"{path} is neither a release dir (model.safetensors) nor a run dir (checkpoints/)")
     if cfg.model.n_ctx is None:  # a config that left the data-given sizes unset: the weights know them
         cfg.model.n_ctx = state["wpe.weight"].shape[0]
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = state["wte.weight"].shape[0]
-    model = IGPT(cfg.model)
+    if cfg.model.vocab_size is None:  # the pixel model's token embedding, the patch model's palette
+        cfg.model.vocab_size = state["wte.weight" if cfg.model.unit == "pixel" else "palette"].shape[0]
+    model = build_model(cfg.model)  # a patch model's palette is among the weights
     model.load_state_dict(state, strict=True)
     return model.eval(), cfg, sha

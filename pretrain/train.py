@@ -56,7 +56,7 @@ from igpt.pretrain.distributed import setup_env, shutdown
 from igpt.pretrain.host_memory import keep_freed_heap
 from igpt.pretrain.init_from import load_init_state
 from igpt.pretrain.metrics import MetricsWindow, StepRecord, StepRecords
-from igpt.pretrain.model import IGPT
+from igpt.pretrain.models import Model, build_model
 from igpt.pretrain.precision import eval_autocast, resolve_precision, training_autocast
 from igpt.pretrain.schedule import lr_at
 from igpt.pretrain.state import TrainState
@@ -81,23 +81,32 @@ class Preempted(Exception):
 
 class LossModule(nn.Module):
     """What the engine wraps: ``forward(tokens, generator)`` is the model's loss in the training
-    precision; with ``evaluate=True`` in the evaluation numerics (see ``igpt.pretrain.precision``)."""
+    precision; with ``evaluate=True`` in the evaluation numerics (see ``igpt.pretrain.precision``); ``order``, a
+    patch model's random patch order (the batch's, from the loader), raster when None."""
 
-    def __init__(self, model: IGPT, precision: str = "fp32", device: str = "cpu") -> None:
+    def __init__(self, model: Model, precision: str = "fp32", device: str = "cpu") -> None:
         super().__init__()
         self.model, self.precision, self.device_type = model, precision, device
 
-    def forward(self, tokens: Tensor, generator: torch.Generator | None = None, evaluate: bool = False) -> Tensor:
+    def forward(self, tokens: Tensor, generator: torch.Generator | None = None, evaluate: bool = False,
+                order: Tensor | None = None) -> Tensor:
         numerics = eval_autocast(self.device_type) if evaluate else training_autocast(self.precision, self.device_type)
         with numerics:
-            return self.model.loss(tokens, generator=generator)
+            if order is None:
+                return self.model.loss(tokens, generator=generator)
+            return self.model.loss(tokens, generator=generator, order=order)
 
 
 def resolve_model_section(cfg: TrainConfig, manifest: Manifest) -> None:
-    """Fill the model's data-given fields (n_ctx = resolution², vocab_size from the manifest) and refuse a model
-    that does not fit the data: a vocabulary smaller than its palette (a token past the embedding table), a context
-    other than its sequence length (the pixel model reads and samples whole images)."""
-    seq_len = manifest.resolution ** 2
+    """Fill the model's data-given fields (n_ctx = resolution², or (resolution / patch_size)² patches, vocab_size
+    from the manifest) and refuse a model that does not fit the data: a patch size that does not divide the
+    resolution, a vocabulary smaller than its palette (a token past the embedding table), a context other than its
+    sequence length (the model reads and samples whole images)."""
+    res, unit = manifest.resolution, cfg.model.unit
+    if unit == "patch" and res % cfg.model.patch_size:
+        raise ConfigError(f"config key 'model.patch_size' = {cfg.model.patch_size} does not divide the resolution "
+                          f"{res} of {cfg.data.dir}")
+    seq_len = (res // cfg.model.patch_size) ** 2 if unit == "patch" else res ** 2
     if cfg.model.n_ctx is None:
         cfg.model.n_ctx = seq_len
     if cfg.model.vocab_size is None:
@@ -107,8 +116,7 @@ def resolve_model_section(cfg: TrainConfig, manifest: Manifest) -> None:
                           f"{cfg.data.dir} ({manifest.vocab_size} tokens); set it to null (the data's) or more")
     if cfg.model.n_ctx != seq_len:
         raise ConfigError(f"config key 'model.n_ctx' = {cfg.model.n_ctx} does not fit {cfg.data.dir}: its "
-                          f"{manifest.resolution}x{manifest.resolution} images are {seq_len} tokens; set it to null "
-                          f"(the data's) or {seq_len}")
+                          f"{res}x{res} images are {seq_len} {'patches' if unit == 'patch' else 'tokens'}; set it to null (the data's) or {seq_len}")
 
 
 def _seed_everything(seed: int) -> None:
@@ -150,7 +158,8 @@ class Trainer:
                                   rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers,
                                   seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                                   pin_memory=self.device == "cuda", with_keys=cfg.data.record_keys,
-                                  hflip=cfg.data.hflip, random_crop=cfg.data.random_crop)
+                                  hflip=cfg.data.hflip, random_crop=cfg.data.random_crop,
+                                  patch_orders=cfg.model.n_ctx if cfg.model.order == "random" else 0)
         if plan is not None:
             self.checkpointer.restore(self.engine, plan, self.palette_sha256, self.state, self.stream)
         if self.rank == 0:
@@ -190,7 +199,7 @@ class Trainer:
         resolve_model_section(self.cfg, self.manifest)
         self.model_cfg = self.cfg.model
         with torch.device("meta"):  # shapes only: the counts without memory (ZeRO-3 partitions the real ones)
-            counted = IGPT(self.model_cfg)
+            counted = build_model(self.model_cfg)
         self.num_params, self.flops_per_token = counted.num_params(), counted.flops_per_token()
 
     def _initial_weights(self, plan: ResumePlan | None) -> dict[str, Tensor] | None:
@@ -214,7 +223,7 @@ class Trainer:
         zero3 = self.ds_config["zero_optimization"]["stage"] == 3
         _seed_everything(self.cfg.train.seed)
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
-            self.model = IGPT(self.model_cfg)  # ZeRO-3: each rank materialises only its partition
+            self.model = build_model(self.model_cfg, self.palette)  # ZeRO-3: each rank materialises its partition
         if zero3 or initial is not None:  # ZeRO-3: the constructor's init ran on partitioned (empty) tensors
             with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0, enabled=zero3):
                 if initial is None:
@@ -272,7 +281,9 @@ class Trainer:
                                                  "keys": batch["keys"]}) + "\n")
             tokens = batch["tokens"].to(self.device, non_blocking=True)
             self.state.tokens_seen += tokens.numel() * self.world
-            loss = self.engine(tokens, self._mask_generator(micro))
+            order = batch.get("order")
+            order = None if order is None else order.to(self.device, non_blocking=True)
+            loss = self.engine(tokens, self._mask_generator(micro), order=order)
             self.engine.backward(loss)
             loss_sum += loss.detach().float()
             if micro < accum - 1:
@@ -301,7 +312,7 @@ class Trainer:
             self.log(f"step {record.step}: non-finite loss, step skipped ({self.consecutive_nonfinite} in a row)")
         else:
             self.consecutive_nonfinite = 0
-        window.add_step(record, self.tokens_per_step)
+        window.add_step(record, self.tokens_per_step, self.cfg.pixels_per_step(self.world))
         if self.losses_file is not None:
             self.losses_file.write(json.dumps({"step": record.step, "loss": record.loss, "lr": record.lr,
                                                "grad_norm": record.grad_norm, "skipped": record.skipped}) + "\n")

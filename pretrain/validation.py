@@ -3,7 +3,8 @@
 ``Validator.validate(step)`` is the mean nats/token over the first ``train.val_batches`` micro-batches per
 rank of the validation split (all of it when null), dealt round-robin to the ranks, in the evaluation
 numerics (``igpt.pretrain.precision``), with a generator seeded by ``train.seed`` (the BERT objective's
-masks), so every validation of a run sees the same masks. ``Validator.sample_grids(step)`` draws
+masks), so every validation of a run sees the same masks; a patch model is validated in raster order (nats per
+token for the ``tokens`` target, MSE for ``pixels``). ``Validator.sample_grids(step)`` draws
 unconditional samples and bottom-half completions of validation images with a generator seeded by
 ``train.seed + step`` and logs them as PNG artifacts (rank 0). Both are collective: every rank calls them
 at the same step (ZeRO-3 gathers parameters inside them).
@@ -24,15 +25,15 @@ from igpt.data_pipeline.grid import chunk_rows, image_grid
 from igpt.data_pipeline.loader import iterate_split
 from igpt.data_pipeline.quantize import dequantize
 from igpt.pretrain.config import TrainConfig
-from igpt.pretrain.model import IGPT
+from igpt.pretrain.models import Model
 from igpt.pretrain.tracking import JsonlTracker, MlflowTracker
 
 
 class Validator:
-    """Validation and sample grids of one rank of a run: ``engine`` wraps ``model`` (the bare ``IGPT``) in
+    """Validation and sample grids of one rank of a run: ``engine`` wraps ``model`` (the bare model) in
     ``igpt.pretrain.train.LossModule``; ``palette`` and ``resolution`` are the token shards'."""
 
-    def __init__(self, cfg: TrainConfig, engine, model: IGPT, *, rank: int, world: int, device: str,
+    def __init__(self, cfg: TrainConfig, engine, model: Model, *, rank: int, world: int, device: str,
                  palette: np.ndarray, resolution: int, tracker: MlflowTracker | JsonlTracker,
                  log: Callable[[str], None]) -> None:
         self.cfg, self.engine, self.model = cfg, engine, model
@@ -72,7 +73,7 @@ class Validator:
         for i in range(int(n_batches)):
             tokens = mine[min(i, len(mine) - 1)].to(self.device) if mine else None
             if tokens is None:  # a rank with no batch of its own still joins the forward
-                tokens = torch.zeros(1, self.cfg.model.n_ctx, dtype=torch.long, device=self.device)
+                tokens = torch.zeros(1, self.resolution ** 2, dtype=torch.long, device=self.device)
             weight = tokens.numel() if i < len(mine) else 0  # a padding forward counts nothing
             loss = self.engine(tokens, gen, evaluate=True)
             total += loss.float() * weight
@@ -87,8 +88,8 @@ class Validator:
     @torch.no_grad()
     def sample_grids(self, step: int) -> None:
         """Collective: unconditional samples and bottom-half completions of validation images at ``step``, as
-        PNG artifacts (rank 0); nothing for a non-autoregressive objective."""
-        if self.cfg.model.objective != "ar":
+        PNG artifacts (rank 0); nothing for a non-autoregressive objective or a patch model's pixels target."""
+        if self.cfg.model.objective != "ar" or self.cfg.model.target != "tokens":
             return
         t = self.cfg.train
         n, res = t.sample_count, self.resolution

@@ -34,7 +34,8 @@ def summary(out: Path) -> str:
     steps, seconds = sum(s for s, _ in got), sum(t for _, t in got)
     score = json.loads((out / "score.json").read_text())
     m, d, o = cfg.model, cfg.data, cfg.optim
-    settings = (f"{m.n_layer}x{m.n_embd}, batch {cfg.global_batch()}, lr {o.lr:g}, "
+    unit = f"{m.patch_size}x{m.patch_size} patches, {m.order} order, {m.target}, " if m.unit == "patch" else ""
+    settings = (f"{unit}{m.n_layer}x{m.n_embd}, batch {cfg.global_batch()}, lr {o.lr:g}, "
                 f"{steps} steps, hflip {d.hflip}, random_crop {d.random_crop}")
     best = str(score.get("probe_best_layer"))
     single = (_probe(score["probe_best_accuracy"], score["probe_l2_per_layer"][best], score["probe_l2_at_edge"][best],

@@ -79,6 +79,19 @@ def cifar_tokens_margin(tmp_path_factory, cifar_dir) -> Path:
     return _cifar_token_dir(tmp_path_factory.getbasetemp() / "cifar_tokens", cifar_dir, 16, margin=4)
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray session of 2 CPUs for a test module (Ray Tune's probe and fine-tune trials)."""
+    import ray
+
+    if ray.is_initialized():  # another module's session: use it, leave it to its owner
+        yield
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @dataclass
 class QuickDemo:
     """``igpt demo --quick`` in ``work``, run once by the ``quick_demo`` fixture (``first``); ``run()`` reruns it."""

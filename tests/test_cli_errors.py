@@ -68,6 +68,7 @@ CASES = [
     ("train", f"train {TINY} model.bogus=1", "config key 'model.bogus'"),
     ("train", f"train {TINY} train.steps=-3", "'train.steps' must be >= 1"),
     ("train", "train {missing}.yaml", "config file not found"),
+    ("train", f"train {TINY} model.unit=patch model.objective=bert", "not supported with unit='patch'"),
     ("export", "export {missing} --out {root}/rel", "not a training run dir"),
     ("export", "export {root} --out {tokens}", "exists and is not empty"),
     ("eval nll", "eval nll --checkpoint {release} --data {tokens} --out {root}/e", "palette mismatch"),

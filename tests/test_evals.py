@@ -347,18 +347,6 @@ def test_cli_reports_input_errors(releases, cifar_tokens, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- Ray Tune + MLflow
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    if ray.is_initialized():  # another module's session: use it, leave it to its owner
-        yield
-        return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _mlflow_runs(uri: str, parent_id: str):
     from mlflow.tracking import MlflowClient
 
@@ -523,7 +511,7 @@ SUMMARIES = [  # summary.json as the evals write it, keys in order
                        "trials": [{"config": {"lr": 0.003, "lam": 0.5, "epochs": 2}, "best_val_acc": 0.4,
                                    "epochs_run": 2}],
                        "num_train": 300, "num_val": 100, "confusion_matrix": [[1]], "class_names": ["cat"],
-                       "mlflow": MLFLOW}),
+                       "init": "pretrained", "mlflow": MLFLOW}),
 ]
 
 

@@ -22,14 +22,20 @@ pytestmark = pytest.mark.slow
 N = 4  # steps before the kill; the reference run trains 2N
 
 
-@pytest.mark.parametrize("stage, augment, workers", [(2, False, 0), (3, False, 0), (2, True, 2)])
-def test_loss_falls_and_exact_resume_after_sigkill(request, tmp_path, stage, augment, workers):
+PATCHES = dict(model__unit="patch", model__patch_size=4, model__order="random")  # 16 patches per 16x16 image
+
+
+@pytest.mark.parametrize("stage, augment, model, workers", [(2, False, {}, 0), (3, False, {}, 0), (2, True, {}, 0),
+                                                             (2, False, PATCHES, 2)],
+                         ids=["zero2", "zero3", "zero2-augment", "zero2-patches-random-order-2-workers"])
+def test_loss_falls_and_exact_resume_after_sigkill(request, tmp_path, stage, augment, model, workers):
     """2N uninterrupted steps vs N steps, kill -9 of every rank, resume, N more: identical losses; with
-    augmentation (flips, random crops of margin shards) and loader worker processes too."""
+    augmentation (flips, random crops of margin shards) too, and for a patch model in random order (each sample's
+    order drawn by the loader, here in 2 worker processes per rank)."""
     cifar_tokens = request.getfixturevalue("cifar_tokens_margin" if augment else "cifar_tokens")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     common = dict(deepspeed__zero_stage=stage, train__steps=2 * N, train__precision="fp32", data__hflip=augment,
-                  data__random_crop=augment, data__num_workers=workers)
+                  data__random_crop=augment, data__num_workers=workers, **model)
     assert train_ranks(run_overrides(cifar_tokens, ref, **common), ref) == [0, 0], all_logs(ref)
     expected = step_losses(ref)
     assert sorted(expected) == list(range(1, 2 * N + 1))
@@ -46,7 +52,8 @@ def test_loss_falls_and_exact_resume_after_sigkill(request, tmp_path, stage, aug
     assert train_ranks(cut_args, cut, resume="auto") == [0, 0], all_logs(cut)
     assert f"resumed from {cut / 'checkpoints' / ckpt.tag_for(N)} at step {N}" in read_log(cut)
     assert step_losses(cut) == expected  # bit-identical per-step losses, steps 1..2N
-    assert "n_ctx: 256" in (cut / "config.yaml").read_text()  # the training size, also on 20x20 margin shards
+    # the training size, also on 20x20 margin shards; 16 patches of 4x4
+    assert f"n_ctx: {16 if model else 256}" in (cut / "config.yaml").read_text()
 
 
 def test_zero1_preemption_checkpoint_resume_and_mlflow(cifar_tokens, tmp_path):
