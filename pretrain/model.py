@@ -222,6 +222,14 @@ class TransformerBody(nn.Module):
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
 
+    def _decode_hidden(self, x: Tensor, cache: KVCache) -> Tensor:
+        """The final normalised hidden states of the new positions' inputs ``x`` (B, T, D) through every block,
+        attending to (and extending) ``cache``, which then advances by T."""
+        for block in self.blocks:
+            x, _ = block(x, cache)
+        cache.advance(x.shape[1])
+        return self.ln_f(x)
+
     def _run_block(self, block: Block, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, x, use_reentrant=False)
@@ -369,11 +377,7 @@ class IGPT(TransformerBody):
         if not start < end <= min(cache.max_len, self.cfg.n_ctx) or tokens.shape[1] < end - 1:
             raise UserError(f"cannot decode positions [{start}, {end}) from {tokens.shape[1]} tokens "
                              f"with a cache of {cache.max_len}")
-        x = self._ar_inputs(tokens, start, end)
-        for block in self.blocks:
-            x, _ = block(x, cache)
-        cache.advance(end - start)
-        return self.head(self.ln_f(x))
+        return self.head(self._decode_hidden(self._ar_inputs(tokens, start, end), cache))
 
     @torch.no_grad()
     def generate(

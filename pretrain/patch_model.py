@@ -186,11 +186,7 @@ class PatchGPT(TransformerBody):
         if not start < end <= min(cache.max_len, self.cfg.n_ctx):
             raise UserError(f"cannot decode positions [{start}, {end}) with a cache of {cache.max_len}")
         order = torch.arange(self.cfg.n_ctx, device=seq.device).expand(seq.shape[0], -1)
-        x = self._inputs(seq, order, start, end)
-        for block in self.blocks:
-            x, _ = block(x, cache)
-        cache.advance(end - start)
-        return self._head(self.ln_f(x))
+        return self._head(self._decode_hidden(self._inputs(seq, order, start, end), cache))
 
     @torch.no_grad()
     def generate(
