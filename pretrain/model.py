@@ -222,6 +222,13 @@ class TransformerBody(nn.Module):
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
 
+    def _check_token_range(self, tokens: Tensor, name: str = "tokens") -> None:
+        """Refuse a token outside the vocabulary, on CPU only: on a GPU it would cost two host syncs per step (and
+        a graph break under torch.compile); there an out-of-range token trips the embedding's device assert."""
+        if tokens.device.type == "cpu" and not torch.compiler.is_compiling() and tokens.numel() and (
+                int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
+            raise UserError(f"{name} must lie in [0, {self.cfg.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+
     def _decode_hidden(self, x: Tensor, cache: KVCache) -> Tensor:
         """The final normalised hidden states of the new positions' inputs ``x`` (B, T, D) through every block,
         attending to (and extending) ``cache``, which then advances by T."""
@@ -299,11 +306,7 @@ class IGPT(TransformerBody):
             raise UserError(f"{name} must be an integer tensor (batch, seq), got {tuple(tokens.shape)} {tokens.dtype}")
         if tokens.shape[1] > self.cfg.n_ctx:
             raise UserError(f"{name} has {tokens.shape[1]} positions; the model's context is {self.cfg.n_ctx}")
-        # The value range is checked on CPU only: on a GPU it would cost two host syncs per step (and a
-        # graph break under torch.compile); there an out-of-range token trips the embedding's device assert.
-        if tokens.device.type == "cpu" and not torch.compiler.is_compiling() and tokens.numel() and (
-                int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
-            raise UserError(f"{name} must lie in [0, {self.cfg.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        self._check_token_range(tokens, name)
 
     def _ar_inputs(self, tokens: Tensor, start: int, end: int) -> Tensor:
         """Inputs at positions [start, end): the SOS vector at 0, else the embedding of token p-1."""

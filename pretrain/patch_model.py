@@ -90,9 +90,12 @@ class PatchGPT(TransformerBody):
         if tokens.dim() != 2 or tokens.shape[1] != self.side ** 2 or tokens.dtype.is_floating_point:
             raise UserError(f"a patch model of {self.side}x{self.side} images takes integer tokens (batch, "
                             f"{self.side ** 2}), got {tuple(tokens.shape)} {tokens.dtype}")
-        if tokens.device.type == "cpu" and not torch.compiler.is_compiling() and tokens.numel() and (
-                int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
-            raise UserError(f"tokens must lie in [0, {self.cfg.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        self._check_token_range(tokens)
+
+    def _sequence(self, tokens: Tensor, order: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(the order (B, G²), raster when None; the patches (B, G², p²) of ``tokens`` visited in it)."""
+        order = self._order(tokens, order)
+        return order, self.patchify(tokens).gather(1, order[..., None].expand(-1, -1, self.p * self.p))
 
     def _order(self, tokens: Tensor, order: Tensor | None) -> Tensor:
         n = self.cfg.n_ctx
@@ -131,8 +134,10 @@ class PatchGPT(TransformerBody):
         """Predictions where position t is for patch ``order[t]`` (raster by default): logits (B, G², p², V) for
         the ``tokens`` target, normalised colours (B, G², p²·3) for ``pixels``; with ``return_hidden`` also the
         ln_1 outputs of every block and the ln_f output (n_layer + 1 tensors (B, G², D))."""
-        order = self._order(tokens, order)
-        seq = self.patchify(tokens).gather(1, order[..., None].expand(-1, -1, self.p * self.p))
+        return self._predict(*self._sequence(tokens, order), return_hidden)
+
+    def _predict(self, order: Tensor, seq: Tensor, return_hidden: bool = False) -> IGPTOutput:
+        """``forward`` on the patches ``seq`` (B, G², p²) already in ``order``."""
         x = self._inputs(seq, order, 0, self.cfg.n_ctx)
         hidden = []
         for block in self.blocks:
@@ -147,8 +152,9 @@ class PatchGPT(TransformerBody):
     def targets(self, tokens: Tensor, order: Tensor | None = None) -> Tensor:
         """What ``forward`` predicts, position by position: the patches' tokens (B, G², p²), or their colours
         normalised per patch (B, G², p²·3)."""
-        order = self._order(tokens, order)
-        seq = self.patchify(tokens).gather(1, order[..., None].expand(-1, -1, self.p * self.p))
+        return self._targets(self._sequence(tokens, order)[1])
+
+    def _targets(self, seq: Tensor) -> Tensor:
         if self.cfg.target == "tokens":
             return seq
         rgb = self.colours(seq)
@@ -157,11 +163,15 @@ class PatchGPT(TransformerBody):
 
     def position_losses(self, tokens: Tensor, order: Tensor | None = None) -> Tensor:
         """(B, G²) loss of each position: mean nats per token of the patch (``tokens``), or its MSE (``pixels``)."""
-        return self.output_losses(self(tokens, order=order).logits, tokens, order)
+        order, seq = self._sequence(tokens, order)  # once, for the inputs and the targets alike
+        return self._losses(self._predict(order, seq).logits, self._targets(seq))
 
     def output_losses(self, pred: Tensor, tokens: Tensor, order: Tensor | None = None) -> Tensor:
         """``position_losses`` of predictions ``pred`` that ``forward`` made for ``tokens`` in ``order``."""
-        pred, target = pred.float(), self.targets(tokens, order)
+        return self._losses(pred, self.targets(tokens, order))
+
+    def _losses(self, pred: Tensor, target: Tensor) -> Tensor:
+        pred = pred.float()
         if self.cfg.target == "tokens":
             return F.cross_entropy(pred.flatten(0, 2), target.flatten(), reduction="none").view(target.shape).mean(-1)
         return (pred - target).pow(2).mean(-1)
