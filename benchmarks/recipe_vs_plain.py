@@ -42,6 +42,7 @@ from igpt.data_pipeline.io import write_json_atomic  # noqa: E402
 from igpt.pretrain.config import TrainConfig  # noqa: E402
 from igpt.pretrain.distributed import single_process_env  # noqa: E402
 from igpt.pretrain.tracking import METRICS_FILE, read_metrics, training_windows  # noqa: E402
+from igpt.pretrain.wall_time import loop_seconds  # noqa: E402
 
 DEFAULT_REFERENCE = REPO.parent / "shared" / "reference" / "plain_igpt.py"
 
@@ -59,9 +60,6 @@ def _run(cmd: list[str], log: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
-EXCLUDED_FROM_LOOP = ("validation", "samples", "checkpoint")  # outside the reference's timed loop too
-
-
 def our_throughput(rows: list[dict[str, float]], tokens_per_step: int, steps: int) -> dict:
     """tokens/s over the logged training windows, after the first one, and over the loop's wall time (less
     validation, samples and checkpoints), with the loop's wall-time breakdown, from the run's tracked rows."""
@@ -70,7 +68,7 @@ def our_throughput(rows: list[dict[str, float]], tokens_per_step: int, steps: in
     steady = windows[1:] or windows
     wall = {k.removeprefix("time_").removesuffix("_s"): v for k, v in
             next(r for r in reversed(rows) if "time_total_s" in r).items() if k.startswith("time_")}
-    loop_s = wall["total"] - sum(wall[k] for k in EXCLUDED_FROM_LOOP)
+    loop_s = loop_seconds(wall)  # validation, samples and checkpoints are outside the reference's timed loop too
     return {"tokens_per_s": tokens / seconds, "train_s": seconds, "first_window_s": windows[0][1],
             "steady_tokens_per_s": sum(w[0] for w in steady) / sum(w[1] for w in steady),
             "loop_tokens_per_s": steps * tokens_per_step / loop_s, "loop_s": loop_s, "wall_time": wall,

@@ -69,6 +69,6 @@ def evaluate_nll(
     values, t0 = [], time.perf_counter()
     for batch in data.batches(split, batch_size, limit=limit, progress=f"nll {split}"):
         values.append(per_image_nll(model, batch["tokens"].to(device)).cpu().numpy())
-    result = summarize(np.concatenate(values).astype(np.float64), mse=model.cfg.target == "pixels")
+    result = summarize(np.concatenate(values).astype(np.float64), mse=not model.cfg.likelihood)
     result["seconds"] = time.perf_counter() - t0
     return result

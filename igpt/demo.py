@@ -31,6 +31,7 @@ from igpt.errors import UserError
 from igpt.evals.config import DEFAULT_L2
 from igpt.evals.summaries import NllSummary, ProbeSummary, SampleSummary, Summary
 from igpt.pretrain.config_files import packaged_config
+from igpt.pretrain.wall_time import read_wall_time
 
 # The first local copy looked for: ../shared beside a source checkout (none from a wheel install).
 CIFAR_DIR = None if CHECKOUT is None else CHECKOUT.parent / "shared" / "data" / "cifar10-train"
@@ -64,6 +65,7 @@ class DemoSettings:
     probe_concat: bool = True  # also probe the probe layers concatenated
     probe_l2: str = json.dumps(list(DEFAULT_L2), separators=(",", ":"))  # the initial grid; it widens past an edge
     verbose: bool = False  # every training log line and Ray Tune's tables
+    beside: str | None = None  # another demo's workdir whose figures the report shows beside these when it has run
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,10 @@ GPU_RECIPE = dict(workdir="runs/demo-gpu", resolution=32, margin=4,
                   train_config=packaged_config("cifar10-gpu-recipe.yaml"), eval_limit=None,
                   probe_layers="4,5,6,7,8,9", probe_concat=True)
 # The patch model (``--model vit``, igpt.pretrain.patch_model) at 32x32 beside pixel iGPT, per recipe.
-VIT = {"cpu": dict(workdir="runs/demo-vit", resolution=32, train_config=packaged_config("cifar10-demo-vit.yaml")),
-       "gpu": dict(workdir="runs/demo-gpu-vit", train_config=packaged_config("cifar10-gpu-vit.yaml"))}
+VIT = {"cpu": dict(workdir="runs/demo-vit", resolution=32, train_config=packaged_config("cifar10-demo-vit.yaml"),
+                   beside=DemoSettings.workdir),
+       "gpu": dict(workdir="runs/demo-gpu-vit", train_config=packaged_config("cifar10-gpu-vit.yaml"),
+                   beside=GPU_RECIPE["workdir"])}
 QUICK = dict(limit=2000, train_overrides=("train.steps=12", "train.val_every=6", "train.sample_every=12",
                                           "checkpoint.every=6", "train.log_every=3"),
              eval_limit=400, probe_layers="mid", probe_concat=False, probe_l2="[0.01,1.0]")
@@ -201,16 +205,17 @@ class EvalResults:
     """The demo's evals, each run or read back from its cached summary.json."""
 
     nll: NllSummary
-    sample: SampleSummary
+    sample: SampleSummary | None  # None for a model without a likelihood (a patch model's pixels target)
     probe: ProbeSummary
 
     def briefs(self) -> dict[str, dict[str, Any]]:
         """Each eval's summary without its confusion matrix, by eval name."""
-        return {f.name: getattr(self, f.name).brief() for f in fields(self)}
+        return {f.name: getattr(self, f.name).brief() for f in fields(self) if getattr(self, f.name) is not None}
 
 
-def eval_stage(s: DemoSettings, work: Path, data: Path, release: Path, tracking_uri: str) -> EvalResults:
-    """nll, completions and probes with baselines, each cached as its summary.json."""
+def eval_stage(s: DemoSettings, work: Path, data: Path, release: Path, tracking_uri: str,
+               sample: bool = True) -> EvalResults:
+    """nll, completions (unless not ``sample``) and probes with baselines, each cached as its summary.json."""
     from igpt.evals.commands import run_nll, run_probe, run_sample
     from igpt.evals.config import EvalRun, ProbeOptions, SampleOptions, SplitOptions, load_search_config
 
@@ -226,7 +231,9 @@ def eval_stage(s: DemoSettings, work: Path, data: Path, release: Path, tracking_
             run("probe"), SplitOptions(), ProbeOptions(layers=s.probe_layers, concat=s.probe_concat, baselines=True),
             load_search_config(None, [f"probe.l2={s.probe_l2}"]))),
     }
-    results: dict[str, Summary] = {}
+    results: dict[str, Summary | None] = {"sample": None}
+    if not sample:
+        del jobs["sample"]
     for name, (kind, job) in jobs.items():
         summary = work / "evals" / name / "summary.json"
         if summary.is_file():
@@ -248,20 +255,28 @@ class QualityBar:
     probe_l2_searched: list[float]
     raw_pixels_accuracy: float
     random_init_accuracy: float
-    val_bits_per_pixel: float
-    untrained_bits_per_pixel: float
+    val_loss: float  # bits per pixel, or a patch model's pixels target's MSE (``val_loss_unit``)
+    val_loss_unit: str  # "bits/pixel" or "MSE"
+    untrained_loss: float  # the same for the untrained (zero-head) model
     beats_raw_pixels: bool
     probe_l2_interior: bool
     beats_random_init: bool
-    bpp_well_below_untrained: bool
+    loss_well_below_untrained: bool
 
 
-def quality_bar(results: EvalResults) -> QualityBar:
-    """The quality bar of the evals' results."""
+def quality_bar(results: EvalResults, patch_size: int) -> QualityBar:
+    """The quality bar of the evals' results: bits/pixel 3 below the untrained 9, or an MSE under 3/4 of the
+    untrained model's (which predicts zeros: (n-1)/n for n normalised values per patch)."""
     probe = results.probe
     base = probe.baselines
-    bpp = results.nll.bits_per_pixel
-    untrained_bpp = math.log2(512)
+    nll = results.nll
+    if nll.bits_per_pixel is not None:
+        unit, loss, untrained = "bits/pixel", nll.bits_per_pixel, math.log2(512)
+        well_below = loss < untrained - 3.0
+    else:
+        values = 3 * patch_size ** 2
+        unit, loss, untrained = "MSE", nll.mse, (values - 1) / values
+        well_below = loss < 0.75 * untrained
     best = probe.per_layer[str(probe.best.layer)]
     return QualityBar(
         probe_accuracy=probe.accuracy,
@@ -270,17 +285,20 @@ def quality_bar(results: EvalResults) -> QualityBar:
         probe_l2_searched=best.l2_searched,
         raw_pixels_accuracy=base["raw_pixels"].accuracy,
         random_init_accuracy=base["random_init"].accuracy,
-        val_bits_per_pixel=bpp,
-        untrained_bits_per_pixel=untrained_bpp,
+        val_loss=loss,
+        val_loss_unit=unit,
+        untrained_loss=untrained,
         beats_raw_pixels=probe.accuracy >= base["raw_pixels"].accuracy + RAW_PIXELS_MARGIN,
         probe_l2_interior=not best.l2_at_edge,
         beats_random_init=probe.accuracy > base["random_init"].accuracy,
-        bpp_well_below_untrained=bpp < untrained_bpp - 3.0,
+        loss_well_below_untrained=well_below,
     )
 
 
 def run_demo(s: DemoSettings, cifar: DataOptions = DataOptions()) -> dict[str, Any]:
     """Run every stage (reusing finished ones); write and return the summary."""
+    from igpt.pretrain.config import load_config
+
     work = Path(s.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     if s.source is None:
@@ -290,21 +308,34 @@ def run_demo(s: DemoSettings, cifar: DataOptions = DataOptions()) -> dict[str, A
     palette = palette_stage(s, work)
     train_data, data = shard_stage(s, work, palette)
     release = train_stage(s, work, train_data, tracking_uri)
-    results = eval_stage(s, work, data, release, tracking_uri)
+    model = load_config(s.train_config, [f"data.dir={train_data}", *s.train_overrides]).model
+    results = eval_stage(s, work, data, release, tracking_uri, sample=model.likelihood)
     summary = {
         "settings": asdict(s),
-        "quality_bar": asdict(quality_bar(results)),
+        "quality_bar": asdict(quality_bar(results, model.patch_size)),
+        "training": training_summary(work / "run" / "train.log", model.unit),
         "artifacts": {
             "palette": str(palette), "token_shards": str(train_data), "run_dir": str(work / "run"),
-            "release": str(release), **results.sample.files,
+            "release": str(release), **(results.sample.files if results.sample else {}),
             "probe_per_layer_plot": str(work / "evals" / "probe" / "probe_accuracy_per_layer.png"),
         },
         "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1",
         "mlflow_url": f"http://127.0.0.1:5000/#/experiments/{_experiment_id(tracking_uri)}?{TRAINING_VIEW}",
         "evals": results.briefs(),
     }
+    if s.beside is not None and (Path(s.beside) / "summary.json").is_file():
+        other = json.loads((Path(s.beside) / "summary.json").read_text())
+        summary["beside"] = {"workdir": str(Path(s.beside).resolve()), "quality_bar": other["quality_bar"],
+                             "training": other.get("training")}
     write_text_atomic(json.dumps(summary, indent=2), work / "summary.json")
     return summary
+
+
+def training_summary(log: Path, unit: str) -> dict[str, Any]:
+    """The unit trained and the training's wall time from its log's last ``wall time`` line (None without one):
+    ``loop_seconds`` leaves out validation, samples and checkpoints."""
+    wall = read_wall_time(log.read_text()) if log.is_file() else None
+    return {"unit": unit, "wall_seconds": wall and wall["total"], "loop_seconds": wall and wall["loop"]}
 
 
 def _experiment_id(tracking_uri: str) -> str:
@@ -325,14 +356,15 @@ def format_report(summary: dict[str, Any], judged: bool = True) -> str:
     rel = {k: os.path.relpath(v, work) for k, v in summary["artifacts"].items()}
     lines = [
         "iGPT demo on CIFAR-10 — summary",
-        f"  validation bits/pixel: {q.val_bits_per_pixel:.3f} (untrained: {q.untrained_bits_per_pixel:.1f})"
-        f"  [{mark(q.bpp_well_below_untrained)}]",
+        f"  validation {q.val_loss_unit}: {q.val_loss:.3f} (untrained: {q.untrained_loss:.{1 if q.val_loss_unit != 'MSE' else 3}f})"
+        f"  [{mark(q.loss_well_below_untrained)}]",
         f"  linear probe accuracy: {q.probe_accuracy:.3f} (layer {q.probe_features}, L2 {q.probe_l2:g}, "
         f"{'inside' if q.probe_l2_interior else 'at an edge of'} {_span(q.probe_l2_searched)})"
         f"  [{mark(q.probe_l2_interior)}]",
         f"    vs raw pixels:       {q.raw_pixels_accuracy:.3f}  ({100 * (q.probe_accuracy - q.raw_pixels_accuracy):+.1f}"
         f" points, bar +{100 * RAW_PIXELS_MARGIN:g})  [{mark(q.beats_raw_pixels)}]",
         f"    vs random network:   {q.random_init_accuracy:.3f}  [{mark(q.beats_random_init)}]",
+        *_beside_lines(summary, q),
         f"  artifacts in {work}:",
         f"    {rel.pop('palette')}, {rel.pop('token_shards')}/, {rel.pop('run_dir')}/ (train.log, checkpoints), "
         f"{rel.pop('release')}/",
@@ -341,6 +373,24 @@ def format_report(summary: dict[str, Any], judged: bool = True) -> str:
         f"    then {summary['mlflow_url']} (the training runs, evals with their trials nested)",
     ]
     return "\n".join(lines)
+
+
+def _beside_lines(summary: dict[str, Any], q: QualityBar) -> list[str]:
+    """The other demo's figures (``DemoSettings.beside``) next to this one's, when it had run."""
+    other = summary.get("beside")
+    if other is None:
+        return []
+    b = QualityBar(**other["quality_bar"])
+
+    def seconds(training: dict[str, Any] | None) -> str:
+        loop = (training or {}).get("loop_seconds")
+        return "?" if loop is None else f"{loop:.0f} s"
+
+    return [f"  beside the {(other['training'] or {}).get('unit', 'other')} demo in {other['workdir']}:",
+            f"    its linear probe:    {b.probe_accuracy:.3f}  (this one {100 * (q.probe_accuracy - b.probe_accuracy):+.1f}"
+            f" points)",
+            f"    its validation {b.val_loss_unit}: {b.val_loss:.3f}",
+            f"    training loop:       {seconds(other['training'])} (this one {seconds(summary.get('training'))})"]
 
 
 def _span(grid: list[float]) -> str:

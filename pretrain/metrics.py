@@ -63,6 +63,11 @@ class StepRecords:
         return out
 
 
+def loss_unit(loss: float, likelihood: bool) -> str:
+    """How a loss is shown beside its value: ``1.234 bpp`` for nats/token, ``MSE`` for a pixels target."""
+    return f"{loss / math.log(2):.3f} bpp" if likelihood else "MSE"
+
+
 def format_eta(seconds: float) -> str:
     """``1h02m``, ``4m05s`` or ``12s`` (``?`` when unknown)."""
     if not math.isfinite(seconds) or seconds < 0:
@@ -78,9 +83,11 @@ def format_eta(seconds: float) -> str:
 class MetricsWindow:
     """Losses, tokens and training seconds since the last log line (validation and checkpoints excluded)."""
 
-    def __init__(self, flops_per_token: float, world_size: int, peak_flops: float, total_steps: int) -> None:
+    def __init__(self, flops_per_token: float, world_size: int, peak_flops: float, total_steps: int,
+                 likelihood: bool = True) -> None:
         self.flops_per_token, self.world_size, self.peak = flops_per_token, world_size, peak_flops
         self.total_steps = total_steps
+        self.likelihood = likelihood  # the loss is nats/token (shown in bits per pixel too), else an MSE
         self._reset()
 
     def _reset(self) -> None:
@@ -104,10 +111,10 @@ class MetricsWindow:
         tok_s, px_s = self.tokens / max(self.seconds, 1e-9), self.pixels / max(self.seconds, 1e-9)
         util = mfu(tok_s, self.flops_per_token, self.world_size, self.peak)
         eta = (self.total_steps - record.step) * self.seconds / self.steps if self.steps else float("nan")
-        metrics = {"loss": loss, "bpp": loss / math.log(2), "lr": record.lr, "grad_norm": record.grad_norm,
-                   "tokens_per_s": tok_s, "pixels_per_s": px_s, "mfu": util, "memory_gb": memory_gb, "tokens_seen": tokens_seen,
-                   "nonfinite_steps": nonfinite_total}
-        line = (f"step {record.step:>6}/{self.total_steps} | loss {loss:.4f} ({loss / math.log(2):.3f} bpp) | "
+        metrics = {"loss": loss, **({"bpp": loss / math.log(2)} if self.likelihood else {}), "lr": record.lr,
+                   "grad_norm": record.grad_norm, "tokens_per_s": tok_s, "pixels_per_s": px_s, "mfu": util,
+                   "memory_gb": memory_gb, "tokens_seen": tokens_seen, "nonfinite_steps": nonfinite_total}
+        line = (f"step {record.step:>6}/{self.total_steps} | loss {loss:.4f} ({loss_unit(loss, self.likelihood)}) | "
                 f"lr {record.lr:.2e} | gnorm {record.grad_norm:.3f} | {tok_s / 1e3:.1f}k tok/s | "
                 f"{'' if self.pixels == self.tokens else f'{px_s / 1e3:.1f}k px/s | '}"
                 f"MFU {100 * util:.2f}% | mem {memory_gb:.2f} GB | skipped {nonfinite_total} | "

@@ -73,6 +73,11 @@ class IGPTConfig:
     """The order a patch model is trained in: ``raster``, or ``random``, a permutation per sample drawn by the
     loader, with the position of the patch to predict given to the model (sigma-GPT)."""
 
+    @property
+    def likelihood(self) -> bool:
+        """Whether the loss is a likelihood in nats per token (every model but a ``pixels`` target's MSE)."""
+        return self.unit == "pixel" or self.target == "tokens"
+
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)

@@ -376,7 +376,7 @@ class Trainer:
         total = self.cfg.train.steps
         self.wall = wall = WallTime()
         batches, records = wall.timed(iter(self.stream), "data"), StepRecords(self.device)
-        window = MetricsWindow(self.flops_per_token, self.world, self.peak, total)
+        window = MetricsWindow(self.flops_per_token, self.world, self.peak, total, self.model.cfg.likelihood)
         clock = time.perf_counter()
         while self.state.step < total:
             lr = self._lr()

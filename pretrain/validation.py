@@ -25,6 +25,7 @@ from igpt.data_pipeline.grid import chunk_rows, image_grid
 from igpt.data_pipeline.loader import iterate_split
 from igpt.data_pipeline.quantize import dequantize
 from igpt.pretrain.config import TrainConfig
+from igpt.pretrain.metrics import loss_unit
 from igpt.pretrain.models import Model
 from igpt.pretrain.tracking import JsonlTracker, MlflowTracker
 
@@ -50,10 +51,12 @@ class Validator:
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
 
     def validate(self, step: int) -> float:
-        """Collective: the validation loss in nats/token, tracked (``val_loss``, ``val_bpp``) and logged at ``step``."""
+        """Collective: the validation loss in nats/token (or a pixels target's MSE), tracked (``val_loss``, and
+        ``val_bpp`` for a likelihood) and logged at ``step``."""
         val = self.loss()
-        self.tracker.log_metrics({"val_loss": val, "val_bpp": val / math.log(2)}, step)
-        self.log(f"step {step} | val loss {val:.4f} ({val / math.log(2):.3f} bpp)")
+        likelihood = self.model.cfg.likelihood
+        self.tracker.log_metrics({"val_loss": val, **({"val_bpp": val / math.log(2)} if likelihood else {})}, step)
+        self.log(f"step {step} | val loss {val:.4f} ({loss_unit(val, likelihood)})")
         return val
 
     @torch.no_grad()

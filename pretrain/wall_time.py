@@ -6,11 +6,14 @@ record back; that read is timed as part of the step.
 """
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 PHASES = ("step", "data", "logging", "validation", "samples", "checkpoint")
+OUTSIDE_TRAINING = ("validation", "samples", "checkpoint")  # what a plain loop's timer leaves out too
+WALL_LINE = re.compile(r"^wall time ([\d.]+) s: (.*)$", re.M)
 
 
 class WallTime:
@@ -49,6 +52,25 @@ class WallTime:
         metrics = {f"time_{name}_s": s for name, s in parts.items()} | {"time_total_s": total}
         shares = " | ".join(f"{name} {100 * s / max(total, 1e-9):.1f}%" for name, s in parts.items())
         return metrics, f"wall time {total:.1f} s: {shares}"
+
+
+def loop_seconds(seconds: dict[str, float]) -> float:
+    """The training loop's seconds: the ``total`` of a breakdown less validation, samples and checkpoints."""
+    return seconds["total"] - sum(seconds.get(name, 0.0) for name in OUTSIDE_TRAINING)
+
+
+def read_wall_time(log: str) -> dict[str, float] | None:
+    """The last ``wall time`` line of a training log's text as seconds per phase with ``total`` and ``loop``
+    (``loop_seconds``); None without one. The line's shares are rounded to 0.1%."""
+    found = WALL_LINE.findall(log)
+    if not found:
+        return None
+    total, shares = found[-1]
+    seconds = {"total": float(total)}
+    for part in shares.split(" | "):
+        name, share = part.rsplit(" ", 1)
+        seconds[name] = float(total) * float(share.rstrip("%")) / 100
+    return {**seconds, "loop": loop_seconds(seconds)}
 
 
 _END = object()

@@ -50,10 +50,12 @@ def test_quick_demo_runs_every_stage_and_reuses_them(quick_demo) -> None:
 
     summary = json.loads((work / "summary.json").read_text())
     bar = summary["quality_bar"]
-    assert bar["val_bits_per_pixel"] < math.log2(512) - 0.1  # untrained is exactly 9; a dozen steps already learn
+    assert bar["val_loss_unit"] == "bits/pixel" and bar["val_loss"] < math.log2(512) - 0.1  # untrained is exactly 9; a dozen steps already learn
     for key in ("probe_accuracy", "raw_pixels_accuracy", "random_init_accuracy"):
         assert 0.0 <= bar[key] <= 1.0
     assert bar["raw_pixels_accuracy"] > 0.15  # well above chance: the probe itself works
+    assert summary["training"]["unit"] == "pixel" and 0 < summary["training"]["loop_seconds"] <= \
+        summary["training"]["wall_seconds"]
 
     assert Manifest.load(work / "tokens16").num_inputs == 2000
     assert Manifest.load(work / "tokens32").resolution == 32
@@ -82,9 +84,9 @@ def test_quick_demo_runs_every_stage_and_reuses_them(quick_demo) -> None:
 def _summary(work, **bar) -> dict:
     """A demo summary.json's parts that format_report reads."""
     quality_bar = {"probe_accuracy": 0.2, "probe_features": 2, "probe_l2": 0.01, "probe_l2_searched": [0.01, 1.0],
-                   "raw_pixels_accuracy": 0.25, "random_init_accuracy": 0.18, "val_bits_per_pixel": 7.5,
-                   "untrained_bits_per_pixel": math.log2(512), "beats_raw_pixels": False, "probe_l2_interior": False,
-                   "beats_random_init": True, "bpp_well_below_untrained": False, **bar}
+                   "raw_pixels_accuracy": 0.25, "random_init_accuracy": 0.18, "val_loss": 7.5,
+                   "val_loss_unit": "bits/pixel", "untrained_loss": math.log2(512), "beats_raw_pixels": False,
+                   "probe_l2_interior": False, "beats_random_init": True, "loss_well_below_untrained": False, **bar}
     artifacts = {k: str(work / k) for k in ("palette", "token_shards", "run_dir", "release", "samples")}
     return {"quality_bar": quality_bar, "artifacts": artifacts, "mlflow_ui": "mlflow ui", "mlflow_url": "http://x"}
 
@@ -98,6 +100,21 @@ def test_report_judges_the_quality_bar_except_in_a_quick_run(tmp_path):
     assert quick.count("[not judged: quick run]") == 4 and "PASS" not in quick and "FAIL" not in quick
     assert [line.split("[")[0] for line in quick.splitlines()] == [line.split("[")[0] for line in full.splitlines()]
     assert "linear probe accuracy: 0.200 (layer 2, L2 0.01, at an edge of the 2 L2 values 0.01..1 searched)" in quick
+
+
+def test_report_shows_an_mse_and_the_other_demo_beside_this_one(tmp_path):
+    from igpt.demo import format_report
+
+    summary = _summary(tmp_path, probe_accuracy=0.25, val_loss=0.45, val_loss_unit="MSE", untrained_loss=47 / 48,
+                       loss_well_below_untrained=True)
+    summary["training"] = {"unit": "patch", "wall_seconds": 400.0, "loop_seconds": 390.0}
+    summary["beside"] = {"workdir": "/w/demo", "quality_bar": _summary(tmp_path)["quality_bar"],
+                         "training": {"unit": "pixel", "wall_seconds": 410.0, "loop_seconds": 395.0}}
+    report = format_report(summary)
+    assert "validation MSE: 0.450 (untrained: 0.979)  [PASS]" in report
+    assert "beside the pixel demo in /w/demo:" in report and "(this one +5.0 points)" in report
+    assert "its validation bits/pixel: 7.500" in report and "training loop:       395 s (this one 390 s)" in report
+    assert "beside" not in format_report(_summary(tmp_path))
 
 
 def test_shard_stage_with_a_margin_trains_on_margin_shards_and_evaluates_on_exact_ones(cifar_dir, cifar_tokens,

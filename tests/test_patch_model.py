@@ -13,6 +13,7 @@ from igpt.data_pipeline.manifest import Manifest
 from igpt.errors import UserError
 from igpt.pretrain.config import ConfigError, TrainConfig, load_config
 from igpt.pretrain.hf_convert import NotConvertible, check_exportable
+from igpt.pretrain.metrics import MetricsWindow, StepRecord
 from igpt.pretrain.model import IGPTConfig, _sample
 from igpt.pretrain.models import build_model
 from igpt.pretrain.patch_model import PatchGPT
@@ -169,3 +170,17 @@ def test_bad_patch_configs_are_one_line_errors(cifar_tokens):
     with pytest.raises(UserError, match="sampling needs model.target='tokens'"):
         patch_model("pixels").generate(1)
     assert isinstance(TrainConfig().model, IGPTConfig)
+
+
+@pytest.mark.parametrize("target", ["tokens", "pixels"])
+def test_a_pixels_targets_loss_is_shown_and_tracked_as_an_mse_not_in_bits(target):
+    cfg = IGPTConfig(n_ctx=4, n_layer=1, n_head=2, n_embd=8, unit="patch", patch_size=2, target=target)
+    window = MetricsWindow(1.0, 1, 1.0, total_steps=2, likelihood=cfg.likelihood)
+    window.add_step(StepRecord(1, 1e-3, 0.5, False, 1.0, False), tokens=4, pixels=16)
+    window.add_seconds(1.0)
+    metrics, line = window.close(StepRecord(1, 1e-3, 0.5, False, 1.0, False), tokens_seen=4, nonfinite_total=0,
+                                 memory_gb=0.0)
+    if target == "tokens":
+        assert metrics["bpp"] == pytest.approx(0.5 / np.log(2)) and f"({0.5 / np.log(2):.3f} bpp)" in line
+    else:
+        assert "bpp" not in metrics and "bpp" not in line and "loss 0.5000 (MSE)" in line

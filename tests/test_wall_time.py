@@ -48,3 +48,17 @@ def test_phases_are_exclusive_and_the_rest_is_other(clock):
                        "time_samples_s": 0.0, "time_checkpoint_s": 0.0, "time_other_s": 1.0, "time_total_s": 12.5}
     assert line.startswith("wall time 12.5 s: step 48.0% | data 12.0% | logging 0.0% | validation 32.0%")
     assert line.endswith("other 8.0%")
+
+
+def test_the_logged_line_reads_back_as_seconds_with_the_training_loop(clock):
+    wall = WallTime()
+    for name, seconds in (("step", 6.0), ("validation", 2.0), ("checkpoint", 1.0), ("data", 0.5)):
+        with wall.phase(name):
+            clock.advance(seconds)
+    clock.advance(0.5)
+    _, line = wall.summary()
+    log = f"step 10/10 | loss 1.0\n{line}\ncheckpoint done\n"
+    seconds = wall_time.read_wall_time(log)
+    assert seconds["total"] == pytest.approx(10.0) and seconds["step"] == pytest.approx(6.0)
+    assert seconds["other"] == pytest.approx(0.5) and seconds["loop"] == pytest.approx(7.0)
+    assert wall_time.read_wall_time("step 10/10 | loss 1.0\n") is None
