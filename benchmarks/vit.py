@@ -37,7 +37,7 @@ from igpt.pretrain.wall_time import read_wall_time  # noqa: E402
 PROBE_LIMIT = 5000  # probe-training images (and val images scored), the demo's eval_limit
 PROBE = ["probe.l2=[1e-5,1e-4,1e-3,1e-2,1e-1]"]  # the demo's grid; widened past an edge (probe.widen)
 PROBE_LAYERS = "1,2,3,4"  # igpt-mini's blocks 1-3 and the final norm, and their concatenation (the demo's)
-FINETUNE = ["finetune.lr=[3e-4,1e-3]", "finetune.lam=[0.0]", "finetune.epochs=[10]", "resources.num_cpus=2"]
+FINETUNE = ["finetune.lr=[3e-4,1e-3]", "finetune.lam=[0.0]", "finetune.epochs=[6]", "resources.num_cpus=2"]
 
 
 @dataclass(frozen=True)
@@ -252,13 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     results = {"rows": rows, "best_patch_row": best["name"], "probe_gain_points": best["probe"] - pixel["probe"],
                "limit": args.limit, "quick": args.quick, "probe_layers": PROBE_LAYERS, "probe_search": PROBE,
                "finetune_search": FINETUNE}
-    if not args.no_finetune:
-        results["finetune"] = finetune_rows(args, best, data, env)
-    results["series_s"] = time.perf_counter() - t0
-    print(table(results))
     path = args.json or args.out / "vit.json"
-    write_json_atomic(results, path)
-    print(f"wrote {path}")
+    for stage in ("probes", "finetune"):  # written after the probes, again after fine-tuning (the longest part)
+        if stage == "finetune":
+            if args.no_finetune:
+                break
+            results["finetune"] = finetune_rows(args, best, data, env)
+        results["series_s"] = time.perf_counter() - t0
+        write_json_atomic(results, path)
+        print(table(results), f"\nwrote {path}", sep="\n", flush=True)
     return 0
 
 
