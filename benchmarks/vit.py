@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, default=REPO / "configs" / "cifar10-demo-vit.yaml")
     ap.add_argument("--calibration-steps", type=int, default=40)
     ap.add_argument("--limit", type=int, default=PROBE_LIMIT, help="images per split for nll, probes and fine-tuning")
-    ap.add_argument("--rows", nargs="+", default=[r.name for r in ROWS], choices=[r.name for r in ROWS])
+    ap.add_argument("--rows", nargs="+", default=[r.name for r in ROWS], choices=[r.name for r in ROWS],
+                    help="the patch rows to run, in this order (the first is probed with the baselines)")
     ap.add_argument("--no-finetune", action="store_true")
     ap.add_argument("--quick", action="store_true", help="the demo's --quick and short runs (a smoke test)")
     ap.add_argument("--json", type=Path, default=None, help="result JSON (default OUT/vit.json)")
@@ -244,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pixel: probe {100 * pixel['probe']:.1f}%, {pixel['loop_s']:.0f} s of training loop", flush=True)
     data = args.out / "pixel" / "tokens32"
     rows = [pixel]
-    for k, row in enumerate(r for r in ROWS if r.name in args.rows):
+    by_name = {r.name: r for r in ROWS}
+    for k, row in enumerate(by_name[name] for name in args.rows):  # in the order given
         rows.append(patch_row(args, row, data, pixel["loop_s"], baselines=k == 0, env=env))
         print(f"{row.name}: probe {100 * rows[-1]['probe']:.1f}%, {rows[-1]['steps']} steps, "
               f"{rows[-1]['loop_s']:.0f} s", flush=True)
