@@ -6,8 +6,8 @@
 1. The pixel row is ``igpt demo`` as it runs (16x16, ``configs/cifar10-demo.yaml``) in OUT/pixel: its palette,
    its 16x16 and 32x32 shards, training, evals, and the probe's baselines at 16x16 (raw pixels, a random network).
 2. Each patch row trains ``configs/cifar10-demo-vit.yaml`` with its order and target on the demo's 32x32 shards
-   for the pixel row's training wall time: a short calibration run of the same config measures its seconds per
-   step, and ``train.steps`` is the pixel row's loop seconds over that. Then export, ``eval nll`` and ``eval
+   for the pixel row's training wall time: a short calibration run of the same config measures its steady seconds
+   per step, and ``train.steps`` is the pixel row's loop seconds over that. Then export, ``eval nll`` and ``eval
    probe`` with the demo's protocol (see ``PROBE``), the first patch row with the baselines at 32x32.
 3. Fine-tuning, 5,000 images per split as the probes: the best patch row's release, and the same architecture from
    a random initialisation trained on labels only (the supervised ViT).
@@ -120,22 +120,30 @@ def train_patch(args: argparse.Namespace, row: PatchRow, data: Path, steps: int,
     return log
 
 
-def seconds_per_step(log: Path, steps: int) -> float:
-    """The loop seconds per step of a calibration run (its first steps included, as in the timed run)."""
-    return wall_time(log)["loop"] / steps
+def seconds_per_step(run_dir: Path, tokens_per_step: int) -> float:
+    """The steady seconds per step of a calibration run: its logged training windows after the first (which
+    holds the start-up), as the rest of a long run goes."""
+    from igpt.pretrain.tracking import METRICS_FILE, read_metrics, training_windows
+
+    windows = training_windows(read_metrics(run_dir / "tracking" / METRICS_FILE), tokens_per_step)
+    steady = windows[1:] or windows
+    return sum(seconds for _, seconds in steady) / sum(steps for steps, _ in steady)
 
 
 def patch_row(args: argparse.Namespace, row: PatchRow, data: Path, loop_s: float, baselines: bool,
               env: dict[str, str]) -> dict:
     """Calibrate, train for ``loop_s`` seconds of loop, export, nll and probe one patch configuration."""
+    from igpt.data_pipeline.manifest import Manifest
     from igpt.pretrain.config import load_config
+    from igpt.pretrain.train import resolve_model_section
 
     work = args.out / row.name
     cfg = load_config(str(args.config), [f"data.dir={data}", *row.overrides])
-    calibration = train_patch(args, row, data, args.calibration_steps, work / "calibration",
-                              [f"train.val_every={10 ** 6}", f"checkpoint.every={10 ** 6}",
-                               f"train.sample_every={10 ** 6}"], env)
-    per_step = seconds_per_step(calibration, args.calibration_steps)
+    resolve_model_section(cfg, Manifest.load(data))
+    train_patch(args, row, data, args.calibration_steps, work / "calibration",
+                [f"train.val_every={10 ** 6}", f"checkpoint.every={10 ** 6}", f"train.sample_every={10 ** 6}",
+                 f"train.log_every={max(1, args.calibration_steps // 8)}"], env)
+    per_step = seconds_per_step(work / "calibration", cfg.tokens_per_step())
     steps = max(args.calibration_steps, round(loop_s / per_step))
     val_every = max(1, steps // 4)  # the demo's four validations and checkpoints
     log = train_patch(args, row, data, steps, work / "run",
