@@ -101,7 +101,10 @@ def pixel_row(args: argparse.Namespace, env: dict[str, str]) -> dict:
     cfg = load_config(str(summary["settings"]["train_config"]),
                       [f"data.dir={work / 'tokens16'}", *summary["settings"]["train_overrides"]])
     probe = summary["evals"]["probe"]
-    return {"name": "pixel", "resolution": summary["settings"]["resolution"], "params": None,
+    from igpt.pretrain.release import load_model
+
+    model, _, _ = load_model(work / "release")
+    return {"name": "pixel", "resolution": summary["settings"]["resolution"], "params": model.num_params(),
             **throughput(work / "run" / "train.log", cfg.train.steps, cfg.global_batch(), summary["settings"]["resolution"]),
             "bits_per_pixel": summary["evals"]["nll"]["bits_per_pixel"], "mse": None,
             "probe": probe["accuracy"], "probe_layer": probe["best"]["layer"], "probe_l2": probe["best"]["l2"],

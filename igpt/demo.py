@@ -425,7 +425,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu",
                    help="cpu: ~10 training minutes on 2 cores at 16x16; gpu: ~6 minutes on one GPU at 32x32")
     p.add_argument("--model", choices=["pixel", "vit"], default="pixel",
-                   help="pixel: iGPT, one token per pixel; vit: the patch model (4x4 patches at 32x32, random order)")
+                   help="pixel: iGPT, one token per pixel; vit: the patch model (4x4 patches at 32x32, raster order, "
+                        "regressing the next patch's normalised colours)")
     p.add_argument("--workdir", default=None,
                    help="where every stage writes (rerun to resume; default runs/demo[-gpu][-vit])")
     p.add_argument("--source", default=None,

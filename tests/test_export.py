@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -15,11 +16,15 @@ from igpt.pretrain.release import load_model
 from test_train_support import REPO, all_logs, run_overrides, train_ranks
 
 
+PATCH_MODEL = {"model__unit": "patch", "model__patch_size": 4, "model__order": "random", "model__target": "pixels"}
+
+
 @pytest.mark.slow
-def test_export_zero3_release_loads_without_deepspeed_and_matches(cifar_tokens, tmp_path):
+@pytest.mark.parametrize("model_keys", [{}, PATCH_MODEL], ids=["pixel", "patch"])
+def test_export_zero3_release_loads_without_deepspeed_and_matches(cifar_tokens, tmp_path, model_keys):
     run, out = tmp_path / "run", tmp_path / "release"
     args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=3, train__steps=3, train__val_every=3,
-                         train__val_batches=2)
+                         train__val_batches=2, **model_keys)
     assert train_ranks(args, run, torchrun=True) == [0], all_logs(run)  # 2 ranks started by torchrun
     export = [sys.executable, "-m", "igpt.pretrain.cli", "export", str(run), "--out", str(out)]
     subprocess.run(export, cwd=REPO, check=True, capture_output=True)
@@ -37,7 +42,11 @@ def test_export_zero3_release_loads_without_deepspeed_and_matches(cifar_tokens, 
     with safe_open(out / "model.safetensors", framework="pt") as f:
         assert f.metadata()["step"] == "3"
         assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys())
-    assert cfg.deepspeed.zero_stage == 3 and model.cfg.n_ctx == 256 and not model.head.weight.eq(0).all()
+    assert cfg.deepspeed.zero_stage == 3 and model.cfg.n_ctx == (16 if model.cfg.unit == "patch" else 256)
+    assert not model.head.weight.eq(0).all()
+    if model.cfg.unit == "patch":  # the palette buffer came through ZeRO-3's consolidation intact
+        assert torch.equal(model.palette[:len(palette := np.load(cifar_tokens / "palette.npy"))],
+                           torch.as_tensor(palette))
 
     # The validation loss the training run logged (2 ranks x 2 batches) from the exported weights alone.
     batches = [b["tokens"] for _, b in zip(range(4), iterate_split(cifar_tokens, "val", 4))]
