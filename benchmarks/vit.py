@@ -1,7 +1,7 @@
 """Patch tokens beside pixel iGPT on CPU, each trained for the pixel demo's wall time (``benchmarks/results/vit.md``).
 
-    python benchmarks/vit.py --out runs/vit-series                 # about 1.5 h on 2 CPU cores
-    python benchmarks/vit.py --out runs/vit-smoke --quick          # the same series shortened (tests)
+    python benchmarks/vit.py --out runs/vit-series                 # about 70 minutes on 2 CPU cores
+    python benchmarks/vit.py --out runs/vit-smoke --quick          # the same series shortened (the plumbing)
 
 1. The pixel row is ``igpt demo`` as it runs (16x16, ``configs/cifar10-demo.yaml``) in OUT/pixel: its palette,
    its 16x16 and 32x32 shards, training, evals, and the probe's baselines at 16x16 (raw pixels, a random network).
@@ -54,8 +54,8 @@ class PatchRow:
         return [f"model.order={self.order}", f"model.target={self.target}", f"model.patch_size={self.patch_size}"]
 
 
-ROWS = [PatchRow("patch-raster-tokens", "raster", "tokens"), PatchRow("patch-random-tokens", "random", "tokens"),
-        PatchRow("patch-raster-pixels", "raster", "pixels"), PatchRow("patch-random-pixels", "random", "pixels")]
+ROWS = [PatchRow("patch-raster-pixels", "raster", "pixels"), PatchRow("patch-random-pixels", "random", "pixels"),
+        PatchRow("patch-raster-tokens", "raster", "tokens"), PatchRow("patch-random-tokens", "random", "tokens")]
 QUICK_DEMO = ["--quick"]
 
 
