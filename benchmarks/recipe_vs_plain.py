@@ -30,15 +30,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from igpt.data_pipeline.io import write_json_atomic  # noqa: E402
+from logged_run import run_logged  # noqa: E402
 from igpt.pretrain.config import TrainConfig  # noqa: E402
 from igpt.pretrain.distributed import single_process_env  # noqa: E402
 from igpt.pretrain.tracking import METRICS_FILE, read_metrics, training_windows  # noqa: E402
@@ -47,17 +46,8 @@ from igpt.pretrain.wall_time import loop_seconds  # noqa: E402
 DEFAULT_REFERENCE = REPO.parent / "shared" / "reference" / "plain_igpt.py"
 
 
-def _run(cmd: list[str], log: Path, env: dict[str, str]) -> float:
-    """Run ``cmd`` with its output appended to ``log``; seconds taken (fails loudly)."""
-    t0 = time.perf_counter()
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
-        raise SystemExit(f"failed ({code}): {' '.join(cmd)}\n{tail}")
-    return time.perf_counter() - t0
+def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    run_logged(cmd, log, REPO, env)
 
 
 def our_throughput(rows: list[dict[str, float]], tokens_per_step: int, steps: int) -> dict:

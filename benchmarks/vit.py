@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from igpt.data_pipeline.io import write_json_atomic  # noqa: E402
+from logged_run import run_logged  # noqa: E402
 from igpt.pretrain.distributed import single_process_env  # noqa: E402
 from igpt.pretrain.wall_time import read_wall_time  # noqa: E402
 
@@ -60,15 +60,7 @@ QUICK_DEMO = ["--quick"]
 
 
 def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-    """Run ``cmd`` in the checkout with its output appended to ``log`` (fails loudly with the log's tail)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
-        raise SystemExit(f"failed ({code}): {' '.join(cmd)}\n{tail}")
+    run_logged(cmd, log, REPO, env)
 
 
 def wall_time(log: Path) -> dict[str, float]:
