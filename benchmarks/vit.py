@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # igpt and the sibling logged_run, also under PYTHONSAFEPATH
 
 from igpt.data_pipeline.io import write_json_atomic  # noqa: E402
 from logged_run import run_logged  # noqa: E402
