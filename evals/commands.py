@@ -64,7 +64,7 @@ def run_nll(run: EvalRun, opt: NllOptions = NllOptions()) -> NllSummary:
 def run_sample(run: EvalRun, opt: SampleOptions = SampleOptions()) -> SampleSummary:
     """Unconditional samples (samples.png) and bottom-half completions of real images (completions.png)."""
     data, model, sha = _open(run)
-    if model.cfg.target != "tokens":
+    if not model.cfg.likelihood:
         raise EvalInputError(f"sample needs a model that predicts tokens; {run.checkpoint} has model.target="
                              f"{model.cfg.target!r} (normalised-pixel regression has no distribution to sample)")
     if opt.num_images > 0:

@@ -407,21 +407,10 @@ class IGPT(TransformerBody):
         n_tokens = self.cfg.n_ctx if n_tokens is None else n_tokens
         if not 1 <= n_tokens <= self.cfg.n_ctx:
             raise UserError(f"n_tokens must be in [1, {self.cfg.n_ctx}], got {n_tokens}")
-        if temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise UserError(f"top_k must be >= 1, got {top_k}")
         device = self.wte.weight.device
-        if prefix is None:
-            if batch_size is None or batch_size < 1:
-                raise UserError(f"give a positive batch_size or a prefix, got batch_size={batch_size}")
-            prefix = torch.empty(batch_size, 0, dtype=torch.long, device=device)
+        prefix = sampling_prefix(prefix, batch_size, n_tokens, temperature, top_k, device)
         self._check_tokens(prefix, "prefix")
-        if batch_size is not None and batch_size != prefix.shape[0]:
-            raise UserError(f"batch_size={batch_size} does not match the prefix batch {prefix.shape[0]}")
         B, P = prefix.shape
-        if P > n_tokens:
-            raise UserError(f"prefix has {P} tokens, more than n_tokens={n_tokens}")
         out = torch.empty(B, n_tokens, dtype=torch.long, device=device)
         out[:, :P] = prefix
         cache = KVCache(self.cfg.n_layer, n_tokens)
@@ -437,6 +426,24 @@ class IGPT(TransformerBody):
         if non_embedding:
             n -= self.wte.weight.numel() + self.wpe.weight.numel() + self.cfg.n_embd  # + the SOS or mask vector
         return n
+
+
+def sampling_prefix(prefix: Tensor | None, batch_size: int | None, n_tokens: int, temperature: float,
+                    top_k: int | None, device: torch.device | str) -> Tensor:
+    """The (B, P) prefix ``generate`` continues (B empty rows when None), with the sampling options checked."""
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be >= 1, got {top_k}")
+    if prefix is None:
+        if batch_size is None or batch_size < 1:
+            raise UserError(f"give a positive batch_size or a prefix, got batch_size={batch_size}")
+        return torch.empty(batch_size, 0, dtype=torch.long, device=device)
+    if batch_size is not None and batch_size != prefix.shape[0]:
+        raise UserError(f"batch_size={batch_size} does not match the prefix batch {prefix.shape[0]}")
+    if prefix.shape[1] > n_tokens:
+        raise UserError(f"prefix has {prefix.shape[1]} tokens, more than n_tokens={n_tokens}")
+    return prefix
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:

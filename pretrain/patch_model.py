@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from igpt.errors import UserError
-from igpt.pretrain.model import Block, IGPTConfig, IGPTOutput, KVCache, TransformerBody, _sample, make_norm
+from igpt.pretrain.model import (Block, IGPTConfig, IGPTOutput, KVCache, TransformerBody, _sample, make_norm,
+                                 sampling_prefix)
 
 PIXEL_NORM_EPS = 1e-6  # the per-patch variance's epsilon of the pixels target (MAE's and AIM's)
 
@@ -212,7 +213,7 @@ class PatchGPT(TransformerBody):
         """Sample (B, n_tokens) tokens (default R², always whole rows of patches) a patch per step in raster order
         with a KV cache, continuing the pixels ``prefix`` (B, P) if given: a patch the prefix covers in part is
         sampled and its prefix pixels kept (the p² softmaxes are independent). As ``IGPT.generate`` otherwise."""
-        if self.cfg.target != "tokens":
+        if not self.cfg.likelihood:
             raise UserError("sampling needs model.target='tokens'; a model trained with target='pixels' regresses "
                             "normalised colours and has no distribution to sample from")
         row = self.p * self.side  # pixels in a row of patches
@@ -220,16 +221,9 @@ class PatchGPT(TransformerBody):
         if not 1 <= n_tokens <= self.side ** 2 or n_tokens % row:
             raise UserError(f"a patch model samples whole rows of patches: n_tokens must be a multiple of {row} "
                             f"up to {self.side ** 2}, got {n_tokens}")
-        if temperature < 0 or (top_k is not None and top_k < 1):
-            raise UserError(f"temperature must be >= 0 and top_k >= 1, got {temperature}, {top_k}")
         device = self.palette.device
-        if prefix is None:
-            if batch_size is None or batch_size < 1:
-                raise UserError(f"give a positive batch_size or a prefix, got batch_size={batch_size}")
-            prefix = torch.empty(batch_size, 0, dtype=torch.long, device=device)
+        prefix = sampling_prefix(prefix, batch_size, n_tokens, temperature, top_k, device)
         B, P = prefix.shape
-        if (batch_size is not None and batch_size != B) or P > n_tokens:
-            raise UserError(f"prefix {tuple(prefix.shape)} does not fit batch_size={batch_size}, n_tokens={n_tokens}")
         grid = torch.zeros(B, self.side ** 2, dtype=torch.long, device=device)
         grid[:, :P] = prefix
         known = torch.zeros(1, self.side ** 2, dtype=torch.bool, device=device)

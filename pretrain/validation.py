@@ -92,7 +92,7 @@ class Validator:
     def sample_grids(self, step: int) -> None:
         """Collective: unconditional samples and bottom-half completions of validation images at ``step``, as
         PNG artifacts (rank 0); nothing for a non-autoregressive objective or a patch model's pixels target."""
-        if self.cfg.model.objective != "ar" or self.cfg.model.target != "tokens":
+        if self.cfg.model.objective != "ar" or not self.cfg.model.likelihood:
             return
         t = self.cfg.train
         n, res = t.sample_count, self.resolution
