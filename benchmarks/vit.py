@@ -9,7 +9,11 @@
    for the pixel row's training wall time: a short calibration run of the same config measures its steady seconds
    per step, and ``train.steps`` is the pixel row's loop seconds over that. Then export, ``eval nll`` and ``eval
    probe`` with the demo's protocol (see ``PROBE``), the first patch row with the baselines at 32x32.
-3. Fine-tuning, 5,000 images per split as the probes: the best patch row's release, and the same architecture from
+3. The yardstick, ``plain_patch.py`` (``--reference``, beside the checkout), raster and random order, on the same
+   32x32 shards for the pixel row's loop seconds, probed on the same 5,000 probe-training images with its own
+   protocol (per layer, L2 picked on the last 10% of them, the best layer on its full val split). Our rows report
+   their best single layer beside the concatenation for that comparison.
+4. Fine-tuning, 5,000 images per split as the probes: the best patch row's release, and the same architecture from
    a random initialisation trained on labels only (the supervised ViT).
 
 Throughput is images (and pixels, images x R²) per second over each run's training loop less validation,
@@ -90,8 +94,9 @@ def pixel_row(args: argparse.Namespace, env: dict[str, str]) -> dict:
     summary = json.loads(summary_path.read_text())
     from igpt.pretrain.config import load_config
 
-    cfg = load_config(str(summary["settings"]["train_config"]),
-                      [f"data.dir={work / 'tokens16'}", *summary["settings"]["train_overrides"]])
+    recorded = Path(summary["settings"]["train_config"])  # from the checkout that ran it, else the same name here
+    config = recorded if recorded.is_file() else REPO / "configs" / recorded.name
+    cfg = load_config(str(config), [f"data.dir={work / 'tokens16'}", *summary["settings"]["train_overrides"]])
     probe = summary["evals"]["probe"]
     from igpt.pretrain.release import load_model
 
@@ -100,6 +105,7 @@ def pixel_row(args: argparse.Namespace, env: dict[str, str]) -> dict:
             **throughput(work / "run" / "train.log", cfg.train.steps, cfg.global_batch(), summary["settings"]["resolution"]),
             "bits_per_pixel": summary["evals"]["nll"]["bits_per_pixel"], "mse": None,
             "probe": probe["accuracy"], "probe_layer": probe["best"]["layer"], "probe_l2": probe["best"]["l2"],
+            "probe_single_layer": best_single_layer(probe),
             "baselines": {k: v["accuracy"] for k, v in probe["baselines"].items()}}
 
 
@@ -161,8 +167,32 @@ def patch_row(args: argparse.Namespace, row: PatchRow, data: Path, loop_s: float
             **throughput(log, steps, cfg.global_batch(), side),
             "bits_per_pixel": nll.get("bits_per_pixel"), "mse": nll.get("mse"),
             "probe": probe["accuracy"], "probe_layer": probe["best"]["layer"], "probe_l2": probe["best"]["l2"],
+            "probe_single_layer": best_single_layer(probe),
             "baselines": {k: v["accuracy"] for k, v in (probe.get("baselines") or {}).items()},
             "release": str(release)}
+
+
+def yardstick_row(args: argparse.Namespace, order: str, data: Path, loop_s: float, env: dict[str, str]) -> dict:
+    """``plain_patch.py`` in ``order`` on ``data`` for ``loop_s`` seconds of training and its probe on ``args.limit``
+    probe-training images (reused when its JSON holds the probe); its figures as a row."""
+    out = args.out / f"plain-patch-{order}.json"
+    if "probe_best_val_accuracy" not in (json.loads(out.read_text()) if out.is_file() else {}):
+        _run([sys.executable, str(args.reference), str(data), "--patch", "4", "--order", order,
+              "--seconds", f"{loop_s:.0f}", "--probe-limit", str(args.limit), "--device", "cpu", "--out", str(out)],
+             args.out / f"plain-patch-{order}.log", env)
+    found = json.loads(out.read_text())
+    return {"name": f"plain-patch-{order}", "order": order, "target": "tokens", "patch_size": 4,
+            "resolution": found["resolution"], "params": found["params_M"] * 1e6, "steps": found["steps"],
+            "batch": found["args"]["batch"], "loop_s": found["train_s"], "images_per_s": found["images_per_s"],
+            "pixels_per_s": found["pixels_per_s"], "bits_per_pixel": found["val_bits_per_pixel_raster"], "mse": None,
+            "probe": found["probe_best_val_accuracy"], "probe_layer": str(found["probe_best_layer"]),  # its numbering is ours
+            "probe_single_layer": found["probe_best_val_accuracy"], "probe_protocol": "plain_patch.py's own",
+            "baselines": {}}
+
+
+def best_single_layer(probe: dict) -> float:
+    """The best probe accuracy of one layer alone (not a concatenation) in an ``eval probe`` summary."""
+    return max(r["val_acc"] for layer, r in probe["per_layer"].items() if "+" not in layer)
 
 
 def data_resolution(data: Path) -> int:
@@ -196,13 +226,14 @@ def finetune_rows(args: argparse.Namespace, best: dict, data: Path, env: dict[st
 def table(results: dict) -> str:
     """The markdown table of ``results`` (rows, raw-pixel and random-network baselines, fine-tuning)."""
     ft = results.get("finetune", {})
-    lines = ["| row | resolution | params | probe (val) | layer | fine-tune (val) | bits/pixel | MSE | images/s | "
-             "pixels/s | steps | training s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | resolution | params | probe (val) | layer | best single layer | fine-tune (val) | bits/pixel | MSE | "
+             "images/s | pixels/s | steps | training s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     best = results["best_patch_row"]
-    for r in results["rows"]:
+    for r in results["rows"] + results.get("yardsticks", []):
         tuned = ft.get("pretrained", {}).get("accuracy") if r["name"] == best else None
         cells = [r["name"], f"{r['resolution']}x{r['resolution']}", _fmt(r["params"], lambda v: f"{v / 1e6:.2f}M"),
-                 f"{100 * r['probe']:.1f}%", str(r["probe_layer"]), _fmt(tuned, lambda v: f"{100 * v:.1f}%"),
+                 f"{100 * r['probe']:.1f}%", str(r["probe_layer"]),
+                 _fmt(r.get("probe_single_layer"), lambda v: f"{100 * v:.1f}%"), _fmt(tuned, lambda v: f"{100 * v:.1f}%"),
                  _fmt(r["bits_per_pixel"], lambda v: f"{v:.3f}"), _fmt(r["mse"], lambda v: f"{v:.4f}"),
                  f"{r['images_per_s']:.0f}", f"{r['pixels_per_s'] / 1e3:.0f}k", str(r["steps"]), f"{r['loop_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -213,11 +244,15 @@ def table(results: dict) -> str:
                        or results["rows"][1]["baselines"].get("raw_pixels")),
                       ("random network, patch model", results["rows"][1]["baselines"].get("random_init"))):
         if acc is not None:
-            lines.append(f"| {name} | | | {100 * acc:.1f}% | | | | | | | | |")
+            lines.append(f"| {name} | | | {100 * acc:.1f}% | | | | | | | | | |")
     if "random" in ft:
-        lines.append(f"| supervised ViT from scratch ({best}'s architecture) | 32x32 | | | | "
+        lines.append(f"| supervised ViT from scratch ({best}'s architecture) | 32x32 | | | | | "
                      f"{100 * ft['random']['accuracy']:.1f}% | | | | | | |")
     lines.append(f"\nbest patch row {best}: {100 * results['probe_gain_points']:+.1f} points of probe over the pixel row")
+    for y in results.get("yardsticks", []):
+        ours = next(r for r in results["rows"] if r["name"] == best)
+        lines.append(f"{best} against {y['name']} (best single layer each): "
+                     f"{100 * (ours['probe_single_layer'] - y['probe']):+.1f} points")
     return "\n".join(lines)
 
 
@@ -234,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=PROBE_LIMIT, help="images per split for nll, probes and fine-tuning")
     ap.add_argument("--rows", nargs="+", default=[r.name for r in ROWS], choices=[r.name for r in ROWS],
                     help="the patch rows to run, in this order (the first is probed with the baselines)")
+    ap.add_argument("--reference", type=Path, default=REPO.parent / "shared" / "reference" / "plain_patch.py",
+                    help="the plain-PyTorch patch yardstick, run in raster and random order (skipped when absent)")
     ap.add_argument("--no-finetune", action="store_true")
     ap.add_argument("--quick", action="store_true", help="the demo's --quick and short runs (a smoke test)")
     ap.add_argument("--json", type=Path, default=None, help="result JSON (default OUT/vit.json)")
@@ -253,8 +290,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(patch_row(args, row, data, pixel["loop_s"], baselines=k == 0, env=env))
         print(f"{row.name}: probe {100 * rows[-1]['probe']:.1f}%, {rows[-1]['steps']} steps, "
               f"{rows[-1]['loop_s']:.0f} s", flush=True)
+    yardsticks = []
+    if args.reference.is_file():
+        for order in ("raster", "random"):
+            yardsticks.append(yardstick_row(args, order, data, pixel["loop_s"], env))
+            print(f"{yardsticks[-1]['name']}: probe {100 * yardsticks[-1]['probe']:.1f}%", flush=True)
+    else:
+        print(f"no yardstick: {args.reference} is absent", flush=True)
     best = max(rows[1:], key=lambda r: r["probe"])
-    results = {"rows": rows, "best_patch_row": best["name"], "probe_gain_points": best["probe"] - pixel["probe"],
+    results = {"rows": rows, "yardsticks": yardsticks, "best_patch_row": best["name"],
+               "probe_gain_points": best["probe"] - pixel["probe"],
                "limit": args.limit, "quick": args.quick, "probe_layers": PROBE_LAYERS, "probe_search": PROBE,
                "finetune_search": FINETUNE}
     path = args.json or args.out / "vit.json"
