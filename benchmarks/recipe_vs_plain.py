@@ -22,7 +22,9 @@ and checkpoints (the reference times its loop the same way: batching and logging
 checkpoint, other). ``--repeats N`` runs N rounds, ours and the reference interleaved (their order alternating),
 and reports the median and range of the ratio; rounds after the first, and every round with
 ``--throughput-only``, skip the export and the probes (our val NLL is then the run's own whole-split
-validation, which the full round checks against the scorer's).
+validation, which the full round checks against the scorer's). ``--paired`` (CPU) runs the two sides of each
+round at once instead, each pinned to its own CPU with one thread, swapping the CPUs every round: the machine's
+drift then slows both alike, and the ratio is steady where sequential rounds on a shared machine are not.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import json
 import os
 import statistics
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,8 +49,9 @@ from igpt.pretrain.wall_time import loop_seconds  # noqa: E402
 DEFAULT_REFERENCE = REPO.parent / "shared" / "reference" / "plain_igpt.py"
 
 
-def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-    run_logged(cmd, log, REPO, env)
+def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None, cpu: int | None = None) -> None:
+    """``cmd`` logged to ``log``; pinned to one ``cpu`` (``taskset``) when given."""
+    run_logged((["taskset", "-c", str(cpu)] if cpu is not None else []) + cmd, log, REPO, env)
 
 
 def our_throughput(rows: list[dict[str, float]], tokens_per_step: int, steps: int) -> dict:
@@ -67,13 +71,13 @@ def our_throughput(rows: list[dict[str, float]], tokens_per_step: int, steps: in
 
 
 def run_ours(args: argparse.Namespace, cfg: TrainConfig, steps: int, out: Path, env: dict[str, str],
-             score: bool) -> dict:
+             score: bool, cpu: int | None = None) -> dict:
     run_dir, release = out / "ours", out / "ours-release"
     overrides = [f"data.dir={args.data}", f"train.run_dir={run_dir}", f"train.steps={steps}",
                  "logging.backend=jsonl", f"train.val_every={steps}", "train.val_batches=null",
                  f"train.sample_every={10 * steps}", f"checkpoint.every={steps}", f"train.device={args.device}",
                  *args.overrides]
-    _run([sys.executable, "-m", "igpt.pretrain.cli", "train", args.config, *overrides], out / "ours.log", env)
+    _run([sys.executable, "-m", "igpt.pretrain.cli", "train", args.config, *overrides], out / "ours.log", env, cpu)
     rows = read_metrics(run_dir / "tracking" / METRICS_FILE)
     result = our_throughput(rows, cfg.tokens_per_step(), steps)
     result["training_val_loss"] = next(m["val_loss"] for m in reversed(rows) if "val_loss" in m)
@@ -90,7 +94,8 @@ def run_ours(args: argparse.Namespace, cfg: TrainConfig, steps: int, out: Path, 
     return result
 
 
-def run_reference(args: argparse.Namespace, cfg: TrainConfig, out: Path, env: dict[str, str], score: bool) -> dict:
+def run_reference(args: argparse.Namespace, cfg: TrainConfig, out: Path, env: dict[str, str], score: bool,
+                  cpu: int | None = None) -> dict:
     m = cfg.model
     cmd = [sys.executable, str(args.reference), args.data, "--tokens", str(args.tokens), "--layers", str(m.n_layer),
            "--width", str(m.n_embd), "--heads", str(m.n_head), "--batch", str(cfg.global_batch()),
@@ -100,7 +105,7 @@ def run_reference(args: argparse.Namespace, cfg: TrainConfig, out: Path, env: di
         cmd.append("--compile")
     if not score:  # throughput (and val NLL) only: no probe
         cmd += ["--probe-every", "0"]
-    _run(cmd, out / "plain.log", env)
+    _run(cmd, out / "plain.log", env, cpu)
     ref = json.loads((out / "plain.json").read_text())
     return {"tokens_per_s": ref["tokens_per_s"], "train_s": ref["train_s"], "val_nll": ref["val_nll_nats"],
             "probe_best_accuracy": ref.get("probe_best_val_accuracy"), "probe_best_layer": ref.get("probe_best_layer"),
@@ -109,17 +114,22 @@ def run_reference(args: argparse.Namespace, cfg: TrainConfig, out: Path, env: di
 
 def run_round(args: argparse.Namespace, cfg: TrainConfig, steps: int, out: Path, env: dict[str, str],
               score: bool, reference_first: bool) -> dict:
-    """One round: ours and (unless skipped) the reference, in the order given."""
+    """One round: ours and (unless skipped) the reference, one after the other in the order given; with
+    ``--paired``, both at once, each pinned to its own CPU (the reference's CPU first when ``reference_first``)."""
     out.mkdir(parents=True, exist_ok=True)
-    sides: dict = {}
     ref_args = argparse.Namespace(**{**vars(args), "tokens": args.reference_tokens or args.tokens})
-    runs = {"ours": lambda: run_ours(args, cfg, steps, out, env, score)}
+    cpus = {"plain": 0, "ours": 1} if reference_first else {"ours": 0, "plain": 1}
+    pin = (lambda side: cpus[side]) if args.paired else (lambda side: None)
+    runs = {"ours": lambda: run_ours(args, cfg, steps, out, env, score, pin("ours"))}
     if not args.skip_reference:  # the reference probes only where its token budget equals ours
-        runs["plain"] = lambda: run_reference(ref_args, cfg, out, env, score and not args.reference_tokens)
-    for side in (["plain", "ours"] if reference_first else ["ours", "plain"]):
-        if side in runs:
-            sides[side] = runs[side]()
-    return sides
+        runs["plain"] = lambda: run_reference(ref_args, cfg, out, env, score and not args.reference_tokens,
+                                              pin("plain"))
+    order = [side for side in (["plain", "ours"] if reference_first else ["ours", "plain"]) if side in runs]
+    if not args.paired:
+        return {side: runs[side]() for side in order}
+    with ThreadPoolExecutor(len(order)) as pool:
+        started = {side: pool.submit(runs[side]) for side in order}
+        return {side: future.result() for side, future in started.items()}
 
 
 def compare(rounds: list[dict], equal_tokens: bool) -> dict:
@@ -148,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds of both sides (median and range)")
     ap.add_argument("--throughput-only", action="store_true",
                     help="no export and no probes in any round (tokens/s, the breakdown and val NLL only)")
+    ap.add_argument("--paired", action="store_true",
+                    help="run both sides of a round at once, each pinned to its own CPU with one thread (the CPUs "
+                         "swap every round), so that the machine's drift hits both alike; implies --throughput-only")
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS (torch's intra-op threads) of both sides (default: this process's)")
     ap.add_argument("--l2", type=float, nargs="+", default=[2e-5, 2e-4, 2e-3, 2e-2],
@@ -156,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="result JSON (default OUT/recipe_vs_plain.json)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of our training config")
     args = ap.parse_args(argv)
+    if args.paired:
+        if args.device != "cpu" or len(os.sched_getaffinity(0)) < 2:
+            ap.error("--paired needs --device cpu and 2 CPUs")
+        args.throughput_only, args.threads = True, 1
 
     from igpt.pretrain.config import load_config
     from igpt.pretrain.train import resolve_model_section
@@ -172,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
            "OMP_NUM_THREADS": str(threads)}
     results: dict = {"device": args.device, "tokens": args.tokens, "steps": steps, "config": args.config,
                      "overrides": args.overrides, "shape": {k: getattr(cfg.model, k) for k in ("n_layer", "n_embd", "n_head", "n_ctx")},
-                     "precision": t.precision, "zero_stage": cfg.deepspeed.zero_stage, "omp_num_threads": threads}
+                     "precision": t.precision, "zero_stage": cfg.deepspeed.zero_stage, "omp_num_threads": threads,
+                     "paired": args.paired}
     rounds = []
     for k in range(args.repeats):
         score = k == 0 and not args.throughput_only
