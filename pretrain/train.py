@@ -349,7 +349,9 @@ class Trainer:
 
     def run(self) -> int:
         """Train from the current step to ``train.steps``; the exit code (0, or the requeue code on preemption)."""
-        self.log(f"iGPT {self.num_params / 1e6:.2f}M params | {self.world} rank(s) on {self.device} | "
+        m = self.model_cfg
+        name = "iGPT" if m.unit == "pixel" else f"patch GPT ({m.patch_size}x{m.patch_size}, {m.order}, {m.target} target)"
+        self.log(f"{name} {self.num_params / 1e6:.2f}M params | {self.world} rank(s) on {self.device} | "
                  f"ZeRO-{self.zero_stage} | {self.precision} | {self.tokens_per_step} tokens/step | "
                  f"steps {self.state.step}→{self.cfg.train.steps}")
         status = "FAILED"
