@@ -115,20 +115,21 @@ def run_reference(args: argparse.Namespace, cfg: TrainConfig, out: Path, env: di
 def run_round(args: argparse.Namespace, cfg: TrainConfig, steps: int, out: Path, env: dict[str, str],
               score: bool, reference_first: bool) -> dict:
     """One round: ours and (unless skipped) the reference, one after the other in the order given; with
-    ``--paired``, both at once, each pinned to its own CPU (the reference's CPU first when ``reference_first``)."""
+    ``--paired``, both at once, each pinned to its own CPU (CPU 0 for the side given first)."""
     out.mkdir(parents=True, exist_ok=True)
     ref_args = argparse.Namespace(**{**vars(args), "tokens": args.reference_tokens or args.tokens})
-    cpus = {"plain": 0, "ours": 1} if reference_first else {"ours": 0, "plain": 1}
-    pin = (lambda side: cpus[side]) if args.paired else (lambda side: None)
-    runs = {"ours": lambda: run_ours(args, cfg, steps, out, env, score, pin("ours"))}
-    if not args.skip_reference:  # the reference probes only where its token budget equals ours
-        runs["plain"] = lambda: run_reference(ref_args, cfg, out, env, score and not args.reference_tokens,
-                                              pin("plain"))
-    order = [side for side in (["plain", "ours"] if reference_first else ["ours", "plain"]) if side in runs]
+    sides = ["plain", "ours"] if reference_first else ["ours", "plain"]
+    if args.skip_reference:
+        sides.remove("plain")
+    cpus = {side: cpu for cpu, side in enumerate(sides)} if args.paired else {}
+    runs = {"ours": lambda: run_ours(args, cfg, steps, out, env, score, cpus.get("ours")),
+            # the reference probes only where its token budget equals ours
+            "plain": lambda: run_reference(ref_args, cfg, out, env, score and not args.reference_tokens,
+                                           cpus.get("plain"))}
     if not args.paired:
-        return {side: runs[side]() for side in order}
-    with ThreadPoolExecutor(len(order)) as pool:
-        started = {side: pool.submit(runs[side]) for side in order}
+        return {side: runs[side]() for side in sides}
+    with ThreadPoolExecutor(len(sides)) as pool:
+        started = {side: pool.submit(runs[side]) for side in sides}
         return {side: future.result() for side, future in started.items()}
 
 
