@@ -175,12 +175,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from igpt.data_pipeline.manifest import Manifest
+    from igpt.pretrain.deepspeed_ops import load_shm_op
     from igpt.pretrain.distributed import setup_env
 
     cuda = args.device == "cuda"
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     setup_env()
     import deepspeed
+
+    load_shm_op()
 
     ctx = Manifest.load(args.data).tokens_per_sample
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)

@@ -52,6 +52,7 @@ from igpt.pretrain.checkpoint import CheckpointSaveError, ResumePlan
 from igpt.pretrain.checkpointer import Checkpointer
 from igpt.pretrain.config import ConfigError, TrainConfig, save_config
 from igpt.pretrain.deepspeed_config import build_deepspeed_config, loop_clips_gradients, resolve_device
+from igpt.pretrain.deepspeed_ops import load_shm_op
 from igpt.pretrain.distributed import setup_env, shutdown
 from igpt.pretrain.host_memory import keep_freed_heap
 from igpt.pretrain.init_from import load_init_state
@@ -188,6 +189,7 @@ class Trainer:
         self.device = resolve_device(self.cfg)
         if self.device == "cuda":
             torch.cuda.set_device(env.local_rank)
+        load_shm_op()  # before init_distributed loads it: a build lock left by a killed build would hang it
         deepspeed.init_distributed(dist_backend="nccl" if self.device == "cuda" else "gloo")
 
     def _open_data(self) -> None:
