@@ -7,14 +7,19 @@ every DeepSpeed start on CPU that uses the same extensions folder hangs before i
 
 ``load_shm_op`` loads the op before ``deepspeed.init_distributed`` does, under an ``flock`` of our own, which the
 kernel releases when its holder dies. While we hold it no other igpt process is building, so a lock file that no
-process on this host holds open is stale: it is removed, with one line on stderr that names it.
+process on this host holds open is stale: it is removed, with one line on stderr that names it. A lock file younger
+than ``STALE_AFTER_S`` is waited for first: on a shared file system whose ``flock`` does not reach other hosts, it
+may be another node's build, which a compile of the op (about 30 s) has finished by then.
 """
 from __future__ import annotations
 
 import fcntl
 import os
 import sys
+import time
 from pathlib import Path
+
+STALE_AFTER_S = 120.0  # a lock file this old that no process here holds open is left by a killed build
 
 
 def held_open(path: Path) -> bool:
@@ -34,12 +39,28 @@ def held_open(path: Path) -> bool:
     return False
 
 
-def clear_stale_lock(build_dir: Path) -> bool:
-    """Remove ``build_dir/lock`` if no process on this host holds it open; whether it was removed.
+def _age_s(path: Path) -> float | None:
+    """Seconds since ``path`` was last modified; None once it is gone."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def clear_stale_lock(build_dir: Path, stale_after_s: float = STALE_AFTER_S) -> bool:
+    """Remove ``build_dir/lock`` if no process on this host holds it open and it is ``stale_after_s`` old (a younger
+    one is waited for until it goes or gets that old); whether it was removed.
 
     Call it only while holding the igpt build flock (``load_shm_op``): then no igpt process is building there."""
     lock = build_dir / "lock"
-    if not lock.exists() or held_open(lock):
+    age = _age_s(lock)
+    if age is not None and age < stale_after_s and not held_open(lock):
+        print(f"igpt: waiting up to {stale_after_s - age:.0f} s for {lock} (no process here holds it; another host "
+              "may be building)", file=sys.stderr, flush=True)
+    while age is not None and age < stale_after_s and not held_open(lock):
+        time.sleep(0.5)
+        age = _age_s(lock)
+    if age is None or held_open(lock):
         return False
     lock.unlink(missing_ok=True)
     print(f"igpt: removed {lock}, a build lock left by a build that was killed (DeepSpeed would wait on it "

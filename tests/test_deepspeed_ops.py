@@ -5,6 +5,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +24,15 @@ def _holder(path: Path) -> subprocess.Popen:
     return proc
 
 
+def _orphan(lock: Path, age_s: float) -> None:
+    """``lock`` as a killed build leaves it: a file nobody holds open, last touched ``age_s`` ago."""
+    lock.touch()
+    os.utime(lock, (time.time() - age_s,) * 2)
+
+
 def test_a_lock_held_by_a_live_builder_is_kept_and_an_orphaned_one_removed(tmp_path, capfd):
     lock = tmp_path / "lock"
-    lock.touch()
+    _orphan(lock, 3600)
     holder = _holder(lock)
     try:
         assert held_open(lock)
@@ -36,6 +44,23 @@ def test_a_lock_held_by_a_live_builder_is_kept_and_an_orphaned_one_removed(tmp_p
     assert clear_stale_lock(tmp_path) and not lock.exists()
     assert f"removed {lock}, a build lock left by a build that was killed" in capfd.readouterr().err
     assert not clear_stale_lock(tmp_path)  # nothing to remove
+
+
+def test_a_young_lock_nobody_here_holds_is_waited_for(tmp_path, capfd):
+    """It may be another host's build on a shared file system: waited for until it goes, or until it is old."""
+    lock = tmp_path / "lock"
+    _orphan(lock, 0)
+    start = time.monotonic()
+    assert clear_stale_lock(tmp_path, stale_after_s=1.5) and not lock.exists()
+    assert 1.0 < time.monotonic() - start < 10
+    err = capfd.readouterr().err
+    assert "igpt: waiting up to 1 s for" in err and f"removed {lock}" in err
+    _orphan(lock, 0)
+    remover = threading.Timer(0.5, lock.unlink)  # the other host's build ends
+    remover.start()
+    assert not clear_stale_lock(tmp_path, stale_after_s=30)
+    remover.join()
+    assert "removed" not in capfd.readouterr().err
 
 
 @pytest.mark.slow
@@ -51,7 +76,7 @@ def test_training_starts_past_a_build_lock_left_by_a_killed_build(cifar_tokens, 
     if built.is_dir():  # the op as built before (else it is built here, about 30 s)
         shutil.copytree(built, build_dir, ignore=shutil.ignore_patterns("lock"))
     build_dir.mkdir(parents=True, exist_ok=True)
-    (build_dir / "lock").touch()
+    _orphan(build_dir / "lock", 3600)
     run = tmp_path / "run"
     args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=0, train__steps=2)
     procs = launch(args, nprocs=2, log=run, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
