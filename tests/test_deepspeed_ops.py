@@ -65,9 +65,9 @@ def test_a_young_lock_nobody_here_holds_is_waited_for(tmp_path, capfd):
 
 @pytest.mark.slow
 def test_training_starts_past_a_build_lock_left_by_a_killed_build(cifar_tokens, tmp_path):
-    """2 ranks on an extensions folder whose shm op build folder holds an orphaned ``lock`` (as a kill -9 during
-    the build leaves it): training finishes, and one rank says it removed the lock. Before the fix every rank
-    waited on that file forever, silently."""
+    """``igpt train`` on an extensions folder whose shm op build folder holds an orphaned ``lock`` (as a kill -9
+    during the build leaves it): training finishes and says it removed the lock. Before the fix it waited on
+    that file forever, silently (as every test that trains did in one CI run)."""
     from torch.utils.cpp_extension import _get_build_directory
 
     extensions = tmp_path / "torch-extensions"
@@ -79,9 +79,8 @@ def test_training_starts_past_a_build_lock_left_by_a_killed_build(cifar_tokens, 
     _orphan(build_dir / "lock", 3600)
     run = tmp_path / "run"
     args = run_overrides(cifar_tokens, run, deepspeed__zero_stage=0, train__steps=2)
-    procs = launch(args, nprocs=2, log=run, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
-    assert wait_all(procs, timeout=240) == [0, 0], all_logs(run)
-    logs = all_logs(run)
-    assert logs.count("a build lock left by a build that was killed") == 1, logs
+    procs = launch(args, nprocs=1, log=run, env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert wait_all(procs, timeout=240) == [0], all_logs(run)
+    assert "a build lock left by a build that was killed" in all_logs(run), all_logs(run)
     assert not (build_dir / "lock").exists() and any(build_dir.glob("*.so"))
     assert os.path.exists(extensions / ".deepspeed_shm_comm.igpt-flock")
