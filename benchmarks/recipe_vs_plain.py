@@ -33,6 +33,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -126,10 +127,15 @@ def run_round(args: argparse.Namespace, cfg: TrainConfig, steps: int, out: Path,
             # the reference probes only where its token budget equals ours
             "plain": lambda: run_reference(ref_args, cfg, out, env, score and not args.reference_tokens,
                                            cpus.get("plain"))}
+
+    def timed(side: str) -> dict:  # the side's result with its CPU (paired) and when it ran (epoch seconds)
+        start = time.time()
+        return {**runs[side](), "cpu": cpus.get(side), "started": start, "ended": time.time()}
+
     if not args.paired:
-        return {side: runs[side]() for side in sides}
+        return {side: timed(side) for side in sides}
     with ThreadPoolExecutor(len(sides)) as pool:
-        started = {side: pool.submit(runs[side]) for side in sides}
+        started = {side: pool.submit(timed, side) for side in sides}
         return {side: future.result() for side, future in started.items()}
 
 

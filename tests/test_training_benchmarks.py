@@ -3,6 +3,7 @@ scripts/gpu_training_check.sh calls them: they must not spend a GPU session on a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -70,3 +71,26 @@ def test_recipe_vs_plain_runs_the_recipe_unaugmented_on_exact_shards(cifar_token
         assert low <= result["ours_vs_plain"]["tokens_per_s"] <= high
         assert result["rounds"][1]["plain"]["probe_best_accuracy"] is None
     assert "| val NLL (nats/token) |" in printed and "our loop, " in printed
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REFERENCE.is_file(), reason="--paired runs the reference, ../shared/reference/plain_igpt.py")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--paired pins each side to a CPU of its own")
+def test_recipe_vs_plain_paired_runs_both_sides_at_once_on_swapped_cpus(cifar_tokens, tmp_path):
+    out, runs = tmp_path / "result.json", tmp_path / "runs"
+    _bench("recipe_vs_plain.py", "--data", str(cifar_tokens), "--tokens", "2e4", "--device", "cpu", "--reference",
+           str(REFERENCE), "--paired", "--repeats", "2", "--out", str(runs), "--json", str(out), *TINY,
+           "train.precision=fp32", "data.hflip=false", "data.random_crop=false", venv_dir=tmp_path / "venv")
+    result = json.loads(out.read_text())
+    assert result["paired"] and result["omp_num_threads"] == 1
+    for k, r in enumerate(result["rounds"]):
+        first = "ours" if k % 2 == 0 else "plain"  # the side given first gets CPU 0; the order swaps every round
+        for side in ("ours", "plain"):
+            cpu = 0 if side == first else 1
+            assert r[side]["cpu"] == cpu
+            command = (runs / f"round{k + 1}" / f"{side}.log").read_text().splitlines()[0]
+            assert command.startswith(f"$ taskset -c {cpu} "), command
+        assert max(r["ours"]["started"], r["plain"]["started"]) < min(r["ours"]["ended"], r["plain"]["ended"])
+        assert "probe_best_accuracy" not in r["ours"] and r["plain"]["probe_best_accuracy"] is None  # throughput only
+    v = result["ours_vs_plain"]
+    assert v["tokens_per_s_range"][0] <= v["tokens_per_s"] <= v["tokens_per_s_range"][1]
