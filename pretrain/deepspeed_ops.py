@@ -53,13 +53,13 @@ def clear_stale_lock(build_dir: Path, stale_after_s: float = STALE_AFTER_S) -> b
 
     Call it only while holding the igpt build flock (``load_shm_op``): then no igpt process is building there."""
     lock = build_dir / "lock"
-    age = _age_s(lock)
-    if age is not None and age < stale_after_s and not held_open(lock):
-        print(f"igpt: waiting up to {stale_after_s - age:.0f} s for {lock} (no process here holds it; another host "
-              "may be building)", file=sys.stderr, flush=True)
-    while age is not None and age < stale_after_s and not held_open(lock):
+    told = False
+    while (age := _age_s(lock)) is not None and age < stale_after_s and not held_open(lock):
+        if not told:
+            print(f"igpt: waiting up to {stale_after_s - age:.0f} s for {lock} (no process here holds it; another "
+                  "host may be building)", file=sys.stderr, flush=True)
+            told = True
         time.sleep(0.5)
-        age = _age_s(lock)
     if age is None or held_open(lock):
         return False
     lock.unlink(missing_ok=True)
